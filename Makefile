@@ -1,0 +1,79 @@
+# beacon — health-checked service discovery and layered configuration for Kubernetes.
+# `make help` lists the targets. `make test` and `make run` are the two commands a new machine needs.
+
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# written by `make control-plane`: the directory of the cached binaries
+BIN_DIR_FILE := .control-plane-bin
+PYTEST_ARGS ?=
+
+##@ General
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} \
+	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Setup (what `make test` and `make run` install)
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "beacon needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+.PHONY: deps
+deps: $(VENV)/.installed system-deps ## Install Python dependencies into .venv (and iproute2 if missing).
+
+.PHONY: system-deps
+system-deps:
+	@command -v ip >/dev/null || { echo "installing iproute2 (test hosts use network namespaces)"; \
+	  apt-get update -qq && apt-get install -y -qq iproute2; }
+
+.PHONY: control-plane
+control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, kube-controller-manager, kubectl, CoreDNS.
+	@bash tools/k8s/build.sh > $(BIN_DIR_FILE)
+	@echo "control-plane binaries: $$(cat $(BIN_DIR_FILE))"
+
+##@ Development
+
+.PHONY: lint
+lint: deps ## ruff check, ruff format --check, mypy --strict, yamllint.
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/yamllint -s crds examples
+
+.PHONY: fmt
+fmt: deps ## Format and autofix.
+	$(VENV)/bin/ruff format operator tests bench
+	$(VENV)/bin/ruff check --fix operator tests bench
+
+.PHONY: test-unit
+test-unit: deps ## Unit tests only (no cluster).
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test
+test: deps control-plane lint ## Install everything, lint, and run unit + integration tests on the local control plane.
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+.PHONY: run
+run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control plane; install CRDs. Ctrl-C stops.
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m beacon run --crds crds
+
+##@ Cluster
+
+.PHONY: install
+install: control-plane ## Install the CRDs into the cluster KUBECONFIG points at.
+	$$(cat $(BIN_DIR_FILE))/kubectl apply --server-side -k crds
+
+.PHONY: uninstall
+uninstall: control-plane ## Remove the CRDs (and with them every ServiceEntry and ConfigEntry).
+	$$(cat $(BIN_DIR_FILE))/kubectl delete --ignore-not-found -k crds

@@ -1,0 +1,426 @@
+"""The endpoint-server process that `beacon.testhosts` runs inside a test network namespace.
+
+Why this exists: Kubernetes refuses loopback and link-local addresses in Endpoints/EndpointSlices, so beacon's
+tests and demo need real servers on real (198.18.0.0/15) addresses. Those addresses live inside a network
+namespace, and a socket can only bind them from a process inside that namespace. `beacon.testhosts` therefore
+starts this program with `ip netns exec <ns> python -P .../_testhost_server.py` (one process per test network)
+and drives it over a line protocol on stdin/stdout:
+
+* request:  one JSON object per line, `{"id": 1, "op": "create", ...}`
+* response: one JSON object per line, `{"id": 1, "ok": true, ...}` or `{"id": 1, "ok": false, "error": "..."}`
+* the first line the process writes is `{"ready": true, "pid": ...}`
+
+Each listener (HTTP via aiohttp, plain TCP via asyncio, gRPC health via grpc.aio + grpcio-health-checking)
+binds exactly one address:port, so stopping one test host's server leaves the others untouched. Stopping a
+listener really closes its listening socket and its connections (clients then see "connection refused").
+
+The process exits when its stdin reaches EOF, so it never outlives the process that controls it. It ignores
+SIGINT (Ctrl-C reaches the whole foreground process group; the controlling side does the cleanup) and exits
+cleanly on SIGTERM. Heavy imports (aiohttp, grpc) happen here and only here, and gRPC only once a gRPC listener
+is asked for. This file is run as a script, so it must not use relative imports or import `beacon`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+# gRPC serving-status names accepted by the control protocol (grpc.health.v1.HealthCheckResponse.ServingStatus).
+GRPC_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+
+# How long a stopping HTTP listener waits for in-flight requests before cancelling them.
+HTTP_SHUTDOWN_TIMEOUT = 0.5
+
+
+class ControlError(Exception):
+    """A control request that cannot be honoured; reported back to the caller as `error`."""
+
+
+class Listener:
+    """One server bound to one address:port that can be stopped and started again."""
+
+    kind = ""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.port = port
+        self.running = False
+
+    async def start(self) -> None:
+        if not self.running:
+            await self._start()
+            self.running = True
+
+    async def stop(self) -> None:
+        if self.running:
+            self.running = False
+            await self._stop()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+    def configure(self, options: dict[str, Any]) -> None:
+        if options:
+            raise ControlError(f"{self.kind} listener has no options {sorted(options)}")
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "address": self.address, "port": self.port, "running": self.running}
+
+
+class HttpListener(Listener):
+    """HTTP server: `path` answers with the configured status; every other path answers 200 with address:port."""
+
+    kind = "http"
+
+    def __init__(self, address: str, port: int, *, path: str, status: int) -> None:
+        super().__init__(address, port)
+        self.path = path
+        self.status = status
+        self.delay = 0.0
+        self.requests = 0
+        self._runner: web.ServerRunner | None = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.requests += 1
+        if request.path != self.path:
+            return web.Response(text=f"{self.address}:{self.port}\n")
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
+        return web.Response(status=self.status, text=f"{self.status}\n")
+
+    async def _start(self) -> None:
+        runner = web.ServerRunner(
+            web.Server(self._handle, access_log=None), handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.address, self.port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.port = _bound_port(runner.addresses, self.port)
+        self._runner = runner
+
+    async def _stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def configure(self, options: dict[str, Any]) -> None:
+        options = dict(options)
+        if "status" in options:
+            status = options.pop("status")
+            if not isinstance(status, int) or not 100 <= status <= 599:
+                raise ControlError(f"HTTP status must be an int in 100..599, not {status!r}")
+            self.status = status
+        if "delay" in options:
+            delay = options.pop("delay")
+            if not isinstance(delay, int | float) or delay < 0:
+                raise ControlError(f"delay must be a non-negative number, not {delay!r}")
+            self.delay = float(delay)
+        super().configure(options)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **super().info(),
+            "path": self.path,
+            "status": self.status,
+            "delay": self.delay,
+            "requests": self.requests,
+        }
+
+
+class TcpListener(Listener):
+    """Plain TCP server that accepts connections and echoes whatever it receives."""
+
+    kind = "tcp"
+
+    def __init__(self, address: str, port: int) -> None:
+        super().__init__(address, port)
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.address, self.port, reuse_address=True)
+        self.port = _bound_port([s.getsockname() for s in self._server.sockets], self.port)
+
+    async def _stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if server is not None:
+            await server.wait_closed()
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "connections": self.connections}
+
+
+class GrpcListener(Listener):
+    """gRPC server with the standard grpc.health.v1.Health service; statuses survive stop()/start()."""
+
+    kind = "grpc"
+
+    def __init__(self, address: str, port: int, *, statuses: dict[str, str]) -> None:
+        super().__init__(address, port)
+        self.statuses = dict(statuses)
+        self._server: Any = None
+        self._servicer: Any = None
+
+    async def _start(self) -> None:
+        import grpc.aio
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        # The asyncio servicer (grpc_health.v1.health.aio) is missing from grpc_health's type stubs.
+        aio_health: Any = importlib.import_module("grpc_health.v1._async")
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        servicer = aio_health.HealthServicer()
+        for service, status in self.statuses.items():
+            await servicer.set(service, health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        try:
+            self.port = server.add_insecure_port(f"{self.address}:{self.port}")
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            raise
+        self._server, self._servicer = server, servicer
+
+    async def _stop(self) -> None:
+        server, self._server, self._servicer = self._server, None, None
+        if server is not None:
+            await server.stop(None)
+
+    async def set_status(self, service: str, status: str) -> None:
+        self.statuses[service] = status
+        if self._servicer is not None:
+            from grpc_health.v1 import health_pb2
+
+            await self._servicer.set(service, health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "statuses": dict(self.statuses)}
+
+
+def _bound_port(sockets: list[Any], requested: int) -> int:
+    """The port a listener really got (differs from `requested` only when that was 0)."""
+    for sockname in sockets:
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            return int(sockname[1])
+    return requested
+
+
+def _grpc_status(value: Any) -> str:
+    if value not in GRPC_STATUSES:
+        raise ControlError(f"gRPC status must be one of {', '.join(GRPC_STATUSES)}, not {value!r}")
+    return str(value)
+
+
+def _str(request: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = request.get(key, default)
+    if not isinstance(value, str):
+        raise ControlError(f"{key!r} must be a string, not {value!r}")
+    return value
+
+
+def _int(request: dict[str, Any], key: str) -> int:
+    value = request.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ControlError(f"{key!r} must be an integer, not {value!r}")
+    return value
+
+
+class Controller:
+    """Holds the listeners and executes control requests, one at a time."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[int, Listener] = {}
+        self._next_id = 1
+        self.shutdown_requested = False
+
+    def _listener(self, request: dict[str, Any]) -> Listener:
+        lid = _int(request, "listener")
+        try:
+            return self.listeners[lid]
+        except KeyError:
+            raise ControlError(f"no listener {lid}") from None
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "ping": self._ping,
+            "create": self._create,
+            "start": self._start,
+            "stop": self._stop,
+            "remove": self._remove,
+            "configure": self._configure,
+            "grpc_status": self._grpc_status,
+            "info": self._info,
+            "shutdown": self._shutdown,
+        }
+        if not isinstance(op, str) or op not in handlers:
+            raise ControlError(f"unknown op {op!r}")
+        return await handlers[op](request)
+
+    async def _ping(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    async def _create(self, request: dict[str, Any]) -> dict[str, Any]:
+        kind = _str(request, "kind")
+        address = _str(request, "address")
+        port = _int(request, "port")
+        if not 0 <= port <= 65535:
+            raise ControlError(f"port must be in 0..65535, not {port}")
+        for other in self.listeners.values():
+            if other.address == address and port != 0 and other.port == port:
+                raise ControlError(f"{address}:{port} already has a {other.kind} server")
+        listener: Listener
+        if kind == "http":
+            path = _str(request, "path", "/healthz")
+            if not path.startswith("/"):
+                raise ControlError(f"HTTP path must start with '/', not {path!r}")
+            listener = HttpListener(address, port, path=path, status=_int(request, "status"))
+        elif kind == "tcp":
+            listener = TcpListener(address, port)
+        elif kind == "grpc":
+            statuses = request.get("statuses", {"": "SERVING"})
+            if not isinstance(statuses, dict) or not all(isinstance(k, str) for k in statuses):
+                raise ControlError(f"statuses must map service names to statuses, not {statuses!r}")
+            listener = GrpcListener(address, port, statuses={k: _grpc_status(v) for k, v in statuses.items()})
+        else:
+            raise ControlError(f"unknown listener kind {kind!r}")
+        if request.get("start", True):
+            await listener.start()
+        lid = self._next_id
+        self._next_id += 1
+        self.listeners[lid] = listener
+        return {"listener": lid, **listener.info()}
+
+    async def _start(self, request: dict[str, Any]) -> dict[str, Any]:
+        listener = self._listener(request)
+        await listener.start()
+        return listener.info()
+
+    async def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        listener = self._listener(request)
+        await listener.stop()
+        return listener.info()
+
+    async def _remove(self, request: dict[str, Any]) -> dict[str, Any]:
+        listener = self._listener(request)
+        await listener.stop()
+        del self.listeners[_int(request, "listener")]
+        return listener.info()
+
+    async def _configure(self, request: dict[str, Any]) -> dict[str, Any]:
+        listener = self._listener(request)
+        options = request.get("options", {})
+        if not isinstance(options, dict):
+            raise ControlError(f"options must be an object, not {options!r}")
+        listener.configure(options)
+        return listener.info()
+
+    async def _grpc_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        listener = self._listener(request)
+        if not isinstance(listener, GrpcListener):
+            raise ControlError(f"listener {request['listener']} is {listener.kind}, not grpc")
+        await listener.set_status(_str(request, "service"), _grpc_status(request.get("status")))
+        return listener.info()
+
+    async def _info(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._listener(request).info()
+
+    async def _shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.shutdown_requested = True
+        return {}
+
+    async def close(self) -> None:
+        for listener in self.listeners.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.stop(), timeout=5)
+        self.listeners.clear()
+
+
+def _write_line(fd: int, message: dict[str, Any]) -> None:
+    data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+async def serve(out_fd: int) -> None:
+    """Read control requests from stdin until EOF (or a shutdown request, or SIGTERM) and answer on `out_fd`."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    controller = Controller()
+    _write_line(out_fd, {"ready": True, "pid": os.getpid()})
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not controller.shutdown_requested:
+            line_task = asyncio.ensure_future(reader.readline())
+            await asyncio.wait({line_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not line_task.done():
+                line_task.cancel()
+                break
+            line = line_task.result()
+            if not line:
+                break  # EOF: whoever controls us is gone
+            response: dict[str, Any]
+            request_id: Any = None
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ControlError("request must be a JSON object")
+                request_id = request.get("id")
+                response = {"id": request_id, "ok": True, **await controller.handle(request)}
+            except (ControlError, OSError, RuntimeError, ValueError) as exc:
+                response = {"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            _write_line(out_fd, response)
+    finally:
+        stopped.cancel()
+        await controller.close()
+
+
+def main() -> None:
+    # The control channel is the original stdout; anything else that writes to fd 1 (a library printing,
+    # for instance) lands on stderr instead of corrupting the protocol.
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(serve(out_fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""The discovery engine: keeps ServiceEntries, pods, leases and endpoint health in memory, feeds the prober, and
+turns health transitions into coalesced reconciles that the writer applies only on change.
+
+Why it exists: kopf handlers should only translate watch events into calls on this object (thin handlers), and
+the reconcile core should stay pure. Something has to own the state in between, decide *when* to reconcile
+(coalesced per entry, a bounded number of writes per transition) and remember what was published so that a
+restart does not unpublish healthy endpoints. That is this module. It calls the API only through `beacon.kube`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from beacon import metrics
+from beacon.health import EndpointHealth, Status, observe, seeded
+from beacon.kube import ApiError, Kube, NotOursError
+from beacon.models import Endpoint, ServiceEntry
+from beacon.prober import Prober
+from beacon.reconcile import (
+    LABEL_MANAGED_BY,
+    LABEL_SERVICE_NAME,
+    MANAGED_BY,
+    RegistryRecord,
+    desired_endpoints,
+    desired_service,
+    desired_slices,
+    desired_status,
+    registry_record,
+    status_changed,
+    visible,
+)
+from beacon.registry import LABEL_REGISTRY, REGISTRY_NAME, desired_registry
+from beacon.targets import LeaseRecord, ProbeResult, Target, parse_micro_time
+
+log = logging.getLogger("beacon.discovery")
+
+EntryKey = tuple[str, str]
+ProbeKey = tuple[str, str, str]  # namespace, entry, address
+
+
+@dataclass
+class _Pod:
+    name: str
+    ip: str | None
+    labels: dict[str, str]
+    terminating: bool
+    node: str | None
+
+
+@dataclass
+class _EntryState:
+    entry: ServiceEntry
+    body: dict[str, Any]
+    endpoints: list[Endpoint] = field(default_factory=list)
+    health: dict[str, EndpointHealth] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    seeded: bool = False
+    status: dict[str, Any] | None = None
+    slice_names: set[str] = field(default_factory=set)
+
+
+def pod_from_body(body: Mapping[str, Any]) -> _Pod:
+    meta, status = body.get("metadata", {}), body.get("status", {})
+    return _Pod(
+        name=meta["name"],
+        ip=status.get("podIP") or None,
+        labels=dict(meta.get("labels") or {}),
+        terminating=bool(meta.get("deletionTimestamp")),
+        node=(body.get("spec") or {}).get("nodeName"),
+    )
+
+
+class Discovery:
+    """State and timing of ServiceEntry reconciliation. Create it inside a running event loop."""
+
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        probe: Callable[[Target], Any],
+        concurrency: int = 64,
+        coalesce_seconds: float = 0.2,
+        registry_coalesce_seconds: float = 0.5,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kube = kube
+        self._entries: dict[EntryKey, _EntryState] = {}
+        self._pods: dict[str, dict[str, _Pod]] = defaultdict(dict)
+        self.leases: dict[tuple[str, str], LeaseRecord] = {}
+        self._records: dict[str, dict[str, RegistryRecord]] = defaultdict(dict)
+        self._expected: set[EntryKey] = set()
+        self._clock = wall_clock
+        self._coalesce = coalesce_seconds
+        self._registry_coalesce = registry_coalesce_seconds
+        self._pending: dict[EntryKey, asyncio.Task[None]] = {}
+        self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._registry_pending: dict[str, asyncio.Task[None]] = {}
+        self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
+
+    # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
+    async def entry_changed(self, body: Mapping[str, Any]) -> None:
+        entry = ServiceEntry.from_body(dict(body))
+        state = self._entries.get(entry.key)
+        if state is not None and state.entry == entry and state.seeded:
+            return  # a status-only or metadata-only change (often our own status patch)
+        if state is None:
+            state = _EntryState(entry=entry, body=dict(body))
+            state.status = dict(body.get("status") or {}) or None
+            self._entries[entry.key] = state
+        state.entry, state.body = entry, dict(body)
+        if not state.seeded:
+            await self._seed(state)
+        self._refresh_endpoints(state)
+        self._schedule(entry.key)
+
+    def expect(self, keys: set[EntryKey]) -> None:
+        """Entries that exist at start-up: a namespace's registry is not rewritten until each has a record, so a
+        restart never publishes a registry that lacks services merely not yet seen."""
+        self._expected |= keys
+
+    async def entry_deleted(self, namespace: str, name: str) -> None:
+        self._expected.discard((namespace, name))
+        state = self._entries.pop((namespace, name), None)
+        if state is not None:
+            for ep in state.endpoints:
+                self.prober.remove((namespace, name, ep.address))
+        self.kube.forget_namespace_entry(namespace, name)
+        self._records[namespace].pop(name, None)
+        task = self._pending.pop((namespace, name), None)
+        if task is not None:
+            task.cancel()
+        self._schedule_registry(namespace)
+
+    def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        pod = pod_from_body(body)
+        before = self._pods[namespace].get(pod.name)
+        if deleted:
+            self._pods[namespace].pop(pod.name, None)
+        else:
+            self._pods[namespace][pod.name] = pod
+        for state in list(self._entries.values()):
+            selector = state.entry.spec.selector
+            if state.entry.namespace != namespace or selector is None:
+                continue
+            labels_now = pod.labels if not deleted else {}
+            matches = all(labels_now.get(k) == v for k, v in selector.match_labels.items())
+            matched = before is not None and all(before.labels.get(k) == v for k, v in selector.match_labels.items())
+            if matches or matched:
+                self._refresh_endpoints(state)
+                self._schedule(state.entry.key)
+
+    def lease_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        name = body["metadata"]["name"]
+        if deleted:
+            self.leases.pop((namespace, name), None)
+            return
+        spec = body.get("spec") or {}
+        duration = spec.get("leaseDurationSeconds")
+        self.leases[(namespace, name)] = LeaseRecord(
+            renew_time=parse_micro_time(spec.get("renewTime") or spec.get("acquireTime")),
+            duration=float(duration) if duration is not None else None,
+        )
+
+    def lease_lookup(self, namespace: str, name: str) -> LeaseRecord | None:
+        return self.leases.get((namespace, name))
+
+    # ------------------------------------------------------------------ endpoints and seeding
+    def _endpoints_of(self, entry: ServiceEntry) -> list[Endpoint]:
+        endpoints = {e.address: e for e in entry.static_endpoints()}
+        selector = entry.spec.selector
+        if selector is not None:
+            default_ports = {p.name: p.port for p in entry.spec.ports}
+            for pod in sorted(self._pods[entry.namespace].values(), key=lambda p: p.name):
+                if not pod.ip or not all(pod.labels.get(k) == v for k, v in selector.match_labels.items()):
+                    continue
+                endpoints.setdefault(
+                    pod.ip,
+                    Endpoint(
+                        address=pod.ip,
+                        ports=default_ports,
+                        pod=pod.name,
+                        node=pod.node,
+                        terminating=pod.terminating,
+                        labels={},
+                    ),
+                )
+        return list(endpoints.values())
+
+    async def _seed(self, state: _EntryState) -> None:
+        """Restore last published readiness from the entry's EndpointSlices (restart safety)."""
+        entry = state.entry
+        selector = f"{LABEL_SERVICE_NAME}={entry.name},{LABEL_MANAGED_BY}={MANAGED_BY}"
+        now = self._clock()
+        try:
+            slices = await self.kube.list("EndpointSlice", entry.namespace, label_selector=selector)
+        except ApiError as exc:
+            log.warning("cannot read EndpointSlices of %s/%s: %s", entry.namespace, entry.name, exc)
+            slices = []
+        for item in slices:
+            state.slice_names.add(item["metadata"]["name"])
+            for ep in item.get("endpoints") or []:
+                conditions = ep.get("conditions") or {}
+                ready = bool(conditions.get("serving", conditions.get("ready")))
+                for address in ep.get("addresses") or []:
+                    state.health[address] = seeded(ready=ready, now=now)
+        state.seeded = True
+
+    def _refresh_endpoints(self, state: _EntryState) -> None:
+        entry = state.entry
+        new = self._endpoints_of(entry)
+        old_addresses = {e.address for e in state.endpoints}
+        new_addresses = {e.address for e in new}
+        for gone in old_addresses - new_addresses:
+            self.prober.remove((entry.namespace, entry.name, gone))
+            state.health.pop(gone, None)
+            state.refused.pop(gone, None)
+        state.endpoints = new
+        now = self._clock()
+        for ep in new:
+            state.health.setdefault(ep.address, EndpointHealth(since=now))
+            target = entry.target(ep)
+            key = (entry.namespace, entry.name, ep.address)
+            if target is None:
+                self.prober.remove(key)
+            else:
+                self.prober.upsert(key, target)
+        for address in list(state.health):
+            if address not in new_addresses:
+                state.health.pop(address, None)
+        metrics.TARGETS.set(len(self.prober))
+
+    # ------------------------------------------------------------------ probe results
+    def _on_result(self, key: Any, target: Target, result: ProbeResult) -> None:
+        namespace, name, address = key
+        kind = type(target.check).__name__.removesuffix("Check").lower()
+        metrics.PROBES.labels(check=kind, result="ok" if result.ok else "fail").inc()
+        metrics.PROBE_SECONDS.labels(check=kind).observe(result.seconds)
+        state = self._entries.get((namespace, name))
+        if state is None or state.entry.spec.health_check is None:
+            return
+        dirty = False
+        if result.refused:
+            if state.refused.get(address) != result.detail:
+                state.refused[address] = result.detail
+                dirty = True
+        elif state.refused.pop(address, None) is not None:
+            dirty = True
+        now = self._clock()
+        before = state.health.get(address, EndpointHealth(since=now))
+        thresholds = state.entry.spec.health_check.thresholds
+        after, changed = observe(before, ok=result.ok, detail=result.detail, now=now, thresholds=thresholds)
+        state.health[address] = after
+        if changed:
+            metrics.TRANSITIONS.labels(to=after.status.value).inc()
+            self._spawn(self._transition_event(state, address, before, after))
+            dirty = True
+        if thresholds.deregister_after is not None and before.deregistered(
+            now=now, thresholds=thresholds
+        ) != after.deregistered(now=now, thresholds=thresholds):
+            dirty = True
+        if dirty:
+            self._schedule(state.entry.key)
+
+    async def _transition_event(
+        self, state: _EntryState, address: str, before: EndpointHealth, after: EndpointHealth
+    ) -> None:
+        entry = state.entry
+        if after.status is Status.PASSING:
+            type_, reason = "Normal", "EndpointHealthy"
+        else:
+            type_, reason = "Warning", "EndpointUnhealthy"
+        message = f"endpoint {address}: {before.status.value} -> {after.status.value} ({after.detail})"
+        body = {
+            "apiVersion": "beacon.dev/v1alpha1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": entry.name, "namespace": entry.namespace, "uid": entry.uid},
+        }
+        try:
+            await self.kube.event(
+                involved=body, type_=type_, reason=reason, message=message, now_iso=_iso(self._clock())
+            )
+        except ApiError as exc:
+            log.warning("cannot post event for %s/%s: %s", entry.namespace, entry.name, exc)
+
+    # ------------------------------------------------------------------ scheduling
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _schedule(self, key: EntryKey, delay: float | None = None) -> None:
+        if key in self._pending and not self._pending[key].done():
+            return
+        self._pending[key] = asyncio.ensure_future(
+            self._reconcile_later(key, self._coalesce if delay is None else delay)
+        )
+
+    async def _reconcile_later(self, key: EntryKey, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._pending.pop(key, None)
+        backoff = 1.0
+        while key in self._entries:
+            try:
+                await self.reconcile(key)
+                metrics.RECONCILES.labels(kind="ServiceEntry", outcome="ok").inc()
+                return
+            except NotOursError as exc:
+                metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
+                log.error("%s/%s: %s", key[0], key[1], exc)
+                await self._report_conflict(key, str(exc))
+                return
+            except (ApiError, OSError) as exc:
+                metrics.RECONCILES.labels(kind="ServiceEntry", outcome="error").inc()
+                log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", key[0], key[1], backoff, exc)
+                if isinstance(exc, ApiError) and exc.status == 409:
+                    self.kube.forget_namespace_entry(*key)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    # ------------------------------------------------------------------ reconcile
+    async def reconcile(self, key: EntryKey) -> None:
+        async with self._locks[key]:
+            state = self._entries.get(key)
+            if state is None:
+                return
+            entry = state.entry
+            now = self._clock()
+            views = visible(entry, state.endpoints, state.health, state.refused, now=now)
+            tags = dict((state.body.get("metadata") or {}).get("labels") or {})
+            record = registry_record(entry, views, tags=tags)
+            if self._records[entry.namespace].get(entry.name) != record:
+                self._records[entry.namespace][entry.name] = record
+                self._schedule_registry(entry.namespace)
+            await self.kube.ensure(desired_service(entry))
+            slices = desired_slices(entry, views)
+            for item in slices:
+                await self.kube.ensure(item)
+            wanted = {item["metadata"]["name"] for item in slices}
+            for stale in sorted(state.slice_names - wanted):
+                await self.kube.delete("EndpointSlice", entry.namespace, stale)
+            state.slice_names = wanted
+            await self.kube.ensure(desired_endpoints(entry, views))
+            previous = (state.status or {}).get("conditions") or []
+            status = desired_status(entry, views, previous_conditions=previous, now=now)
+            if status_changed(state.status, status):
+                await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
+                state.status = status
+
+    async def _report_conflict(self, key: EntryKey, message: str) -> None:
+        state = self._entries.get(key)
+        if state is None:
+            return
+        from beacon.reconcile import Condition, merge_conditions
+
+        entry = state.entry
+        conditions = merge_conditions(
+            (state.status or {}).get("conditions") or [],
+            [
+                Condition("Ready", "False", "OutputConflict", message),
+                Condition("Degraded", "True", "OutputConflict", message),
+            ],
+            generation=entry.generation,
+            now=self._clock(),
+        )
+        status = {"observedGeneration": entry.generation, "conditions": conditions}
+        with contextlib.suppress(ApiError):
+            await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
+            state.status = {**(state.status or {}), **status}
+
+    # ------------------------------------------------------------------ registry
+    def _schedule_registry(self, namespace: str) -> None:
+        task = self._registry_pending.get(namespace)
+        if task is not None and not task.done():
+            return
+        self._registry_pending[namespace] = asyncio.ensure_future(self._registry_later(namespace))
+
+    async def _registry_later(self, namespace: str) -> None:
+        await asyncio.sleep(self._registry_coalesce)
+        self._registry_pending.pop(namespace, None)
+        backoff = 1.0
+        while True:
+            try:
+                await self.write_registry(namespace)
+                return
+            except (ApiError, OSError, NotOursError) as exc:
+                log.warning("registry of %s failed, retrying in %.0fs: %s", namespace, backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    async def write_registry(self, namespace: str) -> None:
+        async with self._registry_locks[namespace]:
+            known = {k for k in self._expected | set(self._entries) if k[0] == namespace}
+            if any(name not in self._records[namespace] for _, name in known):
+                return  # an entry not reconciled yet; its reconcile schedules the registry again
+            records = list(self._records[namespace].values())
+            has_entries = bool(known)
+            existing = await self.kube.list("ConfigMap", namespace, label_selector=f"{LABEL_REGISTRY}=true")
+            existing_names = {item["metadata"]["name"] for item in existing}
+            if not has_entries:
+                for name in sorted(existing_names):
+                    await self.kube.delete("ConfigMap", namespace, name)
+                return
+            head = next((i for i in existing if i["metadata"]["name"] == REGISTRY_NAME), None)
+            previous = (head or {}).get("metadata", {}).get("annotations") if head else None
+            shards = desired_registry(namespace, records, previous=previous)
+            for shard in shards:
+                await self.kube.ensure(shard)
+            for stale in sorted(existing_names - {s["metadata"]["name"] for s in shards}):
+                await self.kube.delete("ConfigMap", namespace, stale)
+
+    async def registry_resync(self, namespace: str) -> None:
+        """After start-up listing: rewrite (only if different) the registry of a namespace."""
+        self._schedule_registry(namespace)
+
+    async def close(self) -> None:
+        for task in [*self._pending.values(), *self._registry_pending.values(), *self._tasks]:
+            task.cancel()
+
+
+def _iso(now: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

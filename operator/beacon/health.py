@@ -1,0 +1,94 @@
+"""The health state machine of one endpoint: probe results in, status transitions out. Pure, no I/O, no clock.
+
+Why it exists: thresholds are what keep a flapping endpoint from causing a write storm and what keep a restart
+from deregistering healthy endpoints. Keeping the rules in one pure function makes them easy to test and the
+same for every kind of check.
+
+Rules (Consul's and Kubernetes' readiness semantics combined):
+- A new endpoint starts UNKNOWN, which is published as not ready. `healthy_threshold` consecutive successes make
+  it PASSING; `unhealthy_threshold` consecutive failures make it CRITICAL.
+- PASSING needs `unhealthy_threshold` consecutive failures to become CRITICAL; CRITICAL needs
+  `healthy_threshold` consecutive successes to become PASSING. A single result never flips a settled status
+  unless its threshold is 1.
+- After an operator restart, an endpoint is seeded with the status it was last published with (read back from
+  its EndpointSlice), so a healthy endpoint stays ready while its first probes run.
+- With `deregister_after`, an endpoint CRITICAL for that long is dropped from the outputs until it passes again.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+
+class Status(enum.StrEnum):
+    UNKNOWN = "unknown"
+    PASSING = "passing"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    healthy: int = 1
+    unhealthy: int = 3
+    deregister_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.healthy < 1 or self.unhealthy < 1:
+            raise ValueError("thresholds must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointHealth:
+    """What beacon knows about one endpoint's health; `since` is when `status` last changed (seconds, any epoch)."""
+
+    status: Status = Status.UNKNOWN
+    successes: int = 0
+    failures: int = 0
+    since: float = 0.0
+    detail: str = "not probed yet"
+
+    @property
+    def ready(self) -> bool:
+        return self.status is Status.PASSING
+
+    def deregistered(self, *, now: float, thresholds: Thresholds) -> bool:
+        """True when the endpoint has been CRITICAL for at least `deregister_after` seconds."""
+        return (
+            thresholds.deregister_after is not None
+            and self.status is Status.CRITICAL
+            and now - self.since >= thresholds.deregister_after
+        )
+
+
+def seeded(*, ready: bool | None, now: float) -> EndpointHealth:
+    """The starting health of an endpoint: from its last published readiness when known, else UNKNOWN."""
+    if ready is None:
+        return EndpointHealth(since=now)
+    if ready:
+        return EndpointHealth(status=Status.PASSING, since=now, detail="restored from the published EndpointSlice")
+    return EndpointHealth(status=Status.CRITICAL, since=now, detail="restored from the published EndpointSlice")
+
+
+def observe(
+    health: EndpointHealth, *, ok: bool, detail: str, now: float, thresholds: Thresholds
+) -> tuple[EndpointHealth, bool]:
+    """Apply one probe result. Returns the new health and whether `status` changed (a transition)."""
+    if ok:
+        successes, failures = health.successes + 1, 0
+        target = Status.PASSING if successes >= thresholds.healthy else health.status
+    else:
+        successes, failures = 0, health.failures + 1
+        target = Status.CRITICAL if failures >= thresholds.unhealthy else health.status
+    changed = target is not health.status
+    return (
+        replace(
+            health,
+            status=target,
+            successes=successes,
+            failures=failures,
+            since=now if changed else health.since,
+            detail=detail,
+        ),
+        changed,
+    )

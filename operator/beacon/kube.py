@@ -1,0 +1,270 @@
+"""The only module that calls the Kubernetes API: reads, server-side apply on change, status patches, events.
+
+Why it exists: "write only on change" is a property of one place, not a habit spread over handlers. Every write
+goes through `ensure()`, which compares the desired object with what beacon last applied (or, after a restart,
+with what the API holds) and skips the write when nothing beacon owns differs. Steady state therefore costs zero
+writes. The kubernetes client is blocking, so every call runs in a small thread pool, never on the event loop.
+Counts of writes by verb and kind are exported as metrics (and asserted by the tests through the audit log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from beacon import metrics
+
+FIELD_MANAGER = "beacon"
+Obj = dict[str, Any]
+
+_PATHS = {
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "Endpoints": "/api/v1/namespaces/{ns}/endpoints",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Event": "/api/v1/namespaces/{ns}/events",
+    "Pod": "/api/v1/namespaces/{ns}/pods",
+    "Lease": "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+    "EndpointSlice": "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
+    "ServiceEntry": "/apis/beacon.dev/v1alpha1/namespaces/{ns}/serviceentries",
+    "ConfigEntry": "/apis/beacon.dev/v1alpha1/namespaces/{ns}/configentries",
+    "ControllerRevision": "/apis/apps/v1/namespaces/{ns}/controllerrevisions",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
+    "DaemonSet": "/apis/apps/v1/namespaces/{ns}/daemonsets",
+}
+
+
+class NotOursError(RuntimeError):
+    """An object with the name beacon wants exists and belongs to someone else; beacon leaves it alone."""
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        super().__init__(f"{status} {reason}: {body[:500]}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+
+
+def covers(actual: Any, desired: Any) -> bool:
+    """True when `actual` already holds everything `desired` says: dicts as subsets (the server adds defaults and
+    other owners' fields), lists element by element with equal length, scalars equal."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(k in actual and covers(actual[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(covers(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return bool(actual == desired)
+
+
+def _owned_view(obj: Mapping[str, Any]) -> Obj:
+    """The parts of an object beacon owns and compares: everything but status and server-managed metadata."""
+    meta = obj.get("metadata", {})
+    view = {k: v for k, v in obj.items() if k not in ("status", "metadata")}
+    view["metadata"] = {k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta}
+    return view
+
+
+def _key(kind: str, namespace: str, name: str) -> tuple[str, str, str]:
+    return (kind, namespace, name)
+
+
+class Kube:
+    """Async facade over the blocking kubernetes client, with an applied-object cache for write-on-change."""
+
+    def __init__(self, api: k8s.ApiClient, *, threads: int = 8) -> None:
+        self._api = api
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        self._applied: dict[tuple[str, str, str], Obj] = {}
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+        configuration = k8s.Configuration()
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config(client_configuration=configuration)
+        return cls(k8s.ApiClient(configuration))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._api.close()
+
+    # ------------------------------------------------------------------ raw requests
+    def _request_sync(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Sequence[tuple[str, str]] = (),
+        content_type: str = "application/json",
+    ) -> Obj | None:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        _, url, headers, _, _ = self._api.param_serialize(
+            method=method, resource_path=path, header_params=headers, auth_settings=["BearerToken"]
+        )
+        if query:
+            url += "?" + urllib.parse.urlencode(list(query))
+        data = json.dumps(body) if body is not None else None
+        resp = self._api.rest_client.request(method, url, headers=headers, body=data, _request_timeout=30)
+        raw = resp.read()
+        if resp.status == 404 and method == "GET":
+            return None
+        if resp.status >= 400:
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            raise ApiError(resp.status, resp.reason or "", text)
+        if not raw:
+            return None
+        result: Obj = json.loads(raw)
+        return result
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Sequence[tuple[str, str]] = (),
+        content_type: str = "application/json",
+        kind: str = "",
+    ) -> Obj | None:
+        if method != "GET":
+            metrics.API_WRITES.labels(verb=method.lower(), kind=kind or "other").inc()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool,
+            lambda: self._request_sync(method, path, body=body, query=query, content_type=content_type),
+        )
+
+    @staticmethod
+    def path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        path = _PATHS[kind].format(ns=namespace)
+        if name:
+            path += f"/{urllib.parse.quote(name)}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    # ------------------------------------------------------------------ reads
+    async def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        return await self.request("GET", self.path(kind, namespace, name))
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[Obj]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        result = await self.request("GET", self.path(kind, namespace), query=query)
+        return list((result or {}).get("items") or [])
+
+    # ------------------------------------------------------------------ writes
+    async def ensure(self, obj: Obj) -> bool:
+        """Server-side apply `obj` unless the API already holds it. Returns whether a write was made.
+
+        An existing object is taken over only if it is already beacon's: owned by the same controller (the
+        ownerReference uid in `obj`) or, for objects without an owner, carrying the same labels. Anything else
+        raises NotOursError, so a user's own Service or ConfigMap of the same name is never overwritten.
+        """
+        kind, meta = obj["kind"], obj["metadata"]
+        key = _key(kind, meta["namespace"], meta["name"])
+        desired = _owned_view(obj)
+        cached = self._applied.get(key)
+        if cached is not None and cached == desired:
+            return False
+        if cached is None:
+            actual = await self.get(kind, meta["namespace"], meta["name"])
+            if actual is not None:
+                if not _ours(actual, obj):
+                    raise NotOursError(
+                        f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by beacon; "
+                        "rename the entry or delete that object"
+                    )
+                if covers(_owned_view(actual), desired):
+                    self._applied[key] = desired
+                    return False
+        await self.request(
+            "PATCH",
+            self.path(kind, meta["namespace"], meta["name"]),
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+            kind=kind,
+        )
+        self._applied[key] = desired
+        return True
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """Drop the cached copy, so the next `ensure` re-reads the API (after a conflict or an outside edit)."""
+        self._applied.pop(_key(kind, namespace, name), None)
+
+    def forget_namespace_entry(self, namespace: str, label_value: str) -> None:
+        for key in [k for k, v in self._applied.items() if k[1] == namespace and _entry_label(v) == label_value]:
+            self._applied.pop(key, None)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.forget(kind, namespace, name)
+        try:
+            await self.request("DELETE", self.path(kind, namespace, name), kind=kind)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> None:
+        await self.request(
+            "PATCH",
+            self.path(kind, namespace, name, "status"),
+            body={"status": status},
+            content_type="application/merge-patch+json",
+            kind=f"{kind}/status",
+        )
+
+    async def event(self, *, involved: Mapping[str, Any], type_: str, reason: str, message: str, now_iso: str) -> None:
+        meta = involved["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "beacon"},
+            "reportingComponent": "beacon.dev/operator",
+            "reportingInstance": "beacon",
+            "firstTimestamp": now_iso,
+            "lastTimestamp": now_iso,
+            "count": 1,
+        }
+        await self.request("POST", self.path("Event", meta["namespace"]), body=body, kind="Event")
+
+
+def _ours(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    want = {ref.get("uid") for ref in desired["metadata"].get("ownerReferences") or []}
+    have = {ref.get("uid") for ref in actual.get("metadata", {}).get("ownerReferences") or []}
+    if want:
+        return bool(want & have)
+    labels = actual.get("metadata", {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in (desired["metadata"].get("labels") or {}).items())
+
+
+def _entry_label(view: Mapping[str, Any]) -> str | None:
+    labels = view.get("metadata", {}).get("labels") or {}
+    value = labels.get("beacon.dev/service-entry")
+    return str(value) if value is not None else None

@@ -1,0 +1,196 @@
+"""Typed models of a ServiceEntry (pydantic v2), and how its endpoints become probe targets. Pure.
+
+Why it exists: the CRD schema and CEL rules reject bad input at the API server; these models turn the accepted
+dict into typed values once, at the edge, so the reconcile core and the prober never poke at raw dicts. Anything
+the schema could not express (a port name that an endpoint override changes, for instance) is resolved here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from beacon.health import Thresholds
+from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+
+class Port(_Model):
+    name: str
+    port: int
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+    app_protocol: str | None = Field(default=None, alias="appProtocol")
+
+
+class PortOverride(_Model):
+    name: str
+    port: int
+
+
+class StaticEndpoint(_Model):
+    address: str
+    ports: tuple[PortOverride, ...] = ()
+    zone: str | None = None
+    hostname: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Selector(_Model):
+    match_labels: dict[str, str] = Field(alias="matchLabels")
+
+
+class Header(_Model):
+    name: str
+    value: str
+
+
+class StatusRange(_Model):
+    min: int
+    max: int | None = None
+
+
+class HttpSpec(_Model):
+    path: str = "/"
+    port: int | str | None = None
+    scheme: Literal["HTTP", "HTTPS"] = "HTTP"
+    headers: tuple[Header, ...] = ()
+    expected_statuses: tuple[StatusRange, ...] = Field(default=(), alias="expectedStatuses")
+
+
+class PortSpec(_Model):
+    port: int | str | None = None
+
+
+class GrpcSpec(_Model):
+    port: int | str | None = None
+    service: str = ""
+
+
+class LeaseSpec(_Model):
+    name_prefix: str | None = Field(default=None, alias="namePrefix")
+
+
+class HealthCheck(_Model):
+    http: HttpSpec | None = None
+    tcp: PortSpec | None = None
+    grpc: GrpcSpec | None = None
+    lease: LeaseSpec | None = None
+    interval_seconds: int = Field(default=10, alias="intervalSeconds")
+    timeout_seconds: int = Field(default=2, alias="timeoutSeconds")
+    healthy_threshold: int = Field(default=1, alias="healthyThreshold")
+    unhealthy_threshold: int = Field(default=3, alias="unhealthyThreshold")
+    deregister_after_seconds: int | None = Field(default=None, alias="deregisterAfterSeconds")
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            healthy=self.healthy_threshold,
+            unhealthy=self.unhealthy_threshold,
+            deregister_after=float(self.deregister_after_seconds) if self.deregister_after_seconds else None,
+        )
+
+
+class ServiceEntrySpec(_Model):
+    ports: tuple[Port, ...]
+    endpoints: tuple[StaticEndpoint, ...] = ()
+    selector: Selector | None = None
+    health_check: HealthCheck | None = Field(default=None, alias="healthCheck")
+    headless: bool = True
+
+
+class Endpoint(_Model):
+    """One endpoint as beacon publishes it: a static one, or a pod matched by the selector."""
+
+    address: str
+    ports: dict[str, int]  # port name -> number, overrides applied
+    zone: str | None = None
+    hostname: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    pod: str | None = None  # pod name for selector endpoints
+    node: str | None = None
+    terminating: bool = False
+
+    @property
+    def lease_key(self) -> str:
+        return self.hostname or self.pod or self.address.replace(":", "-")
+
+
+class ServiceEntry(_Model):
+    """A ServiceEntry as read from the API: identity plus parsed spec."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: ServiceEntrySpec
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ServiceEntry:
+        meta = body["metadata"]
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation", 1)),
+            spec=ServiceEntrySpec.model_validate(body.get("spec") or {}),
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def static_endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint(
+                address=e.address,
+                ports={**{p.name: p.port for p in self.spec.ports}, **{o.name: o.port for o in e.ports}},
+                zone=e.zone,
+                hostname=e.hostname,
+                labels=dict(e.labels),
+            )
+            for e in self.spec.endpoints
+        ]
+
+    def target(self, endpoint: Endpoint) -> Target | None:
+        """How to probe `endpoint`; None when the entry has no health check (every endpoint counts healthy)."""
+        hc = self.spec.health_check
+        if hc is None:
+            return None
+        check: Check
+        if hc.http is not None:
+            check = HttpCheck(
+                port=self._port(hc.http.port, endpoint),
+                path=hc.http.path,
+                scheme=hc.http.scheme,
+                headers=tuple((h.name, h.value) for h in hc.http.headers),
+                expected=tuple((r.min, r.max if r.max is not None else r.min) for r in hc.http.expected_statuses)
+                or ((200, 399),),
+            )
+        elif hc.tcp is not None:
+            check = TcpCheck(port=self._port(hc.tcp.port, endpoint))
+        elif hc.grpc is not None:
+            check = GrpcCheck(port=self._port(hc.grpc.port, endpoint), service=hc.grpc.service)
+        elif hc.lease is not None:
+            prefix = hc.lease.name_prefix or f"{self.name}-"
+            check = LeaseCheck(namespace=self.namespace, name=f"{prefix}{endpoint.lease_key}")
+        else:  # the CRD's CEL rule requires exactly one kind
+            return None
+        return Target(
+            address=endpoint.address,
+            check=check,
+            interval=float(hc.interval_seconds),
+            timeout=float(hc.timeout_seconds),
+        )
+
+    def _port(self, ref: int | str | None, endpoint: Endpoint) -> int:
+        if isinstance(ref, int):
+            return ref
+        if ref is None:
+            return endpoint.ports[self.spec.ports[0].name]
+        if ref.isdigit():
+            return int(ref)
+        return endpoint.ports[ref]

@@ -1,0 +1,364 @@
+"""The pure core of discovery: a ServiceEntry, its endpoints and their health in; the desired Service,
+EndpointSlices, Endpoints, status and registry record out. No I/O, no clock (time is an argument).
+
+Why it exists: everything beacon publishes is a function of (spec, endpoints, health). Computing it in one pure
+place (crate-operator's `get_*` builders) makes every output unit-testable without a cluster and lets the writer
+compare desired against actual and write only on change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from beacon.health import EndpointHealth, Status, Thresholds
+from beacon.models import Endpoint, ServiceEntry
+
+GROUP = "beacon.dev"
+# A label value may not contain "/", so the managed-by value follows Kubernetes' own
+# "endpointslice-controller.k8s.io" pattern rather than "beacon.dev/operator".
+MANAGED_BY = "operator.beacon.dev"
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+LABEL_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+LABEL_SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"
+LABEL_ENTRY = "beacon.dev/service-entry"
+MAX_PER_SLICE = 100
+MAX_ENDPOINTS_ADDRESSES = 1000  # the Endpoints API's own cap; above it Kubernetes marks the object truncated
+STATUS_ENDPOINTS_MAX = 16
+
+Obj = dict[str, Any]
+
+
+def owner_reference(entry: ServiceEntry) -> Obj:
+    return {
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": "ServiceEntry",
+        "name": entry.name,
+        "uid": entry.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(entry: ServiceEntry, name: str, labels: Mapping[str, str] | None = None) -> Obj:
+    return {
+        "name": name,
+        "namespace": entry.namespace,
+        "labels": {LABEL_ENTRY: entry.name, **(labels or {})},
+        "ownerReferences": [owner_reference(entry)],
+    }
+
+
+def address_type(address: str) -> str:
+    try:
+        return "IPv6" if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address) else "IPv4"
+    except ValueError:
+        return "FQDN"
+
+
+def _service_ports(entry: ServiceEntry) -> list[Obj]:
+    ports = []
+    for p in entry.spec.ports:
+        port: Obj = {"name": p.name, "port": p.port, "protocol": p.protocol, "targetPort": p.port}
+        if p.app_protocol:
+            port["appProtocol"] = p.app_protocol
+        ports.append(port)
+    return ports
+
+
+def desired_service(entry: ServiceEntry) -> Obj:
+    """A selector-less Service: Kubernetes leaves its endpoints to us. Headless by default, for DNS answers."""
+    spec: Obj = {"type": "ClusterIP", "ports": _service_ports(entry)}
+    if entry.spec.headless:
+        spec["clusterIP"] = "None"
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(entry, entry.name), "spec": spec}
+
+
+@dataclass(frozen=True)
+class View:
+    """One endpoint with its health as it will be published."""
+
+    endpoint: Endpoint
+    health: EndpointHealth
+    refused: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.health.ready and not self.endpoint.terminating and self.refused is None
+
+    @property
+    def serving(self) -> bool:
+        return self.health.ready and self.refused is None
+
+
+def visible(
+    entry: ServiceEntry,
+    endpoints: Sequence[Endpoint],
+    health: Mapping[str, EndpointHealth],
+    refused: Mapping[str, str],
+    *,
+    now: float,
+) -> list[View]:
+    """Endpoints to publish, sorted by address, minus those deregistered after being critical too long."""
+    thresholds = entry.spec.health_check.thresholds if entry.spec.health_check else Thresholds()
+    views = []
+    for ep in sorted(endpoints, key=lambda e: e.address):
+        h = health.get(ep.address)
+        if entry.spec.health_check is None:
+            h = EndpointHealth(status=Status.PASSING, detail="no health check")
+        elif h is None:
+            h = EndpointHealth()
+        if h.deregistered(now=now, thresholds=thresholds):
+            continue
+        views.append(View(endpoint=ep, health=h, refused=refused.get(ep.address)))
+    return views
+
+
+def _slice_ports(entry: ServiceEntry, ports: Mapping[str, int]) -> list[Obj]:
+    out = []
+    for p in entry.spec.ports:
+        port: Obj = {"name": p.name, "port": ports.get(p.name, p.port), "protocol": p.protocol}
+        if p.app_protocol:
+            port["appProtocol"] = p.app_protocol
+        out.append(port)
+    return out
+
+
+def _slice_endpoint(view: View, *, namespace: str) -> Obj:
+    ep = view.endpoint
+    out: Obj = {
+        "addresses": [ep.address],
+        "conditions": {"ready": view.ready, "serving": view.serving, "terminating": ep.terminating},
+    }
+    if ep.hostname:
+        out["hostname"] = ep.hostname
+    if ep.zone:
+        out["zone"] = ep.zone
+    if ep.node:
+        out["nodeName"] = ep.node
+    if ep.pod:
+        out["targetRef"] = {"kind": "Pod", "namespace": namespace, "name": ep.pod}
+    return out
+
+
+def _ports_signature(ports: Mapping[str, int]) -> str:
+    return hashlib.sha256(repr(sorted(ports.items())).encode()).hexdigest()[:6]
+
+
+def desired_slices(entry: ServiceEntry, views: Sequence[View]) -> list[Obj]:
+    """EndpointSlices of at most 100 endpoints, one group per address type and port set, named stably."""
+    default_ports = {p.name: p.port for p in entry.spec.ports}
+    groups: dict[tuple[str, str], list[View]] = defaultdict(list)
+    ports_of: dict[tuple[str, str], Mapping[str, int]] = {}
+    for view in views:
+        ports = view.endpoint.ports
+        sig = "" if dict(ports) == default_ports else _ports_signature(ports)
+        key = (address_type(view.endpoint.address), sig)
+        groups[key].append(view)
+        ports_of[key] = ports
+    slices = []
+    for (family, sig), members in sorted(groups.items()):
+        stem = f"{entry.name}-{family.lower()}" + (f"-{sig}" if sig else "")
+        for index in range(0, len(members), MAX_PER_SLICE):
+            chunk = members[index : index + MAX_PER_SLICE]
+            endpoints = [_slice_endpoint(v, namespace=entry.namespace) for v in chunk]
+            slices.append(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": _meta(
+                        entry,
+                        f"{stem}-{index // MAX_PER_SLICE}",
+                        {LABEL_SERVICE_NAME: entry.name, LABEL_MANAGED_BY: MANAGED_BY},
+                    ),
+                    "addressType": family,
+                    "ports": _slice_ports(entry, ports_of[(family, sig)]),
+                    "endpoints": endpoints,
+                }
+            )
+    return slices
+
+
+def desired_endpoints(entry: ServiceEntry, views: Sequence[View]) -> Obj:
+    """The legacy Endpoints object: IP endpoints only, unhealthy ones in notReadyAddresses, never mirrored."""
+    subsets: dict[tuple[tuple[str, int], ...], Obj] = {}
+    ip_views = [v for v in views if address_type(v.endpoint.address) != "FQDN"]
+    truncated = len(ip_views) > MAX_ENDPOINTS_ADDRESSES
+    for view in ip_views[:MAX_ENDPOINTS_ADDRESSES]:
+        ep = view.endpoint
+        key = tuple(sorted(ep.ports.items()))
+        subset = subsets.setdefault(
+            key, {"addresses": [], "notReadyAddresses": [], "ports": _slice_ports(entry, ep.ports)}
+        )
+        address: Obj = {"ip": ep.address}
+        if ep.hostname:
+            address["hostname"] = ep.hostname
+        if ep.node:
+            address["nodeName"] = ep.node
+        if ep.pod:
+            address["targetRef"] = {"kind": "Pod", "namespace": entry.namespace, "name": ep.pod}
+        subset["addresses" if view.ready else "notReadyAddresses"].append(address)
+    out_subsets = []
+    for key in sorted(subsets):
+        subset = {k: v for k, v in subsets[key].items() if v}
+        if "addresses" in subset or "notReadyAddresses" in subset:
+            out_subsets.append(subset)
+    meta = _meta(entry, entry.name, {LABEL_SKIP_MIRROR: "true"})
+    if truncated:
+        meta["annotations"] = {"endpoints.kubernetes.io/over-capacity": "truncated"}
+    return {"apiVersion": "v1", "kind": "Endpoints", "metadata": meta, "subsets": out_subsets}
+
+
+# ---------------------------------------------------------------------------------------------------- status
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+def _iso(now: float) -> str:
+    return dt.datetime.fromtimestamp(now, dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]], new: Sequence[Condition], *, generation: int, now: float
+) -> list[Obj]:
+    """Conditions keyed by type; lastTransitionTime moves only when a condition's status changes."""
+    before = {c.get("type"): c for c in previous}
+    out = []
+    for cond in new:
+        old = before.get(cond.type)
+        since = old.get("lastTransitionTime") if old and old.get("status") == cond.status else None
+        out.append(
+            {
+                "type": cond.type,
+                "status": cond.status,
+                "reason": cond.reason,
+                "message": cond.message[:1024],
+                "observedGeneration": generation,
+                "lastTransitionTime": since or _iso(now),
+            }
+        )
+    return out
+
+
+def _state(view: View) -> str:
+    if view.ready:
+        return "Healthy"
+    if view.health.status is Status.UNKNOWN and view.refused is None:
+        return "Unknown"
+    return "Unhealthy"
+
+
+def desired_status(
+    entry: ServiceEntry,
+    views: Sequence[View],
+    *,
+    previous_conditions: Sequence[Mapping[str, Any]] = (),
+    now: float,
+) -> Obj:
+    total = len(views)
+    ready = sum(1 for v in views if v.ready)
+    unknown = sum(1 for v in views if _state(v) == "Unknown")
+    refused = [v for v in views if v.refused]
+    unhealthy = [v for v in views if _state(v) == "Unhealthy" and not v.refused]
+
+    if total == 0:
+        ready_c = Condition("Ready", "False", "NoEndpoints", "the entry has no endpoints to publish")
+    elif ready == total:
+        ready_c = Condition("Ready", "True", "Healthy", f"all {total} endpoints are healthy")
+    elif ready > 0:
+        ready_c = Condition("Ready", "True", "Degraded", f"{ready} of {total} endpoints are healthy")
+    elif refused and len(refused) == total:
+        ready_c = Condition("Ready", "False", "ProbeRefused", refused[0].refused or "")
+    elif unknown and not unhealthy and not refused:
+        ready_c = Condition("Ready", "Unknown", "Pending", f"{unknown} endpoints not probed yet")
+    else:
+        ready_c = Condition("Ready", "False", "Unhealthy", f"none of {total} endpoints is healthy")
+
+    if refused:
+        first = refused[0].refused or ""
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        degraded = Condition("Degraded", "True", "ProbeRefused", first + more)
+    elif unhealthy:
+        names = ", ".join(v.endpoint.address for v in unhealthy[:5])
+        more = f" and {len(unhealthy) - 5} more" if len(unhealthy) > 5 else ""
+        # no probe detail here: it changes without a transition, and status is written only on transitions
+        # (Events carry the detail of each transition)
+        degraded = Condition("Degraded", "True", "EndpointsUnhealthy", f"unhealthy: {names}{more}")
+    else:
+        degraded = Condition("Degraded", "False", "AsExpected", "no endpoint is unhealthy")
+
+    status: Obj = {
+        "observedGeneration": entry.generation,
+        "conditions": merge_conditions(previous_conditions, [ready_c, degraded], generation=entry.generation, now=now),
+        "readyEndpoints": ready,
+        "totalEndpoints": total,
+        "readySummary": f"{ready}/{total}",
+    }
+    if total <= STATUS_ENDPOINTS_MAX:
+        status["endpoints"] = [{"address": v.endpoint.address, "state": _state(v)} for v in views]
+    return status
+
+
+def status_changed(actual: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Compare two statuses ignoring lastTransitionTime (which merge_conditions preserves)."""
+    if not actual:
+        return True
+
+    def strip(status: Mapping[str, Any]) -> Obj:
+        out = dict(status)
+        out["conditions"] = [
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []
+        ]
+        return out
+
+    return strip(actual) != strip(desired)
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class RegistryRecord:
+    """One service in the namespace's registry: what a client needs to connect to its healthy endpoints."""
+
+    name: str
+    body: Obj = field(hash=False)
+
+
+def registry_record(entry: ServiceEntry, views: Sequence[View], *, tags: Mapping[str, str]) -> RegistryRecord:
+    healthy = []
+    for v in views:
+        if not v.ready:
+            continue
+        ep = v.endpoint
+        item: Obj = {"address": ep.address, "ports": dict(sorted(ep.ports.items()))}
+        if ep.zone:
+            item["zone"] = ep.zone
+        if ep.hostname:
+            item["hostname"] = ep.hostname
+        if ep.labels:
+            item["labels"] = dict(sorted(ep.labels.items()))
+        if ep.pod:
+            item["pod"] = ep.pod
+        healthy.append(item)
+    body: Obj = {
+        "ports": [
+            {"name": p.name, "port": p.port, "protocol": p.protocol}
+            | ({"appProtocol": p.app_protocol} if p.app_protocol else {})
+            for p in entry.spec.ports
+        ],
+        "tags": dict(sorted(tags.items())),
+        "headless": entry.spec.headless,
+        "dns": f"{entry.name}.{entry.namespace}.svc",
+        "endpoints": healthy,
+        "readyEndpoints": len(healthy),
+        "totalEndpoints": len(views),
+    }
+    return RegistryRecord(name=entry.name, body=body)

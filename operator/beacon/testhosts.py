@@ -1,0 +1,716 @@
+"""Real endpoint servers on real, non-loopback addresses, for beacon's tests and the `make run` demo.
+
+Why this exists: Kubernetes rejects loopback and link-local addresses in Endpoints/EndpointSlices, so tests that
+exercise beacon's health checking end to end need servers the operator can reach on ordinary addresses. This
+module builds them out of Linux network namespaces (it needs root, or at least CAP_NET_ADMIN + CAP_SYS_ADMIN,
+and the `ip` tool from iproute2)::
+
+    with TestNetwork() as net:
+        host = net.add_host()                 # host.address == "198.18.4.10", say
+        srv = host.http(port=8080, path="/healthz")
+        srv.set_healthy(False)                # GET /healthz -> 503
+        srv.stop()                            # connection refused
+        hosts = net.add_hosts(250)            # one `ip -batch` call
+
+Layout. Every `TestNetwork` takes one /22 out of 198.18.0.0/15 (reserved for benchmarking, RFC 2544), so up to
+128 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts. For slot N the /22 starts at
+B = 198.18.0.0 + N * 1024 and:
+
+* B+1    is the host side of a veth pair (interface `bcn-<pid>-<n>` in the caller's namespace, address B+1/32);
+* B+2    is the namespace side (`veth0` in namespace `bcn-<pid>-<n>`, address B+2/22, default route via B+1);
+* B+10 .. B+1022 are test-host addresses, added as /32s on `veth0`.
+
+The host routes the whole /22 *via* B+2 instead of on-link, so however many test hosts there are, the host's
+neighbour (ARP) table only ever holds one entry per network. A slot is free when no address or route of /16 or
+longer on the host overlaps it; the choice is made under an flock (/run/beacon-testhosts.lock) so that parallel
+test runs never collide. IPv6 address generation is off on both veth ends, so the pair carries no IPv6 chatter.
+
+Servers run inside the namespace, in one helper process per network (`beacon._testhost_server`, started lazily
+with the first server) that manages any number of HTTP / TCP / gRPC-health listeners, each bound to exactly one
+test host's address. This side talks to it with blocking request/response calls over its stdin/stdout; that
+process exits by itself if this one dies. On exit from the `with` block (also on exceptions and Ctrl-C) the
+helper process and anything else left in the namespace is killed and the veth pair and namespace are deleted.
+`cleanup_stale()` removes what crashed runs left behind (the owning pid is in every name) and runs whenever a
+network is created.
+
+This module imports nothing heavy (no aiohttp, no grpc); the server process does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, ClassVar, Final, Literal, Self
+
+__all__ = [
+    "MAX_HOSTS",
+    "MAX_NETWORKS",
+    "POOL",
+    "GrpcServer",
+    "GrpcStatus",
+    "HttpServer",
+    "TcpServer",
+    "TestHost",
+    "TestHostError",
+    "TestNetwork",
+    "TestServer",
+    "cleanup_stale",
+    "unavailable_reason",
+]
+
+POOL: Final = ipaddress.IPv4Network("198.18.0.0/15")
+"""All test networks live in here (RFC 2544 benchmarking range)."""
+NETWORK_PREFIXLEN: Final = 22
+MAX_NETWORKS: Final = 2 ** (NETWORK_PREFIXLEN - POOL.prefixlen)  # 128
+FIRST_HOST_OFFSET: Final = 10
+MAX_HOSTS: Final = 2 ** (32 - NETWORK_PREFIXLEN) - 1 - FIRST_HOST_OFFSET  # 1013: B+10 .. B+1022
+NS_INTERFACE: Final = "veth0"
+NAME_PREFIX: Final = "bcn"
+_NAME_RE: Final = re.compile(rf"^{NAME_PREFIX}-(\d+)-(\d+)$")
+_SERVER_SCRIPT: Final = Path(__file__).with_name("_testhost_server.py")
+_LOCK_FILE: Final = "beacon-testhosts.lock"
+
+GrpcStatus = Literal["UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"]
+
+
+class TestHostError(RuntimeError):
+    """Setting up, driving or tearing down a test network failed."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `ip` plumbing
+
+
+def unavailable_reason() -> str | None:
+    """Why test networks cannot be created here (None if they can): handy for `pytest.skip`."""
+    if sys.platform != "linux":
+        return "test networks need Linux network namespaces"
+    if shutil.which("ip") is None:
+        return "test networks need the `ip` command (iproute2), which is not on PATH"
+    if os.geteuid() != 0:
+        return "test networks need root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network namespaces"
+    return None
+
+
+def _require_available() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        raise TestHostError(reason)
+
+
+def _ip(*args: str, netns: str | None = None, batch: Sequence[str] | None = None, check: bool = True) -> str:
+    """Run `ip [-n netns] args...` (or `ip -batch -` fed with `batch`) and return its stdout."""
+    argv = ["ip"]
+    if netns is not None:
+        argv += ["-n", netns]
+    argv += ["-batch", "-"] if batch is not None else list(args)
+    stdin = "".join(line + "\n" for line in batch) if batch is not None else None
+    try:
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, check=False)
+    except FileNotFoundError:
+        raise TestHostError("the `ip` command (iproute2) is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise TestHostError(f"`{' '.join(argv)}` timed out") from None
+    if check and result.returncode != 0:
+        what = " ".join(argv) if batch is None else f"{' '.join(argv)} <<< {batch[:3]}{'...' if len(batch) > 3 else ''}"
+        raise TestHostError(f"`{what}` failed (exit {result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+def _ip_json(*args: str) -> list[dict[str, Any]]:
+    out = _ip("-j", *args).strip()
+    data = json.loads(out) if out else []
+    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+
+def _netns_names() -> list[str]:
+    # `ip netns list` prints "name" or "name (id: N)"
+    return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
+
+
+def _link_names() -> list[str]:
+    return [str(link["ifname"]) for link in _ip_json("link", "show") if "ifname" in link]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_netns_processes(name: str) -> None:
+    """SIGKILL every process still inside namespace `name` and wait (briefly) for them to go."""
+    for _ in range(50):
+        pids = [int(p) for p in _ip("netns", "pids", name, check=False).split() if p.isdigit()]
+        pids = [p for p in pids if p != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+def _delete_network_objects(name: str) -> None:
+    """Kill what runs in namespace `name`, delete the host-side veth `name` and the namespace; missing is fine."""
+    if name in _netns_names():
+        _kill_netns_processes(name)
+    if name in _link_names():
+        _ip("link", "del", name, check=False)
+    if name in _netns_names():
+        _ip("netns", "del", name, check=False)
+    leftovers = [what for what, names in (("veth", _link_names()), ("namespace", _netns_names())) if name in names]
+    if leftovers:
+        raise TestHostError(f"could not delete {' and '.join(leftovers)} {name}")
+
+
+@contextlib.contextmanager
+def _global_lock() -> Iterator[None]:
+    """Serialise slot allocation and stale-object cleanup between processes (flock; released if we die)."""
+    directory = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+    fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _cleanup_stale_locked() -> list[str]:
+    stale: set[str] = set()
+    for name in _netns_names() + _link_names():
+        match = _NAME_RE.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            stale.add(name)
+    for name in sorted(stale):
+        _delete_network_objects(name)
+    return sorted(stale)
+
+
+def cleanup_stale() -> list[str]:
+    """Delete `bcn-<pid>-<n>` namespaces and veths whose owning process is gone; return the names deleted."""
+    _require_available()
+    with _global_lock():
+        return _cleanup_stale_locked()
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    """Addresses and routes on this host that a new test network must not overlap.
+
+    Routes shorter than /16 (default routes, a VPN's 198.0.0.0/8, ...) do not count: our /22 is more specific
+    and wins for its own range, which is what matters.
+    """
+    used: list[ipaddress.IPv4Network] = []
+    for link in _ip_json("-4", "address", "show"):
+        for info in link.get("addr_info", []):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                iface = ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")
+                used.append(ipaddress.IPv4Network(iface.ip))
+                if iface.network.prefixlen >= 16:
+                    used.append(iface.network)
+    for route in _ip_json("-4", "route", "show", "table", "all"):
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            net = ipaddress.IPv4Network(str(route["dst"]), strict=False)
+            if net.prefixlen >= 16:
+                used.append(net)
+    return used
+
+
+def _pick_slot() -> ipaddress.IPv4Network:
+    used = [net for net in _used_networks() if net.overlaps(POOL)]
+    for candidate in POOL.subnets(new_prefix=NETWORK_PREFIXLEN):
+        if not any(candidate.overlaps(net) for net in used):
+            return candidate
+    raise TestHostError(f"no free /{NETWORK_PREFIXLEN} left in {POOL} (all {MAX_NETWORKS} are in use)")
+
+
+def _ipv6_available() -> bool:
+    return os.path.isdir("/proc/sys/net/ipv6")
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[None]:
+    """Hold back Ctrl-C while tearing down (re-raised afterwards), so cleanup is not cut short half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The server process inside the namespace
+
+
+class _ServerProcess:
+    """The `_testhost_server` process in a namespace and the blocking request/response channel to it."""
+
+    def __init__(self, netns: str, *, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._next_id = 1
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        argv = ["ip", "netns", "exec", netns, sys.executable, "-P", str(_SERVER_SCRIPT)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+            start_new_session=True,  # Ctrl-C goes to us; we clean up
+        )
+        assert self.proc.stdout is not None
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            ready = self._read_message(time.monotonic() + max(timeout, 60.0))
+            if not ready.get("ready"):
+                raise TestHostError(f"test host server said {ready!r} instead of being ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def _stderr_tail(self) -> str:
+        try:
+            self._stderr.seek(0)
+            text = self._stderr.read().decode(errors="replace").strip()
+        except (OSError, ValueError):
+            return ""
+        return f"; its stderr ends with:\n{text[-2000:]}" if text else ""
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TestHostError(f"test host server (pid {self.proc.pid}) did not answer in time")
+            if not self._selector.select(remaining):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.proc.wait(timeout=5)
+                raise TestHostError(
+                    f"test host server (pid {self.proc.pid}) exited with {self.proc.returncode}{self._stderr_tail()}"
+                )
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise TestHostError(f"test host server sent {message!r}")
+        return message
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            if self.proc.poll() is not None or self.proc.stdin is None or self.proc.stdin.closed:
+                raise TestHostError(f"test host server (pid {self.proc.pid}) is not running{self._stderr_tail()}")
+            request_id = self._next_id
+            self._next_id += 1
+            data = json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n"
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                raise TestHostError(f"test host server (pid {self.proc.pid}) went away{self._stderr_tail()}") from None
+            response = self._read_message(time.monotonic() + self.timeout)
+        if response.get("id") != request_id:
+            raise TestHostError(f"test host server answered {response!r} to request {request_id}")
+        if not response.pop("ok", False):
+            raise TestHostError(f"{op} failed: {response.get('error')}")
+        del response["id"]
+        return response
+
+    def close(self) -> None:
+        """Ask the process to exit (closing its stdin), then kill it if it does not."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._selector.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+class TestServer:
+    """Handle on one server (listener) on one test host; `stop()` closes its socket, `start()` reopens it."""
+
+    __test__ = False
+    kind: ClassVar[str] = ""
+
+    def __init__(self, host: TestHost, listener: int, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._listener = listener
+        self._running = True
+
+    @property
+    def address(self) -> str:
+        return self.host.address
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def _request(self, op: str, **fields: Any) -> dict[str, Any]:
+        return self.host.network._server().request(op, listener=self._listener, **fields)
+
+    def start(self) -> None:
+        """Listen again (on the same port); a no-op if running."""
+        self._request("start")
+        self._running = True
+
+    def stop(self) -> None:
+        """Close the listening socket and every open connection: clients get "connection refused"."""
+        self._request("stop")
+        self._running = False
+
+    def remove(self) -> None:
+        """Stop for good and free the port for another server on this host."""
+        self._request("remove")
+        self._running = False
+        if self in self.host.servers:
+            self.host.servers.remove(self)
+
+    def info(self) -> dict[str, Any]:
+        """The server's own view of itself (running, counters, current settings)."""
+        return self._request("info")
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "stopped"
+        return f"<{type(self).__name__} {self.address}:{self.port} {state}>"
+
+
+class HttpServer(TestServer):
+    """HTTP server: `path` answers with a settable status (200 when healthy), other paths 200 "address:port"."""
+
+    kind = "http"
+
+    def __init__(self, host: TestHost, listener: int, port: int, *, path: str) -> None:
+        super().__init__(host, listener, port)
+        self.path = path
+
+    @property
+    def url(self) -> str:
+        """The health URL, e.g. http://198.18.4.10:8080/healthz."""
+        return f"http://{self.address}:{self.port}{self.path}"
+
+    def set_status(self, status: int) -> None:
+        """Answer `path` with this HTTP status from now on."""
+        self._request("configure", options={"status": status})
+
+    def set_healthy(self, healthy: bool) -> None:
+        """200 if healthy, else 503."""
+        self.set_status(200 if healthy else 503)
+
+    def set_delay(self, seconds: float) -> None:
+        """Wait this long before answering `path` (for probe-timeout tests); 0 to answer at once."""
+        self._request("configure", options={"delay": seconds})
+
+    @property
+    def requests(self) -> int:
+        """How many requests (any path) this server has answered."""
+        return int(self.info()["requests"])
+
+
+class TcpServer(TestServer):
+    """TCP server that accepts connections and echoes what it receives."""
+
+    kind = "tcp"
+
+    @property
+    def connections(self) -> int:
+        """How many connections this server has accepted."""
+        return int(self.info()["connections"])
+
+
+class GrpcServer(TestServer):
+    """gRPC server with the standard grpc.health.v1.Health service (grpcio-health-checking)."""
+
+    kind = "grpc"
+
+    @property
+    def target(self) -> str:
+        """What to hand to `grpc.insecure_channel`, e.g. "198.18.4.10:50051"."""
+        return f"{self.address}:{self.port}"
+
+    def set_status(self, service: str, status: GrpcStatus) -> None:
+        """Set the serving status of `service` ("" is the whole server); it survives stop()/start()."""
+        self._request("grpc_status", service=service, status=status)
+
+    def set_serving(self, serving: bool, *, service: str = "") -> None:
+        """SERVING or NOT_SERVING."""
+        self.set_status(service, "SERVING" if serving else "NOT_SERVING")
+
+
+class TestHost:
+    """One address inside a `TestNetwork`; start servers on it with `http()`, `tcp()`, `grpc()`."""
+
+    __test__ = False
+
+    def __init__(self, network: TestNetwork, address: str) -> None:
+        self.network = network
+        self.address = address
+        self.servers: list[TestServer] = []
+
+    def _create(self, kind: str, port: int, **fields: Any) -> tuple[int, int]:
+        response = self.network._server().request("create", kind=kind, address=self.address, port=port, **fields)
+        return int(response["listener"]), int(response["port"])
+
+    def http(self, *, port: int = 8080, path: str = "/healthz", status: int = 200) -> HttpServer:
+        """Start an HTTP server on this host's address (port 0: pick a free port; see `.port`)."""
+        listener, bound = self._create("http", port, path=path, status=status)
+        server = HttpServer(self, listener, bound, path=path)
+        self.servers.append(server)
+        return server
+
+    def tcp(self, *, port: int = 9000) -> TcpServer:
+        """Start a TCP (echo) server on this host's address."""
+        listener, bound = self._create("tcp", port)
+        server = TcpServer(self, listener, bound)
+        self.servers.append(server)
+        return server
+
+    def grpc(self, *, port: int = 50051, status: GrpcStatus = "SERVING") -> GrpcServer:
+        """Start a gRPC health server on this host's address; the overall ("") service starts as `status`."""
+        listener, bound = self._create("grpc", port, statuses={"": status})
+        server = GrpcServer(self, listener, bound)
+        self.servers.append(server)
+        return server
+
+    def __repr__(self) -> str:
+        return f"<TestHost {self.address} in {self.network.name}>"
+
+
+_open_networks: weakref.WeakSet[TestNetwork] = weakref.WeakSet()
+_names_in_use: set[int] = set()
+_names_lock = threading.Lock()
+
+
+class TestNetwork:
+    """A network namespace reachable from this host over a veth pair, holding up to `MAX_HOSTS` test hosts.
+
+    Use as a context manager (or call `open()` / `close()` yourself). Nothing touches the system before
+    `open()`. `timeout` bounds every control call to the server process.
+    """
+
+    __test__ = False
+
+    def __init__(self, *, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self.name = ""
+        self.network: ipaddress.IPv4Network | None = None
+        self.hosts: list[TestHost] = []
+        self._n: int | None = None
+        self._next_offset = FIRST_HOST_OFFSET
+        self._lock = threading.RLock()
+        self._process: _ServerProcess | None = None
+        self._closed = False
+
+    # -- lifecycle
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_exc:  # do not hide the exception that got us here
+            warnings.warn(f"cleaning up test network {self.name} failed: {close_exc}", RuntimeWarning, stacklevel=2)
+
+    def open(self) -> None:
+        """Create the namespace and veth pair (cleaning up stale ones from dead processes first)."""
+        if self.network is not None or self._closed:
+            raise TestHostError("a TestNetwork can be opened only once")
+        _require_available()
+        pid = os.getpid()
+        if pid >= 10**7:
+            raise TestHostError(f"pid {pid} is too long for an interface name")
+        with _names_lock:
+            self._n = next(n for n in range(1000) if n not in _names_in_use)
+            _names_in_use.add(self._n)
+        self.name = f"{NAME_PREFIX}-{pid}-{self._n}"  # at most 15 characters: fits IFNAMSIZ
+        try:
+            with _global_lock():
+                _cleanup_stale_locked()
+                if self.name in _netns_names() or self.name in _link_names():
+                    _delete_network_objects(self.name)  # a leftover of ours from a failed close()
+                network = _pick_slot()
+                self.network = network
+                _open_networks.add(self)
+                host_ip, ns_ip = network[1], network[2]
+                noipv6 = _ipv6_available()
+                _ip(
+                    batch=[
+                        f"netns add {self.name}",
+                        f"link add {self.name} type veth peer name {NS_INTERFACE} netns {self.name}",
+                        *([f"link set {self.name} addrgenmode none"] if noipv6 else []),
+                        f"address add {host_ip}/32 dev {self.name}",
+                        f"link set {self.name} up",
+                    ]
+                )
+                _ip(
+                    netns=self.name,
+                    batch=[
+                        "link set lo up",
+                        *([f"link set {NS_INTERFACE} addrgenmode none"] if noipv6 else []),
+                        f"address add {ns_ip}/{network.prefixlen} dev {NS_INTERFACE}",
+                        f"link set {NS_INTERFACE} up",
+                        f"route add default via {host_ip} dev {NS_INTERFACE}",
+                    ],
+                )
+                _ip("route", "add", str(ns_ip), "dev", self.name, "src", str(host_ip))
+                _ip("route", "add", str(network), "via", str(ns_ip), "dev", self.name, "src", str(host_ip))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+
+    def close(self) -> None:
+        """Kill the servers and everything else in the namespace, delete the veth pair and the namespace."""
+        with self._lock, _deferred_sigint():
+            if self._closed:
+                return
+            self._closed = True
+            _open_networks.discard(self)
+            errors: list[str] = []
+            if self._process is not None:
+                try:
+                    self._process.close()
+                except Exception as exc:
+                    errors.append(f"stopping the server process: {exc}")
+                self._process = None
+            if self.name:
+                try:
+                    _delete_network_objects(self.name)
+                except Exception as exc:
+                    errors.append(str(exc))
+            if self._n is not None:
+                with _names_lock:
+                    _names_in_use.discard(self._n)
+            if errors:
+                raise TestHostError(f"cleaning up test network {self.name}: {'; '.join(errors)}")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- addresses
+
+    def _require_open(self) -> ipaddress.IPv4Network:
+        if self.network is None or self._closed:
+            raise TestHostError("the test network is not open (use `with TestNetwork() as net:`)")
+        return self.network
+
+    @property
+    def host_address(self) -> str:
+        """This host's end of the veth pair (the source address of connections to test hosts)."""
+        return str(self._require_open()[1])
+
+    @property
+    def addresses(self) -> list[str]:
+        """The test hosts' addresses, in allocation order."""
+        return [host.address for host in self.hosts]
+
+    def add_host(self) -> TestHost:
+        """Allocate the next address (B+10, B+11, ...) in the namespace."""
+        return self.add_hosts(1)[0]
+
+    def add_hosts(self, count: int) -> list[TestHost]:
+        """Allocate `count` addresses at once (a single `ip -batch` call)."""
+        with self._lock:
+            network = self._require_open()
+            if count < 0:
+                raise ValueError("count must not be negative")
+            if self._next_offset + count - 1 > FIRST_HOST_OFFSET + MAX_HOSTS - 1:
+                raise TestHostError(
+                    f"a test network holds at most {MAX_HOSTS} hosts; {len(self.hosts)} are allocated already"
+                )
+            if count == 0:
+                return []
+            addresses = [str(network[self._next_offset + i]) for i in range(count)]
+            _ip(netns=self.name, batch=[f"address add {a}/32 dev {NS_INTERFACE}" for a in addresses])
+            self._next_offset += count
+            hosts = [TestHost(self, a) for a in addresses]
+            self.hosts.extend(hosts)
+            return hosts
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        """`argv` prefixed so that it runs inside the namespace (killed on close() like everything in there)."""
+        self._require_open()
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    # -- the server process
+
+    def _server(self) -> _ServerProcess:
+        with self._lock:
+            self._require_open()
+            if self._process is None:
+                self._process = _ServerProcess(self.name, timeout=self.timeout)
+            return self._process
+
+    @property
+    def server_pid(self) -> int | None:
+        """The pid of the process serving this network's test hosts (None until the first server exists)."""
+        return self._process.proc.pid if self._process is not None else None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self.network is not None else "new")
+        return f"<TestNetwork {self.name or '?'} {self.network or ''} {state}, {len(self.hosts)} hosts>"
+
+
+@atexit.register
+def _close_open_networks() -> None:
+    for network in list(_open_networks):
+        with contextlib.suppress(Exception):
+            network.close()

@@ -1,0 +1,459 @@
+"""A real kube-apiserver accepts the CRDs, serves the promised `kubectl get` UX, and rejects bad objects with
+the messages the CRDs promise.
+
+Why it exists: structural-schema rules, CEL syntax, CEL cost budgets and defaulting are only really checked by the
+apiserver; tests/unit/test_crds.py checks the YAML, this checks what the apiserver does with it. Invalid objects
+are sent with `--dry-run=server`, which runs defaulting and every validation without storing anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("crds")]
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+
+Doc = dict[str, Any]
+
+
+def _example(name: str) -> Doc:
+    doc: Doc = yaml.safe_load((EXAMPLES / name).read_text())
+    del doc["metadata"]["namespace"]  # each test applies into its own namespace with -n
+    return doc
+
+
+def _apply(cluster: Any, namespace: str, *docs: Doc, dry_run: bool = False) -> subprocess.CompletedProcess[str]:
+    args = ["apply", "-n", namespace, "-f", "-"]
+    if dry_run:
+        args.append("--dry-run=server")
+    return cluster.kubectl(*args, input=yaml.safe_dump_all(docs), check=False)  # type: ignore[no-any-return]
+
+
+def _accepted(cluster: Any, namespace: str, *docs: Doc, dry_run: bool = False) -> None:
+    proc = _apply(cluster, namespace, *docs, dry_run=dry_run)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _rejected(cluster: Any, namespace: str, doc: Doc) -> str:
+    proc = _apply(cluster, namespace, doc, dry_run=True)
+    assert proc.returncode != 0, f"accepted:\n{yaml.safe_dump(doc)}"
+    assert "is invalid" in proc.stderr or "Error from server" in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def _get_json(cluster: Any, namespace: str, what: str) -> Doc:
+    return json.loads(cluster.kubectl("get", "-n", namespace, what, "-o", "json").stdout)  # type: ignore[no-any-return]
+
+
+def _patch_status(
+    cluster: Any, namespace: str, what: str, status: Doc, *, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    patch = json.dumps({"status": status})
+    args = ("patch", "-n", namespace, what, "--subresource=status", "--type=merge", "-p", patch)
+    return cluster.kubectl(*args, check=check)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------------- the UX
+def test_examples_apply_and_kubectl_get_shows_the_columns(cluster: Any, namespace: str) -> None:
+    _accepted(
+        cluster,
+        namespace,
+        _example("serviceentry-payments.yaml"),
+        _example("configentry-defaults.yaml"),
+        _example("configentry-payments.yaml"),
+    )
+
+    header = cluster.kubectl("get", "serviceentries", "-n", namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "READY", "HEALTH", "AGE"]
+    assert cluster.kubectl("get", "bse", "-n", namespace, "-o", "name").stdout.split() == [
+        "serviceentry.beacon.dev/payments"
+    ]
+
+    header = cluster.kubectl("get", "configentries", "-n", namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "REVISION", "HASH", "READY", "AGE"]
+    wide = cluster.kubectl("get", "bce", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
+    assert wide == ["NAME", "SERVICE", "PRIORITY", "REVISION", "HASH", "READY", "AGE"]
+
+    listed = cluster.kubectl("get", "beacon", "-n", namespace, "-o", "name").stdout.split()
+    assert sorted(listed) == [
+        "configentry.beacon.dev/defaults",
+        "configentry.beacon.dev/payments",
+        "serviceentry.beacon.dev/payments",
+    ]
+
+
+def test_defaults_are_applied(cluster: Any, namespace: str) -> None:
+    _accepted(cluster, namespace, _example("serviceentry-payments.yaml"), _example("configentry-defaults.yaml"))
+    spec = _get_json(cluster, namespace, "serviceentry/payments")["spec"]
+    assert spec["headless"] is True
+    assert spec["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    assert spec["healthCheck"] == {
+        "http": {"path": "/healthz", "port": "http", "scheme": "HTTP"},
+        "intervalSeconds": 5,
+        "timeoutSeconds": 2,
+        "healthyThreshold": 1,
+        "unhealthyThreshold": 2,
+    }
+    spec = _get_json(cluster, namespace, "configentry/defaults")["spec"]
+    assert (spec["priority"], spec["revisionHistoryLimit"]) == (0, 10)
+
+
+def test_status_feeds_the_printer_columns(cluster: Any, namespace: str) -> None:
+    _accepted(cluster, namespace, _example("serviceentry-payments.yaml"), _example("configentry-payments.yaml"))
+    condition = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "Degraded",
+        "message": "1 of 2 endpoints healthy",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+        "observedGeneration": 1,
+    }
+    status = {
+        "observedGeneration": 1,
+        "readyEndpoints": 1,
+        "totalEndpoints": 2,
+        "readySummary": "1/2",
+        "conditions": [condition],
+        "endpoints": [{"address": "198.18.0.10", "state": "Healthy"}, {"address": "198.18.0.11", "state": "Unhealthy"}],
+    }
+    _patch_status(cluster, namespace, "serviceentry/payments", status)
+    row = cluster.kubectl("get", "-n", namespace, "serviceentry/payments", "--no-headers").stdout.split()
+    assert row[:3] == ["payments", "1/2", "Degraded"]
+    assert _get_json(cluster, namespace, "serviceentry/payments")["status"] == status  # nothing pruned
+
+    condition = {**condition, "reason": "Materialised", "message": "revision 3"}
+    status = {"observedGeneration": 1, "currentRevision": 3, "hash": "5f2c9a1b7e", "conditions": [condition]}
+    _patch_status(cluster, namespace, "configentry/payments", status)
+    row = cluster.kubectl("get", "-n", namespace, "configentry/payments", "--no-headers").stdout.split()
+    assert row[:4] == ["payments", "3", "5f2c9a1b7e", "True"]
+
+
+def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
+    base = _example("serviceentry-payments.yaml")
+    variants: list[Doc] = []
+
+    def variant(name: str, change: Callable[[Doc], None]) -> None:
+        doc = copy.deepcopy(base)
+        doc["metadata"]["name"] = name
+        change(doc["spec"])
+        variants.append(doc)
+
+    def addresses(spec: Doc) -> None:
+        spec["endpoints"] = [
+            {"address": "2001:db8::10", "hostname": "pay-0", "labels": {"version": "v2", "example.com/tier": "gold"}},
+            {"address": "payments.example.com", "ports": [{"name": "http", "port": 9090}]},
+            {"address": "db1"},
+        ]
+
+    def selector_only(spec: Doc) -> None:
+        del spec["endpoints"]
+        spec["selector"] = {"matchLabels": {"app.kubernetes.io/name": "payments"}}
+
+    def tcp(spec: Doc) -> None:
+        spec["healthCheck"] = {"tcp": {"port": 8080}, "intervalSeconds": 2, "timeoutSeconds": 1}
+
+    def grpc(spec: Doc) -> None:
+        spec["ports"].append({"name": "grpc", "port": 9000, "appProtocol": "kubernetes.io/h2c"})
+        spec["healthCheck"] = {"grpc": {"port": "grpc", "service": "payments.v1.Payments"}}
+
+    def lease(spec: Doc) -> None:
+        spec["healthCheck"] = {"lease": {"namePrefix": "payments-"}, "deregisterAfterSeconds": 600}
+
+    def http_everything(spec: Doc) -> None:
+        spec["healthCheck"]["http"] = {
+            "path": "/healthz?full=1",
+            "port": 8080,
+            "scheme": "HTTPS",
+            "headers": [{"name": "Host", "value": "payments.example.com"}],
+            "expectedStatuses": [{"min": 200, "max": 299}, {"min": 429}],
+        }
+
+    def no_health_check(spec: Doc) -> None:
+        del spec["healthCheck"]
+
+    def cluster_ip(spec: Doc) -> None:
+        spec["headless"] = False
+        spec["ports"].append({"name": "dns", "port": 8080, "protocol": "UDP"})  # same number, other protocol
+
+    for name, change in [
+        ("addresses", addresses),
+        ("selector-only", selector_only),
+        ("tcp", tcp),
+        ("grpc", grpc),
+        ("lease", lease),
+        ("http-everything", http_everything),
+        ("no-health-check", no_health_check),
+        ("cluster-ip", cluster_ip),
+    ]:
+        variant(name, change)
+    _accepted(cluster, namespace, *variants, dry_run=True)
+
+    config = _example("configentry-payments.yaml")
+    # close to the 196608-character total, and still small enough for client-side apply's annotation
+    config["spec"]["data"] = {"a": "", "A_b-9/c": "x" * 65536, "db/pool/size": "1", "b": "y" * 65536, "c": "z" * 65000}
+    config["spec"]["rollbackTo"] = 3
+    _accepted(cluster, namespace, config, dry_run=True)
+
+
+# ---------------------------------------------------------------------------------------------------- ServiceEntry
+def _payments(change: Callable[[Doc], None]) -> Doc:
+    doc = _example("serviceentry-payments.yaml")
+    change(doc["spec"])
+    return doc
+
+
+def _set(path: str, value: Any) -> Callable[[Doc], None]:
+    def change(spec: Doc) -> None:
+        *parents, leaf = path.split(".")
+        node = spec
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+    return change
+
+
+def _drop(*keys: str) -> Callable[[Doc], None]:
+    def change(spec: Doc) -> None:
+        for key in keys:
+            del spec[key]
+
+    return change
+
+
+def _many_endpoints(count: int) -> list[Doc]:
+    return [{"address": f"198.18.{i // 250}.{i % 250 + 1}"} for i in range(count)]
+
+
+SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
+    (
+        "two-health-check-kinds",
+        _set("healthCheck.tcp", {"port": "http"}),
+        ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+    ),
+    (
+        "no-health-check-kind",
+        _set("healthCheck", {"intervalSeconds": 5}),
+        ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+    ),
+    (
+        "neither-endpoints-nor-selector",
+        _drop("endpoints"),
+        ["at least one of spec.endpoints or spec.selector is required"],
+    ),
+    (
+        "healthy-threshold-0",
+        _set("healthCheck.healthyThreshold", 0),
+        ["spec.healthCheck.healthyThreshold", "should be greater than or equal to 1"],
+    ),
+    (
+        "unhealthy-threshold-0",
+        _set("healthCheck.unhealthyThreshold", 0),
+        ["spec.healthCheck.unhealthyThreshold", "should be greater than or equal to 1"],
+    ),
+    (
+        "too-many-endpoints",
+        _set("endpoints", _many_endpoints(1001)),
+        ["spec.endpoints", "must have at most 1000 items"],
+    ),
+    (
+        "duplicate-port-names",
+        _set("ports", [{"name": "http", "port": 8080}, {"name": "http", "port": 8081}]),
+        ["spec.ports[1]", "Duplicate value"],
+    ),
+    (
+        "duplicate-port-numbers",
+        _set("ports", [{"name": "http", "port": 8080}, {"name": "alt", "port": 8080}]),
+        ["ports must not repeat the same port number and protocol"],
+    ),
+    (
+        "duplicate-addresses",
+        _set("endpoints", [{"address": "198.18.0.10"}, {"address": "198.18.0.10", "zone": "b"}]),
+        ["spec.endpoints[1]", "Duplicate value"],
+    ),
+    (
+        "timeout-equals-interval",
+        _set("healthCheck.timeoutSeconds", 5),
+        ["spec.healthCheck.timeoutSeconds", "healthCheck.timeoutSeconds must be less than healthCheck.intervalSeconds"],
+    ),
+    (
+        "default-timeout-not-below-interval",
+        _set("healthCheck.intervalSeconds", 2),
+        ["healthCheck.timeoutSeconds must be less than healthCheck.intervalSeconds"],
+    ),
+    (
+        "invalid-ipv4",
+        _set("endpoints", [{"address": "198.18.0.300"}]),
+        ['"198.18.0.300": address must be an IPv4 or IPv6 address in canonical form'],
+    ),
+    (
+        "non-canonical-ipv6",
+        _set("endpoints", [{"address": "2001:DB8:0::1"}]),
+        ['"2001:DB8:0::1": address must be an IPv4 or IPv6 address in canonical form'],
+    ),
+    (
+        "address-with-port",
+        _set("endpoints", [{"address": "198.18.0.10:8080"}]),
+        ['"198.18.0.10:8080": address must be an IPv4 or IPv6 address'],
+    ),
+    (
+        "address-not-a-name",
+        _set("endpoints", [{"address": "pay_ments!.example.com"}]),
+        ["address must be an IPv4 or IPv6 address in canonical form", "or a lowercase DNS name"],
+    ),
+    (
+        "unknown-health-check-port-name",
+        _set("healthCheck.http.port", "metrics"),
+        ['healthCheck.http.port "metrics" is not the name of an entry in spec.ports'],
+    ),
+    (
+        "health-check-port-out-of-range",
+        _set("healthCheck.http.port", 70000),
+        ["port must be a number from 1 to 65535 or a port name"],
+    ),
+    (
+        "unknown-endpoint-port-override",
+        _set("endpoints", [{"address": "198.18.0.10", "ports": [{"name": "grpc", "port": 9000}]}]),
+        ["every endpoints[].ports[].name must be the name of an entry in spec.ports"],
+    ),
+    ("relative-http-path", _set("healthCheck.http.path", "healthz"), ["path must start with '/'"]),
+    ("no-ports", _set("ports", []), ["spec.ports", "should have at least 1 items"]),
+    (
+        "numeric-port-name",
+        _set("ports", [{"name": "8080", "port": 8080}]),
+        ["port names must contain at least one letter"],
+    ),
+    ("port-0", _set("ports", [{"name": "http", "port": 0}]), ["spec.ports[0].port", "greater than or equal to 1"]),
+    ("bad-protocol", _set("ports", [{"name": "http", "port": 80, "protocol": "QUIC"}]), ['Unsupported value: "QUIC"']),
+    (
+        "reversed-status-range",
+        _set("healthCheck.http.expectedStatuses", [{"min": 299, "max": 200}]),
+        ["expectedStatuses[].max must not be less than min"],
+    ),
+    ("interval-too-long", _set("healthCheck.intervalSeconds", 3601), ["less than or equal to 3600"]),
+    ("unknown-field", _set("healthCheck.http.follow", True), ['unknown field "spec.healthCheck.http.follow"']),
+    (
+        "bad-label-key",
+        _set("endpoints", [{"address": "198.18.0.10", "labels": {"-bad": "x"}}]),
+        ["label keys must be at most 63 characters"],
+    ),
+    (
+        "bad-selector-key",
+        _set("selector", {"matchLabels": {"app/name/x": "payments"}}),
+        ["selector.matchLabels keys must be valid Kubernetes label keys"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "messages"),
+    [pytest.param(change, messages, id=name) for name, change, messages in SERVICE_ENTRY_REJECTIONS],
+)
+def test_invalid_service_entry_is_rejected(
+    cluster: Any, namespace: str, change: Callable[[Doc], None], messages: list[str]
+) -> None:
+    stderr = _rejected(cluster, namespace, _payments(change))
+    for message in messages:
+        assert message in stderr, stderr
+
+
+def test_service_entry_name_must_be_a_service_name(cluster: Any, namespace: str) -> None:
+    doc = _example("serviceentry-payments.yaml")
+    doc["metadata"]["name"] = "pay.ments"
+    assert "metadata.name must be a DNS-1035 label" in _rejected(cluster, namespace, doc)
+
+
+def test_headless_is_immutable(cluster: Any, namespace: str) -> None:
+    doc = _example("serviceentry-payments.yaml")
+    _accepted(cluster, namespace, doc)
+    doc["spec"]["headless"] = False
+    stderr = _rejected(cluster, namespace, doc)
+    assert "headless is immutable; delete and re-create the ServiceEntry to change it" in stderr
+    doc["spec"]["endpoints"].pop()  # other fields stay editable
+    doc["spec"]["headless"] = True
+    _accepted(cluster, namespace, doc)
+
+
+def test_status_is_strict(cluster: Any, namespace: str) -> None:
+    _accepted(cluster, namespace, _example("serviceentry-payments.yaml"))
+    too_long = [{"address": f"198.18.0.{i}", "state": "Healthy"} for i in range(17)]
+    proc = _patch_status(cluster, namespace, "serviceentry/payments", {"endpoints": too_long}, check=False)
+    assert proc.returncode != 0
+    assert "must have at most 16 items" in proc.stderr, proc.stderr
+    _patch_status(cluster, namespace, "serviceentry/payments", {"kopf": {"progress": {}}})
+    assert "kopf" not in _get_json(cluster, namespace, "serviceentry/payments").get("status", {})  # pruned
+
+
+# ---------------------------------------------------------------------------------------------------- ConfigEntry
+def _config(change: Callable[[Doc], None]) -> Doc:
+    doc = _example("configentry-payments.yaml")
+    change(doc["spec"])
+    return doc
+
+
+CONFIG_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
+    (
+        "key-with-space",
+        _set("data", {"db pool/size": "1"}),
+        ["data keys must be '/'-separated segments of letters, digits, '-' and '_'"],
+    ),
+    ("key-with-dot", _set("data", {"db.pool.size": "1"}), ["data keys must be '/'-separated segments"]),
+    ("key-leading-slash", _set("data", {"/db/pool": "1"}), ["data keys must be '/'-separated segments"]),
+    ("key-empty-segment", _set("data", {"db//pool": "1"}), ["data keys must be '/'-separated segments"]),
+    ("key-too-long", _set("data", {"k" * 254: "1"}), ["data keys must be '/'-separated segments"]),
+    ("value-too-large", _set("data", {"blob": "x" * 65537}), ["spec.data.blob", "Too long"]),
+    (
+        "data-too-large-in-total",
+        _set("data", {f"blob{i}": "x" * 60000 for i in range(4)}),
+        ["data is too large: keys and values may total at most 196608 characters"],
+    ),
+    ("too-many-keys", _set("data", {f"k{i}": "" for i in range(513)}), ["spec.data", "must have at most 512 items"]),
+    ("value-not-a-string", _set("data", {"db/pool/size": 10}), ["spec.data.db/pool/size", "must be of type string"]),
+    ("bad-service", _set("service", "Payments"), ["spec.service", "should match"]),
+    ("bad-target", _set("target", "payments_config"), ["spec.target", "should match"]),
+    ("priority-too-high", _set("priority", 1001), ["spec.priority", "less than or equal to 1000"]),
+    ("history-0", _set("revisionHistoryLimit", 0), ["spec.revisionHistoryLimit", "greater than or equal to 1"]),
+    ("history-101", _set("revisionHistoryLimit", 101), ["spec.revisionHistoryLimit", "less than or equal to 100"]),
+    ("rollback-to-0", _set("rollbackTo", 0), ["spec.rollbackTo", "greater than or equal to 1"]),
+    ("no-data", _drop("data"), ["spec.data: Required value"]),
+    ("unknown-field", _set("reload", True), ['unknown field "spec.reload"']),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "messages"),
+    [pytest.param(change, messages, id=name) for name, change, messages in CONFIG_ENTRY_REJECTIONS],
+)
+def test_invalid_config_entry_is_rejected(
+    cluster: Any, namespace: str, change: Callable[[Doc], None], messages: list[str]
+) -> None:
+    stderr = _rejected(cluster, namespace, _config(change))
+    for message in messages:
+        assert message in stderr, stderr
+
+
+def test_config_entry_target_is_immutable_once_set(cluster: Any, namespace: str) -> None:
+    doc = _example("configentry-payments.yaml")
+    _accepted(cluster, namespace, doc)
+    doc["spec"]["target"] = "other-config"
+    assert "target is immutable once set" in _rejected(cluster, namespace, doc)
+    del doc["spec"]["target"]
+    assert "target is immutable once set" in _rejected(cluster, namespace, doc)
+    doc["spec"]["target"] = "payments-config"
+    doc["spec"]["data"]["db/pool/size"] = "30"  # the data itself stays editable
+    _accepted(cluster, namespace, doc)
+
+    unset = _example("configentry-defaults.yaml")
+    _accepted(cluster, namespace, unset)
+    unset["spec"]["target"] = "defaults-config"  # setting it later is fine; changing it afterwards is not
+    _accepted(cluster, namespace, unset)
