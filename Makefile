@@ -46,15 +46,15 @@ control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, ku
 
 .PHONY: lint
 lint: deps ## ruff check, ruff format --check, mypy --strict, yamllint.
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/yamllint -s crds examples
 
 .PHONY: fmt
 fmt: deps ## Format and autofix.
-	$(VENV)/bin/ruff format operator tests bench
-	$(VENV)/bin/ruff check --fix operator tests bench
+	$(VENV)/bin/ruff format operator tests
+	$(VENV)/bin/ruff check --fix operator tests
 
 .PHONY: test-unit
 test-unit: deps ## Unit tests only (no cluster).

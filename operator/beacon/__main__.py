@@ -77,33 +77,37 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True)
     ports = Ports.pick() if args.random_ports else Ports.defaults()
     cluster = DevCluster(workdir=workdir, ports=ports, keep_workdir=args.detach)
+    # SIGINT may arrive ignored (a parent started us in the background); Ctrl-C must still stop the cluster.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    detached = False
     try:
         cluster.start()
-    except ControlPlaneError as exc:
-        print(f"[beacon] error: {exc}", file=sys.stderr)
-        return 1
-    (workdir / "state.json").write_text(json.dumps(cluster.state().__dict__, indent=2))
-    if args.crds:
-        _install_crds(kubectl=[cluster.kubectl_path, f"--kubeconfig={cluster.kubeconfig}"], crds=args.crds)
-    _print_usage_line(str(cluster.kubeconfig))
-    if args.detach:
-        print(f"[beacon] detached; stop with `python -m beacon dev down --dir {workdir}`")
-        return 0
-    return _block_until_interrupted(cluster)
-
-
-def _block_until_interrupted(cluster: DevCluster) -> int:
-    print("[beacon] Ctrl-C stops the control plane and removes its files.", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
+        (workdir / "state.json").write_text(json.dumps(cluster.state().__dict__, indent=2))
+        if args.crds:
+            _install_crds(kubectl=[cluster.kubectl_path, f"--kubeconfig={cluster.kubeconfig}"], crds=args.crds)
+        _print_usage_line(str(cluster.kubeconfig))
+        if args.detach:
+            print(f"[beacon] detached; stop with `python -m beacon dev down --dir {workdir}`")
+            detached = True
+            return 0
+        print("[beacon] Ctrl-C stops the control plane and removes its files.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\n[beacon] stopping", flush=True)
+        return 0
+    except (ControlPlaneError, subprocess.CalledProcessError) as exc:
+        print(f"[beacon] error: {exc}", file=sys.stderr)
+        return 1
     finally:
-        cluster.stop()
-        shutil.rmtree(cluster.workdir, ignore_errors=True)
-    return 0
+        if not detached:
+            cluster.stop()
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_dev_down(args: argparse.Namespace) -> int:
@@ -169,13 +173,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     """Run the operator against the cluster in KUBECONFIG (or in-cluster credentials)."""
-    import logging
+
+    import kopf
 
     from beacon.operator_runtime import Options, run
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    kopf.configure(verbose=args.verbose, log_prefix=False)
     options = Options(
         metrics_address=args.metrics_address,
         metrics_port=args.metrics_port,

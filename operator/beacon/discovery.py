@@ -100,8 +100,10 @@ class Discovery:
         self._coalesce = coalesce_seconds
         self._registry_coalesce = registry_coalesce_seconds
         self._pending: dict[EntryKey, asyncio.Task[None]] = {}
+        self._dirty: set[EntryKey] = set()
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._registry_pending: dict[str, asyncio.Task[None]] = {}
+        self._registry_dirty: set[str] = set()
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
         self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
@@ -297,34 +299,36 @@ class Discovery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _schedule(self, key: EntryKey, delay: float | None = None) -> None:
-        if key in self._pending and not self._pending[key].done():
-            return
-        self._pending[key] = asyncio.ensure_future(
-            self._reconcile_later(key, self._coalesce if delay is None else delay)
-        )
+    def _schedule(self, key: EntryKey) -> None:
+        """Mark an entry dirty. One worker per entry reconciles after `coalesce` seconds, and again while changes
+        keep arriving, so a burst of transitions costs one round of writes, never concurrent ones."""
+        self._dirty.add(key)
+        task = self._pending.get(key)
+        if task is None or task.done():
+            self._pending[key] = asyncio.ensure_future(self._worker(key))
 
-    async def _reconcile_later(self, key: EntryKey, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._pending.pop(key, None)
+    async def _worker(self, key: EntryKey) -> None:
         backoff = 1.0
-        while key in self._entries:
+        await asyncio.sleep(self._coalesce)
+        while key in self._dirty and key in self._entries:
+            self._dirty.discard(key)
             try:
                 await self.reconcile(key)
                 metrics.RECONCILES.labels(kind="ServiceEntry", outcome="ok").inc()
-                return
+                backoff = 1.0
             except NotOursError as exc:
                 metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
                 log.error("%s/%s: %s", key[0], key[1], exc)
                 await self._report_conflict(key, str(exc))
-                return
             except (ApiError, OSError) as exc:
                 metrics.RECONCILES.labels(kind="ServiceEntry", outcome="error").inc()
                 log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", key[0], key[1], backoff, exc)
                 if isinstance(exc, ApiError) and exc.status == 409:
                     self.kube.forget_namespace_entry(*key)
+                self._dirty.add(key)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
+        self._dirty.discard(key)
 
     # ------------------------------------------------------------------ reconcile
     async def reconcile(self, key: EntryKey) -> None:
@@ -378,21 +382,22 @@ class Discovery:
 
     # ------------------------------------------------------------------ registry
     def _schedule_registry(self, namespace: str) -> None:
+        self._registry_dirty.add(namespace)
         task = self._registry_pending.get(namespace)
-        if task is not None and not task.done():
-            return
-        self._registry_pending[namespace] = asyncio.ensure_future(self._registry_later(namespace))
+        if task is None or task.done():
+            self._registry_pending[namespace] = asyncio.ensure_future(self._registry_worker(namespace))
 
-    async def _registry_later(self, namespace: str) -> None:
-        await asyncio.sleep(self._registry_coalesce)
-        self._registry_pending.pop(namespace, None)
+    async def _registry_worker(self, namespace: str) -> None:
         backoff = 1.0
-        while True:
+        await asyncio.sleep(self._registry_coalesce)
+        while namespace in self._registry_dirty:
+            self._registry_dirty.discard(namespace)
             try:
                 await self.write_registry(namespace)
-                return
+                backoff = 1.0
             except (ApiError, OSError, NotOursError) as exc:
                 log.warning("registry of %s failed, retrying in %.0fs: %s", namespace, backoff, exc)
+                self._registry_dirty.add(namespace)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
 

@@ -117,8 +117,8 @@ class Kube:
         )
         if query:
             url += "?" + urllib.parse.urlencode(list(query))
-        data = json.dumps(body) if body is not None else None
-        resp = self._api.rest_client.request(method, url, headers=headers, body=data, _request_timeout=30)
+        # the REST client serialises dict bodies to JSON itself (also for apply-patch+yaml: JSON is YAML)
+        resp = self._api.rest_client.request(method, url, headers=headers, body=body, _request_timeout=30)
         raw = resp.read()
         if resp.status == 404 and method == "GET":
             return None

@@ -133,14 +133,14 @@ def run(options: Options, *, stop_flag: threading.Event | None = None) -> None:
 
     memo = kopf.Memo()
     memo["runtime"] = Runtime(options=options)
-    kopf.configure(verbose=False)
     asyncio.run(
         kopf.operator(
             clusterwide=not options.namespaces,
             namespaces=list(options.namespaces),
             liveness_endpoint=f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None,
             standalone=options.standalone,
-            peering_name=options.peering_name,
+            # kopf makes peering mandatory whenever a peering name is given, so only name it when peering is on
+            peering_name=None if options.standalone else options.peering_name,
             memo=memo,
             stop_flag=stop_flag,
         )

@@ -56,3 +56,23 @@ class ProbePolicy:
             if ip.version == net.version and ip in net:
                 return f"{address} is {why} ({net}); the operator's probe policy refuses it (--allow-probe-cidr)"
         return None
+
+
+def kubernetes_accepts(address: str) -> bool:
+    """Whether the API server accepts `address` in Endpoints/EndpointSlices: it rejects the unspecified,
+    loopback and link-local addresses (and link-local multicast), so such endpoints are never published."""
+    try:
+        ip: IPAddress = ipaddress.ip_address(address)
+    except ValueError:
+        return True  # a DNS name (FQDN slices only)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (
+        ip.is_unspecified or ip.is_loopback or ip.is_link_local or (ip.is_multicast and _link_local_multicast(ip))
+    )
+
+
+def _link_local_multicast(ip: IPAddress) -> bool:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip in ipaddress.ip_network("224.0.0.0/24")
+    return ip in ipaddress.ip_network("ff02::/16")

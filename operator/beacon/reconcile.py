@@ -18,6 +18,7 @@ from typing import Any
 
 from beacon.health import EndpointHealth, Status, Thresholds
 from beacon.models import Endpoint, ServiceEntry
+from beacon.policy import kubernetes_accepts
 
 GROUP = "beacon.dev"
 # A label value may not contain "/", so the managed-by value follows Kubernetes' own
@@ -95,6 +96,12 @@ class View:
     def serving(self) -> bool:
         return self.health.ready and self.refused is None
 
+    @property
+    def publishable(self) -> bool:
+        """Whether Kubernetes accepts the address in Endpoints/EndpointSlices (it rejects loopback and
+        link-local); others still count in status, where they show why they are not published."""
+        return kubernetes_accepts(self.endpoint.address)
+
 
 def visible(
     entry: ServiceEntry,
@@ -156,6 +163,8 @@ def desired_slices(entry: ServiceEntry, views: Sequence[View]) -> list[Obj]:
     groups: dict[tuple[str, str], list[View]] = defaultdict(list)
     ports_of: dict[tuple[str, str], Mapping[str, int]] = {}
     for view in views:
+        if not view.publishable:
+            continue
         ports = view.endpoint.ports
         sig = "" if dict(ports) == default_ports else _ports_signature(ports)
         key = (address_type(view.endpoint.address), sig)
@@ -187,7 +196,7 @@ def desired_slices(entry: ServiceEntry, views: Sequence[View]) -> list[Obj]:
 def desired_endpoints(entry: ServiceEntry, views: Sequence[View]) -> Obj:
     """The legacy Endpoints object: IP endpoints only, unhealthy ones in notReadyAddresses, never mirrored."""
     subsets: dict[tuple[tuple[str, int], ...], Obj] = {}
-    ip_views = [v for v in views if address_type(v.endpoint.address) != "FQDN"]
+    ip_views = [v for v in views if address_type(v.endpoint.address) != "FQDN" and v.publishable]
     truncated = len(ip_views) > MAX_ENDPOINTS_ADDRESSES
     for view in ip_views[:MAX_ENDPOINTS_ADDRESSES]:
         ep = view.endpoint

@@ -237,3 +237,16 @@ def test_failure_midway_tears_down_what_started(tmp_path: Path, cluster: DevClus
         dev.start()
     assert dev.pids == {}
     assert not dev.workdir.exists()
+
+
+def test_cli_failure_after_start_stops_the_cluster(tmp_path: Path, cluster: DevCluster) -> None:
+    """A failure after the control plane is up (here: a CRD directory that does not exist) still tears it down."""
+    workdir = tmp_path / "dev"
+    env = {**os.environ, "BEACON_BIN_DIR": str(cluster.bin_dir)}
+    argv = [sys.executable, "-m", "beacon", "dev", "up", "--random-ports", "--dir", str(workdir)]
+    proc = subprocess.run([*argv, "--crds", str(tmp_path / "missing")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "[beacon] error:" in proc.stderr
+    assert not workdir.exists()
+    leftovers = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
+    assert leftovers == []

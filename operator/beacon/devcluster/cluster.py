@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import yaml
 
@@ -322,6 +323,13 @@ class DevCluster:
         path.chmod(0o600)
         return path
 
+    def client_kubeconfig(self, *, user: str, groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig authenticating as `user` (in `groups`) with a fresh client certificate from this CA."""
+        assert self._pki is not None
+        safe = user.replace(":", "-")
+        pair = self._pki.issue(name=f"user-{safe}", common_name=user, organizations=groups, client=True)
+        return self.write_kubeconfig(self.workdir / f"{safe}.kubeconfig", user=user, keypair=pair)
+
     def start_etcd(self) -> None:
         p = self.ports
         data = self.workdir / "etcd"
@@ -455,7 +463,7 @@ class DevCluster:
     def logs(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
-    def audit_events(self) -> list[dict[str, object]]:
+    def audit_events(self) -> list[dict[str, Any]]:
         """Every audit event written so far (write requests only; see AUDIT_POLICY)."""
         if not self.audit_log.exists():
             return []

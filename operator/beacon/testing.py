@@ -1,0 +1,159 @@
+"""Helpers for proving beacon on a real control plane: the operator as a process, audit-log write counts, DNS.
+
+Why it exists: the integration tests and the benchmarks (`make bench`) need the same machinery: start
+`python -m beacon operator` under its own identity (so it can be SIGTERMed or SIGKILLed and its API writes
+attributed to it in the apiserver's audit log), wait for conditions, and ask CoreDNS. kopf ships
+`kopf.testing` for the same reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dns.resolver
+
+from beacon.devcluster import DevCluster
+from beacon.devcluster.cluster import free_port
+
+OPERATOR_USER = "beacon-operator"
+
+
+def eventually(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.2, what: str = "it") -> Any:
+    """Poll `check` until it returns a truthy value; return that value or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} did not happen within {timeout}s (last: {last!r})")
+
+
+class OperatorProcess:
+    """`python -m beacon operator` against the test cluster, restartable with any signal."""
+
+    def __init__(
+        self, *, cluster: DevCluster, kubeconfig: Path, log_dir: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        self.cluster = cluster
+        self.kubeconfig = kubeconfig
+        self.log_dir = log_dir
+        self.extra_args = extra_args
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def start(self) -> None:
+        self.starts += 1
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        argv = [
+            sys.executable,
+            "-m",
+            "beacon",
+            "operator",
+            f"--metrics-port={self.metrics_port}",
+            f"--liveness-port={self.liveness_port}",
+            "--metrics-address=127.0.0.1",
+            *self.extra_args,
+        ]
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        eventually(self._live, timeout=60, what="operator liveness endpoint answering")
+
+    def _live(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+
+
+class Audit:
+    """Counts write requests made by one user, from the apiserver's audit log."""
+
+    def __init__(self, cluster: DevCluster, user: str) -> None:
+        self.cluster = cluster
+        self.user = user
+
+    def writes(self, *, since: float = 0.0) -> list[dict[str, Any]]:
+        out = []
+        for event in self.cluster.audit_events():
+            if event.get("stage") != "ResponseComplete":
+                continue
+            if (event.get("user") or {}).get("username") != self.user:
+                continue
+            stamp = str(event.get("requestReceivedTimestamp", ""))
+            if since and _epoch(stamp) < since:
+                continue
+            out.append(event)
+        return out
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def get_json(cluster: DevCluster, *args: str) -> Any:
+    proc = cluster.kubectl("get", *args, "-o", "json", check=False)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout)
+
+
+def apply(cluster: DevCluster, obj: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "--server-side", "--field-manager=tests", "-f", "-", input=json.dumps(obj))
+
+
+def resolver_for(cluster: DevCluster) -> Callable[[str], set[str]]:
+    """A function answering the A records of a name from the cluster's CoreDNS (empty set when none)."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [cluster.dns[0]]
+    resolver.port = cluster.dns[1]
+
+    def answer(name: str) -> set[str]:
+        try:
+            return {rr.to_text() for rr in resolver.resolve(name, "A", lifetime=2)}
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.LifetimeTimeout, dns.resolver.NoNameservers):
+            return set()
+
+    return answer

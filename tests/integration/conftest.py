@@ -1,0 +1,59 @@
+"""Integration fixtures: the operator as a real process, test hosts, DNS, and counting the operator's API writes.
+
+Why it exists: beacon is proven the way users run it: `python -m beacon operator` as its own process (so tests
+can SIGTERM or SIGKILL it), talking to the real apiserver under its own identity (so the audit log can attribute
+every write to it), probing real servers on network-namespace test hosts, and answering through real CoreDNS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from beacon.devcluster import DevCluster
+from beacon.testhosts import TestNetwork
+from beacon.testing import OPERATOR_USER, Audit, OperatorProcess, resolver_for
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(cluster: DevCluster) -> Path:
+    """The operator's own identity (for the audit log); its rights come from system:masters here."""
+    return cluster.client_kubeconfig(user=OPERATOR_USER, groups=("system:masters",))
+
+
+@pytest.fixture(scope="session")
+def beacon_operator(
+    cluster: DevCluster, crds: None, operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(
+        cluster=cluster, kubeconfig=operator_kubeconfig, log_dir=tmp_path_factory.mktemp("operator-logs")
+    )
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def operator_running(beacon_operator: OperatorProcess) -> OperatorProcess:
+    """The session's operator, started again if a test stopped it."""
+    if beacon_operator.proc is None or beacon_operator.proc.poll() is not None:
+        beacon_operator.start()
+    return beacon_operator
+
+
+@pytest.fixture
+def net() -> Iterator[TestNetwork]:
+    with TestNetwork() as network:
+        yield network
+
+
+@pytest.fixture(scope="session")
+def audit(cluster: DevCluster) -> Audit:
+    return Audit(cluster, OPERATOR_USER)
+
+
+@pytest.fixture(scope="session")
+def resolve(cluster: DevCluster) -> Callable[[str], set[str]]:
+    return resolver_for(cluster)
