@@ -155,20 +155,29 @@ def _current_cluster_reachable(kubectl: str) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """`make run`: use the cluster KUBECONFIG points at, or start the local control plane."""
+    """`make run`: the operator on KUBECONFIG's cluster, or on the local control plane with the examples live."""
+    from beacon import demo
+
     kubeconfig = os.environ.get("KUBECONFIG")
     if kubeconfig:
         kubectl = shutil.which("kubectl") or str(find_bin_dir() / "kubectl")
         if not _current_cluster_reachable(kubectl):
             print(f"[beacon] error: KUBECONFIG={kubeconfig} is set but its cluster does not answer", file=sys.stderr)
             return 1
-        print(f"[beacon] using the cluster in KUBECONFIG={kubeconfig}", flush=True)
-        _install_crds(kubectl=[kubectl], crds=args.crds)
-        _print_usage_line(None)
-        return 0
-    args.detach = False
-    args.random_ports = False
-    return cmd_dev_up(args)
+        return demo.run_external(kubeconfig=kubeconfig, kubectl=kubectl, crds=args.crds, kubectl_crds=_install_crds)
+    workdir = _dev_dir(args.dir)
+    state = _load_state(workdir)
+    if state and any(_alive(pid) for pid in state.pids.values()):
+        print(f"[beacon] a dev cluster already runs from {workdir}; `python -m beacon dev down` stops it")
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return demo.run_local(
+        workdir=workdir,
+        examples=args.examples,
+        crds=args.crds,
+        kubectl_crds=_install_crds,
+        random_ports=args.random_ports,
+    )
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -200,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="use KUBECONFIG's cluster or start the local control plane; install CRDs")
     run.add_argument("--crds", type=Path, default=Path("crds"), help="CRD directory (default: crds)")
     run.add_argument("--dir", help="work directory for a local control plane")
+    run.add_argument("--examples", type=Path, default=Path("examples"), help="examples to apply (default: examples)")
+    run.add_argument("--random-ports", action="store_true", help="pick free ports instead of the defaults")
     run.set_defaults(func=cmd_run)
 
     op = sub.add_parser("operator", help="run the beacon operator (KUBECONFIG or in-cluster credentials)")
