@@ -11,6 +11,7 @@ PY := $(VENV)/bin/python
 # written by `make control-plane`: the directory of the cached binaries
 BIN_DIR_FILE := .control-plane-bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 ##@ General
 
@@ -67,6 +68,12 @@ test: deps control-plane lint ## Install everything, lint, and run unit + integr
 .PHONY: run
 run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control plane; install CRDs. Ctrl-C stops.
 	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m beacon run --crds crds
+
+##@ Benchmarks
+
+.PHONY: bench
+bench: deps control-plane ## Discovery benchmark on the local control plane; writes bench/results/*.json and *.md.
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS)
 
 ##@ Cluster
 
