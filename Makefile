@@ -12,13 +12,20 @@ PY := $(VENV)/bin/python
 BIN_DIR_FILE := .control-plane-bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# the operator image for docker-build, deploy and kind-e2e
+IMG ?= beacon:dev
+# kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
+KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$$(bash tools/k8s/build.sh)/kubectl")
+# beacon's CRDs and kopf's peering CRDs (manifests/crd), which must be Established before the peering object
+DEPLOY_CRDS := crd/serviceentries.beacon.dev crd/configentries.beacon.dev crd/clusterkopfpeerings.kopf.dev \
+  crd/kopfpeerings.kopf.dev
 
 ##@ General
 
 .PHONY: help
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} \
-	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Setup (what `make test` and `make run` install)
@@ -46,11 +53,14 @@ control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, ku
 ##@ Development
 
 .PHONY: lint
-lint: deps ## ruff check, ruff format --check, mypy --strict, yamllint.
+lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllint, shellcheck, hadolint.
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
-	$(VENV)/bin/yamllint -s crds examples
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/yamllint -s crds examples manifests
+	$(VENV)/bin/shellcheck hack/*.sh
+	$(VENV)/bin/hadolint Dockerfile
 
 .PHONY: fmt
 fmt: deps ## Format and autofix.
@@ -84,3 +94,26 @@ install: control-plane ## Install the CRDs into the cluster KUBECONFIG points at
 .PHONY: uninstall
 uninstall: control-plane ## Remove the CRDs (and with them every ServiceEntry and ConfigEntry).
 	$$(cat $(BIN_DIR_FILE))/kubectl delete --ignore-not-found -k crds
+
+##@ Deployment
+
+.PHONY: docker-build
+docker-build: ## Build the operator image IMG (default beacon:dev; needs Docker).
+	docker build -t $(IMG) .
+
+.PHONY: deploy
+deploy: ## Install CRDs, RBAC and the two-replica operator (image IMG) into KUBECONFIG's cluster.
+	$(KUBECTL) apply --server-side -k manifests/crd
+	$(KUBECTL) wait --for=condition=Established --timeout=60s $(DEPLOY_CRDS)
+	$(KUBECTL) kustomize manifests/default | sed 's|image: beacon:dev$$|image: $(IMG)|' \
+	  | $(KUBECTL) apply --server-side -f -
+
+.PHONY: undeploy
+undeploy: ## Remove the operator, its RBAC and namespace; keep the CRDs (`make uninstall` removes beacon's).
+	$(KUBECTL) delete --ignore-not-found -k manifests/manager
+	$(KUBECTL) delete --ignore-not-found -k manifests/rbac
+	$(KUBECTL) delete --ignore-not-found namespace beacon-system
+
+.PHONY: kind-e2e
+kind-e2e: ## End to end on a kind cluster (needs Docker and kind): build, load, deploy, demo backend, DNS, failover.
+	IMG=$(IMG) KUBECTL=$(KUBECTL) bash hack/kind-e2e.sh

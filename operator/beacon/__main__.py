@@ -185,6 +185,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     import kopf
 
+    from beacon.configs import ReloadPolicy
     from beacon.operator_runtime import Options, run
 
     kopf.configure(verbose=args.verbose, log_prefix=False)
@@ -194,12 +195,30 @@ def cmd_operator(args: argparse.Namespace) -> int:
         liveness_port=args.liveness_port,
         allow_probe_cidrs=tuple(args.allow_probe_cidr),
         probe_concurrency=args.probe_concurrency,
+        resync_seconds=args.resync_seconds,
         namespaces=tuple(args.namespace),
+        reload_policy=ReloadPolicy(
+            debounce=args.reload_debounce,
+            max_delay=args.reload_max_delay,
+            rate_count=args.reload_rate_limit[0],
+            rate_period=args.reload_rate_limit[1],
+        ),
         standalone=not args.peering,
         peering_name=args.peering_name,
+        peering_lifetime=args.peering_lifetime,
+        peering_priority=args.peering_priority,
     )
     run(options)
     return 0
+
+
+def _rate_limit(value: str) -> tuple[int, float]:
+    from beacon.config_core import parse_rate_limit
+
+    try:
+        return parse_rate_limit(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,9 +245,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeatable",
     )
     op.add_argument("--probe-concurrency", type=int, default=64, help="probes in flight at most (default 64)")
+    op.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="compare memory with the API this often, reads only (0: off; default 60)",
+    )
     op.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
+    op.add_argument(
+        "--reload-debounce",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="roll out an opted-in workload once its configs stopped changing for this long (default 2)",
+    )
+    op.add_argument(
+        "--reload-max-delay",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="but no later than this after the first change of a burst (default 30)",
+    )
+    op.add_argument(
+        "--reload-rate-limit",
+        type=_rate_limit,
+        default=(3, 60.0),
+        metavar="COUNT/SECONDS",
+        help="at most COUNT rollouts of one workload per SECONDS; later changes wait and are combined (default 3/60)",
+    )
     op.add_argument("--peering", action="store_true", help="use kopf peering (HA: one active replica)")
     op.add_argument("--peering-name", default="beacon", help="kopf peering object name (default beacon)")
+    op.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="how long a replica's peering keep-alive is valid: a standby takes over at most this long after the "
+        "active replica died (default 15)",
+    )
+    op.add_argument(
+        "--peering-priority",
+        type=int,
+        default=None,
+        help="kopf peering priority (default: from the start time, so the oldest replica is the active one)",
+    )
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)
 

@@ -162,5 +162,5 @@ class Checker:
             return False, f"Lease {check.name} has no renewTime/leaseDurationSeconds"
         left = record.renew_time + record.duration - self._wall_clock()
         if left <= 0:
-            return False, f"Lease {check.name} expired {-left:.1f}s ago"
+            return False, f"Lease {check.name} expired {abs(left):.1f}s ago"  # abs: never "-0.0s"
         return True, f"Lease {check.name} valid for {left:.1f}s"

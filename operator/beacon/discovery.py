@@ -41,6 +41,7 @@ from beacon.targets import LeaseRecord, ProbeResult, Target, parse_micro_time
 
 log = logging.getLogger("beacon.discovery")
 
+MAX_BACKOFF = 10.0  # seconds; after an apiserver outage, convergence waits at most this long for a retry
 EntryKey = tuple[str, str]
 ProbeKey = tuple[str, str, str]  # namespace, entry, address
 
@@ -64,6 +65,8 @@ class _EntryState:
     seeded: bool = False
     status: dict[str, Any] | None = None
     slice_names: set[str] = field(default_factory=set)
+    transitions: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
+    deregistered: set[str] = field(default_factory=set)
 
 
 def pod_from_body(body: Mapping[str, Any]) -> _Pod:
@@ -89,8 +92,10 @@ class Discovery:
         coalesce_seconds: float = 0.2,
         registry_coalesce_seconds: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
+        namespaces: tuple[str, ...] = (),
     ) -> None:
         self.kube = kube
+        self._namespaces = set(namespaces)
         self._entries: dict[EntryKey, _EntryState] = {}
         self._pods: dict[str, dict[str, _Pod]] = defaultdict(dict)
         self.leases: dict[tuple[str, str], LeaseRecord] = {}
@@ -104,8 +109,8 @@ class Discovery:
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._registry_pending: dict[str, asyncio.Task[None]] = {}
         self._registry_dirty: set[str] = set()
+        self._registry_names: dict[str, set[str]] = {}
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._tasks: set[asyncio.Task[None]] = set()
         self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
@@ -120,7 +125,10 @@ class Discovery:
             self._entries[entry.key] = state
         state.entry, state.body = entry, dict(body)
         if not state.seeded:
-            await self._seed(state)
+            try:
+                await self._seed(state)
+            except Exception as exc:  # the API is unreachable: reconcile seeds (and retries) before publishing
+                log.warning("cannot read the published EndpointSlices of %s/%s yet: %s", *entry.key, exc)
         self._refresh_endpoints(state)
         self._schedule(entry.key)
 
@@ -175,6 +183,61 @@ class Discovery:
     def lease_lookup(self, namespace: str, name: str) -> LeaseRecord | None:
         return self.leases.get((namespace, name))
 
+    # ------------------------------------------------------------------ periodic resync
+    async def resync(self) -> None:
+        """Compare memory with the API (reads only) and repair what watch events missed.
+
+        A watch that ends in 410 Gone is restarted by kopf with a fresh list, which reports the objects that exist
+        but not the ones deleted during the gap. Informers solve this with a periodic resync; so does beacon:
+        entries and pods that are gone are dropped, entries never seen are added. Steady state stays at zero
+        writes: a resync that finds nothing changed writes nothing.
+        """
+        listed = await self.kube.request("GET", "/apis/beacon.dev/v1alpha1/serviceentries")
+        if listed is None:
+            return
+        present = {
+            (i["metadata"]["namespace"], i["metadata"]["name"]): i
+            for i in listed.get("items", [])
+            if not self._namespaces or i["metadata"]["namespace"] in self._namespaces
+        }
+        for key, state in list(self._entries.items()):
+            body = present.get(key)
+            if body is None or body["metadata"]["uid"] != state.entry.uid:
+                log.info("resync: %s/%s is gone", *key)
+                await self.entry_deleted(*key)
+        for key, body in present.items():
+            if key not in self._entries:
+                log.info("resync: %s/%s was not seen yet", *key)
+                await self.entry_changed(body)
+        selector_namespaces = {k[0] for k, st in self._entries.items() if st.entry.spec.selector is not None}
+        for namespace in sorted(selector_namespaces):
+            pods = await self.kube.list("Pod", namespace)
+            fresh = {p["metadata"]["name"]: pod_from_body(p) for p in pods}
+            if fresh != self._pods[namespace]:
+                self._pods[namespace] = fresh
+                for state in self._entries.values():
+                    if state.entry.namespace == namespace and state.entry.spec.selector is not None:
+                        self._refresh_endpoints(state)
+                        self._schedule(state.entry.key)
+        lease_namespaces = {
+            k[0] for k, st in self._entries.items() if st.entry.spec.health_check and st.entry.spec.health_check.lease
+        }
+        for namespace in sorted(lease_namespaces):
+            leases = await self.kube.list("Lease", namespace)
+            names = {item["metadata"]["name"] for item in leases}
+            for item in leases:
+                self.lease_changed(namespace, item)
+            for ns, name in [k for k in self.leases if k[0] == namespace and k[1] not in names]:
+                self.lease_changed(ns, {"metadata": {"name": name}}, deleted=True)
+
+    async def resync_forever(self, *, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.resync()
+            except Exception as exc:  # an unreachable API: try again next time
+                log.warning("resync failed: %s", exc)
+
     # ------------------------------------------------------------------ endpoints and seeding
     def _endpoints_of(self, entry: ServiceEntry) -> list[Endpoint]:
         endpoints = {e.address: e for e in entry.static_endpoints()}
@@ -202,11 +265,7 @@ class Discovery:
         entry = state.entry
         selector = f"{LABEL_SERVICE_NAME}={entry.name},{LABEL_MANAGED_BY}={MANAGED_BY}"
         now = self._clock()
-        try:
-            slices = await self.kube.list("EndpointSlice", entry.namespace, label_selector=selector)
-        except ApiError as exc:
-            log.warning("cannot read EndpointSlices of %s/%s: %s", entry.namespace, entry.name, exc)
-            slices = []
+        slices = await self.kube.list("EndpointSlice", entry.namespace, label_selector=selector)
         for item in slices:
             state.slice_names.add(item["metadata"]["name"])
             for ep in item.get("endpoints") or []:
@@ -263,42 +322,44 @@ class Discovery:
         state.health[address] = after
         if changed:
             metrics.TRANSITIONS.labels(to=after.status.value).inc()
-            self._spawn(self._transition_event(state, address, before, after))
+            state.transitions.append((address, before, after))
             dirty = True
-        if thresholds.deregister_after is not None and before.deregistered(
-            now=now, thresholds=thresholds
-        ) != after.deregistered(now=now, thresholds=thresholds):
+        gone = after.deregistered(now=now, thresholds=thresholds)
+        if gone != (address in state.deregistered):
+            (state.deregistered.add if gone else state.deregistered.discard)(address)
             dirty = True
         if dirty:
             self._schedule(state.entry.key)
 
-    async def _transition_event(
-        self, state: _EntryState, address: str, before: EndpointHealth, after: EndpointHealth
-    ) -> None:
+    async def _post_transitions(self, state: _EntryState) -> None:
+        """One Event per direction per reconcile, naming every endpoint that moved (with the probe's detail):
+        a burst of transitions (a new entry, a rack going down) costs one or two writes, not one per endpoint."""
+        pending, state.transitions = state.transitions, []
         entry = state.entry
-        if after.status is Status.PASSING:
-            type_, reason = "Normal", "EndpointHealthy"
-        else:
-            type_, reason = "Warning", "EndpointUnhealthy"
-        message = f"endpoint {address}: {before.status.value} -> {after.status.value} ({after.detail})"
-        body = {
+        involved = {
             "apiVersion": "beacon.dev/v1alpha1",
             "kind": "ServiceEntry",
             "metadata": {"name": entry.name, "namespace": entry.namespace, "uid": entry.uid},
         }
-        try:
-            await self.kube.event(
-                involved=body, type_=type_, reason=reason, message=message, now_iso=_iso(self._clock())
-            )
-        except ApiError as exc:
-            log.warning("cannot post event for %s/%s: %s", entry.namespace, entry.name, exc)
+        for healthy in (False, True):
+            moved = [t for t in pending if (t[2].status is Status.PASSING) is healthy]
+            if not moved:
+                continue
+            parts = [f"endpoint {a}: {b.status.value} -> {c.status.value} ({c.detail})" for a, b, c in moved[:10]]
+            if len(moved) > 10:
+                parts.append(f"and {len(moved) - 10} more")
+            try:
+                await self.kube.event(
+                    involved=involved,
+                    type_="Normal" if healthy else "Warning",
+                    reason="EndpointHealthy" if healthy else "EndpointUnhealthy",
+                    message="; ".join(parts),
+                    now_iso=_iso(self._clock()),
+                )
+            except Exception as exc:  # an Event is best effort; never worth a retry storm
+                log.warning("cannot post event for %s/%s: %s", entry.namespace, entry.name, exc)
 
     # ------------------------------------------------------------------ scheduling
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _schedule(self, key: EntryKey) -> None:
         """Mark an entry dirty. One worker per entry reconciles after `coalesce` seconds, and again while changes
         keep arriving, so a burst of transitions costs one round of writes, never concurrent ones."""
@@ -320,14 +381,14 @@ class Discovery:
                 metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
                 log.error("%s/%s: %s", key[0], key[1], exc)
                 await self._report_conflict(key, str(exc))
-            except (ApiError, OSError) as exc:
+            except Exception as exc:  # the API unreachable, a conflict, anything: retry, never give up silently
                 metrics.RECONCILES.labels(kind="ServiceEntry", outcome="error").inc()
                 log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", key[0], key[1], backoff, exc)
-                if isinstance(exc, ApiError) and exc.status == 409:
-                    self.kube.forget_namespace_entry(*key)
+                # whatever was written before the failure is unknown now: re-read instead of trusting the cache
+                self.kube.forget_namespace_entry(*key)
                 self._dirty.add(key)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                backoff = min(backoff * 2, MAX_BACKOFF)
         self._dirty.discard(key)
 
     # ------------------------------------------------------------------ reconcile
@@ -336,6 +397,8 @@ class Discovery:
             state = self._entries.get(key)
             if state is None:
                 return
+            if not state.seeded:  # never publish before knowing what was published (restart safety)
+                await self._seed(state)
             entry = state.entry
             now = self._clock()
             views = visible(entry, state.endpoints, state.health, state.refused, now=now)
@@ -358,6 +421,8 @@ class Discovery:
             if status_changed(state.status, status):
                 await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
                 state.status = status
+            if state.transitions:
+                await self._post_transitions(state)
 
     async def _report_conflict(self, key: EntryKey, message: str) -> None:
         state = self._entries.get(key)
@@ -395,11 +460,13 @@ class Discovery:
             try:
                 await self.write_registry(namespace)
                 backoff = 1.0
-            except (ApiError, OSError, NotOursError) as exc:
+            except Exception as exc:  # retried like entries; a foreign beacon-registry ConfigMap is logged each time
                 log.warning("registry of %s failed, retrying in %.0fs: %s", namespace, backoff, exc)
+                for item in self._registry_names.pop(namespace, set()):
+                    self.kube.forget("ConfigMap", namespace, item)
                 self._registry_dirty.add(namespace)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def write_registry(self, namespace: str) -> None:
         async with self._registry_locks[namespace]:
@@ -417,6 +484,7 @@ class Discovery:
             head = next((i for i in existing if i["metadata"]["name"] == REGISTRY_NAME), None)
             previous = (head or {}).get("metadata", {}).get("annotations") if head else None
             shards = desired_registry(namespace, records, previous=previous)
+            self._registry_names[namespace] = {s["metadata"]["name"] for s in shards}
             for shard in shards:
                 await self.kube.ensure(shard)
             for stale in sorted(existing_names - {s["metadata"]["name"] for s in shards}):
@@ -427,7 +495,7 @@ class Discovery:
         self._schedule_registry(namespace)
 
     async def close(self) -> None:
-        for task in [*self._pending.values(), *self._registry_pending.values(), *self._tasks]:
+        for task in [*self._pending.values(), *self._registry_pending.values()]:
             task.cancel()
 
 

@@ -82,7 +82,7 @@ def _key(kind: str, namespace: str, name: str) -> tuple[str, str, str]:
 class Kube:
     """Async facade over the blocking kubernetes client, with an applied-object cache for write-on-change."""
 
-    def __init__(self, api: k8s.ApiClient, *, threads: int = 8) -> None:
+    def __init__(self, api: k8s.ApiClient, *, threads: int = 16) -> None:
         self._api = api
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._applied: dict[tuple[str, str, str], Obj] = {}
@@ -161,6 +161,12 @@ class Kube:
     async def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         return await self.request("GET", self.path(kind, namespace, name))
 
+    async def list_all(self, kind: str, *, label_selector: str | None = None) -> list[Obj]:
+        """List `kind` in every namespace."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        result = await self.request("GET", _PATHS[kind].replace("/namespaces/{ns}", ""), query=query)
+        return list((result or {}).get("items") or [])
+
     async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[Obj]:
         query = [("labelSelector", label_selector)] if label_selector else []
         result = await self.request("GET", self.path(kind, namespace), query=query)
@@ -201,6 +207,34 @@ class Kube:
         )
         self._applied[key] = desired
         return True
+
+    async def create(self, obj: Obj) -> bool:
+        """Create `obj` (an object that never changes once written, e.g. a ControllerRevision) without caching it.
+        Returns False when it already exists and is beacon's (a retry); raises NotOursError when it is not."""
+        kind, meta = obj["kind"], obj["metadata"]
+        try:
+            await self.request("POST", self.path(kind, meta["namespace"]), body=obj, kind=kind)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            actual = await self.get(kind, meta["namespace"], meta["name"])
+            if actual is not None and not _ours(actual, obj):
+                raise NotOursError(
+                    f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by beacon"
+                ) from exc
+            return False
+        return True
+
+    async def merge_patch(self, kind: str, namespace: str, name: str, patch: Obj) -> Obj | None:
+        """A JSON merge patch of someone else's object (e.g. one annotation of a Deployment): touches only the
+        fields in `patch`, takes no field ownership. Returns the patched object."""
+        return await self.request(
+            "PATCH",
+            self.path(kind, namespace, name),
+            body=patch,
+            content_type="application/merge-patch+json",
+            kind=kind,
+        )
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """Drop the cached copy, so the next `ensure` re-reads the API (after a conflict or an outside edit)."""

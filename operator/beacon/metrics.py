@@ -30,3 +30,12 @@ TARGETS = Gauge("beacon_probe_targets", "Endpoints being probed", registry=REGIS
 RECONCILES = Counter(
     "beacon_reconciles_total", "Reconciles by kind and outcome", ["kind", "outcome"], registry=REGISTRY
 )
+CONFIG_REVISIONS = Counter(
+    "beacon_config_revisions_total", "ConfigEntry revisions recorded (ControllerRevisions created)", registry=REGISTRY
+)
+RELOADS = Counter(
+    "beacon_config_reloads_total",
+    "Workload reloads by kind and outcome (rolled_out: pod template bumped; deferred: held by the rate limit)",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from prometheus_client import start_http_server
 
 from beacon import metrics
 from beacon.checks import Checker
+from beacon.configs import Configs, ReloadPolicy
 from beacon.discovery import Discovery
 from beacon.kube import Kube
 from beacon.policy import ProbePolicy
@@ -27,6 +30,19 @@ from beacon.registry import LABEL_REGISTRY
 from beacon.targets import ProbeResult, Target
 
 log = logging.getLogger("beacon")
+
+# kube-controller-manager's leader-election lease is 15 s; the same here bounds a takeover after a crash (a clean
+# exit hands over at once). kopf renews every lifetime minus 5-10 s, i.e. every 5-10 s per replica.
+PEERING_LIFETIME = 15
+
+
+def start_priority(now: float | None = None) -> int:
+    """A kopf peering priority that is higher the earlier the replica started (millisecond resolution, plus a
+    random tie-breaker): the oldest live replica leads, a restarted or newly scheduled one never preempts a
+    healthy leader, and two replicas never share a priority (kopf pauses every replica of an equal-priority
+    pair)."""
+    started_ms = int((time.time() if now is None else now) * 1000)
+    return (10**13 - started_ms) * 100 + secrets.randbelow(100)
 
 
 @dataclass
@@ -36,25 +52,40 @@ class Options:
     liveness_port: int = 8081
     allow_probe_cidrs: tuple[str, ...] = ()
     probe_concurrency: int = 64
+    resync_seconds: float = 60.0  # periodic read-only comparison with the API (repairs gaps after 410 Gone)
     namespaces: tuple[str, ...] = ()
     standalone: bool = True
     peering_name: str = "beacon"
+    # ConfigEntry reloads: --reload-debounce, --reload-max-delay, --reload-rate-limit
+    reload_policy: ReloadPolicy = field(default_factory=ReloadPolicy)
+    # seconds a replica's keep-alive stays valid: how long a standby waits after the leader stopped renewing it
+    peering_lifetime: int = PEERING_LIFETIME
+    peering_priority: int | None = None  # None: derived from the start time, so the oldest replica leads
 
 
 @dataclass
 class Runtime:
     options: Options
     _discovery: Discovery | None = None
+    _configs: Configs | None = None
     _checker: Checker | None = None
     _kube: Kube | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
+    _active: bool = False
+    _activation: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def discovery(self) -> Discovery:
         if self._discovery is None:
             raise kopf.TemporaryError("the operator is still starting", delay=1)
         return self._discovery
+
+    @property
+    def configs(self) -> Configs:
+        if self._configs is None:
+            raise kopf.TemporaryError("the operator is still starting", delay=1)
+        return self._configs
 
     async def start(self) -> None:
         self._kube = Kube.from_environment()
@@ -71,7 +102,12 @@ class Runtime:
         async def probe(target: Target) -> ProbeResult:
             return await checker.run(target)
 
-        discovery = Discovery(kube=self._kube, probe=probe, concurrency=self.options.probe_concurrency)
+        discovery = Discovery(
+            kube=self._kube,
+            probe=probe,
+            concurrency=self.options.probe_concurrency,
+            namespaces=self.options.namespaces,
+        )
         discovery_ref.append(discovery)
         self._discovery = discovery
         self._tasks.append(asyncio.create_task(discovery.prober.run(), name="beacon-prober"))
@@ -80,10 +116,50 @@ class Runtime:
             self._metrics_server, _ = start_http_server(
                 self.options.metrics_port, addr=self.options.metrics_address, registry=metrics.REGISTRY
             )
-        await self._resync_registries()
+        self._configs = Configs(kube=self._kube, policy=self.options.reload_policy)
         log.info(
             "beacon started: metrics on :%s, liveness on :%s", self.options.metrics_port, self.options.liveness_port
         )
+        if self.options.standalone:
+            await self.activate()
+        else:
+            log.info("peering %r: standing by until kopf makes this replica the active one", self.options.peering_name)
+
+    async def activate(self) -> None:
+        """Start the work that writes: the start-up listings (ConfigEntries, registries) and the periodic resync.
+
+        Standalone, this runs at start-up. With --peering it must not: a standby replica would rewrite registries
+        and materialise ConfigEntries alongside the active one. kopf has no "resumed" hook, but it delivers no
+        watch event at all while a replica is paused, so the handlers call this before handling any event (and
+        the peering object's own first event, see `beacon.handlers.watch_peering`, calls it even in a cluster
+        with nothing else to watch). It runs once, retrying the listings until the API answers: the event that
+        triggered it must not be dropped (kopf does not retry raw event handlers).
+        """
+        async with self._activation:
+            if self._active:
+                return
+            assert self._configs is not None
+            assert self._discovery is not None
+            delay = 1.0
+            while True:
+                try:
+                    await self._configs.start(namespaces=self.options.namespaces)
+                    await self._resync_registries()
+                    break
+                except Exception as exc:  # the API is unreachable or not ready: nothing can proceed without it
+                    log.warning("start-up listings failed, retrying in %.0fs: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            if self.options.resync_seconds > 0:
+                resync = self._configs.resync_forever(every=self.options.resync_seconds)
+                self._tasks.append(asyncio.create_task(resync, name="beacon-configs-resync"))
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._discovery.resync_forever(every=self.options.resync_seconds), name="beacon-resync"
+                    )
+                )
+            self._active = True
+            log.info("beacon is active")
 
     async def _resync_registries(self) -> None:
         """Know every entry before writing registries; remove registries of namespaces that lost all entries
@@ -91,14 +167,20 @@ class Runtime:
         assert self._kube is not None
         assert self._discovery is not None
         entries = await self._kube.request("GET", "/apis/beacon.dev/v1alpha1/serviceentries")
+        wanted = set(self.options.namespaces)
         self._discovery.expect(
-            {(i["metadata"]["namespace"], i["metadata"]["name"]) for i in (entries or {}).get("items", [])}
+            {
+                (i["metadata"]["namespace"], i["metadata"]["name"])
+                for i in (entries or {}).get("items", [])
+                if not wanted or i["metadata"]["namespace"] in wanted
+            }
         )
         result = await self._kube.request(
             "GET", "/api/v1/configmaps", query=[("labelSelector", f"{LABEL_REGISTRY}=true")]
         )
         for ns in sorted({i["metadata"]["namespace"] for i in (result or {}).get("items", [])}):
-            await self._discovery.registry_resync(ns)
+            if not wanted or ns in wanted:
+                await self._discovery.registry_resync(ns)
 
     async def _gauges(self) -> None:
         while True:
@@ -114,6 +196,8 @@ class Runtime:
                 await task
         if self._discovery is not None:
             await self._discovery.close()
+        if self._configs is not None:
+            await self._configs.close()
         if self._checker is not None:
             await self._checker.__aexit__(None, None, None)
         if self._metrics_server is not None:
@@ -129,12 +213,22 @@ def runtime_of(memo: kopf.Memo) -> Runtime:
 
 def run(options: Options, *, stop_flag: threading.Event | None = None) -> None:
     """Run the operator until SIGINT/SIGTERM (kopf handles both) or `stop_flag`."""
-    import beacon.handlers  # noqa: F401 - registers the handlers with kopf's default registry
+    import beacon.handlers  # registers the handlers with kopf's default registry
+
+    if not options.standalone:
+        beacon.handlers.watch_peering(name=options.peering_name, clusterwide=not options.namespaces)
 
     memo = kopf.Memo()
     memo["runtime"] = Runtime(options=options)
+    settings = kopf.OperatorSettings()
+    settings.peering.lifetime = options.peering_lifetime
+    priority = options.peering_priority if options.peering_priority is not None else start_priority()
+    if not options.standalone:
+        log.info("peering %r: priority %d, lifetime %ds", options.peering_name, priority, options.peering_lifetime)
     asyncio.run(
         kopf.operator(
+            settings=settings,
+            priority=priority,
             clusterwide=not options.namespaces,
             namespaces=list(options.namespaces),
             liveness_endpoint=f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None,

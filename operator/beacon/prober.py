@@ -59,6 +59,7 @@ class Prober:
         self._tokens = 0
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._waiting_for_slot = 0  # a due probe popped from the heap, waiting on the semaphore
         self.probes_run = 0
 
     # ------------------------------------------------------------------ target set
@@ -84,7 +85,7 @@ class Prober:
     def queue_depth(self) -> int:
         """Probes that are due now but not started (waiting for a concurrency slot or the loop)."""
         now = self._clock()
-        return sum(1 for slot in self._heap if slot.due <= now and self._live(slot))
+        return self._waiting_for_slot + sum(1 for slot in self._heap if slot.due <= now and self._live(slot))
 
     def _live(self, slot: _Slot) -> bool:
         current = self._targets.get(slot.key)
@@ -115,7 +116,11 @@ class Prober:
             slot = heapq.heappop(self._heap)
             if not self._live(slot):
                 continue
-            await self._sem.acquire()  # backpressure: due probes wait here, counted by queue_depth
+            self._waiting_for_slot = 1
+            try:
+                await self._sem.acquire()  # backpressure: due probes wait here, counted by queue_depth
+            finally:
+                self._waiting_for_slot = 0
             target, token = self._targets.get(slot.key, (None, -1))
             if target is None or token != slot.token:
                 self._sem.release()
@@ -128,12 +133,14 @@ class Prober:
         started = self._clock()
         try:
             result = await self._probe(target)
+        except Exception as exc:  # a probe function that raises must not drop the target from the schedule
+            result = ProbeResult(ok=False, detail=f"probe error: {type(exc).__name__}: {exc}"[:200], seconds=0.0)
         finally:
             self._sem.release()
         self.probes_run += 1
         current = self._targets.get(key)
         if current is None or current[1] != token:
             return  # removed or changed while probing: the result is stale
-        self._on_result(key, target, result)
         spread = target.interval * self._jitter
         self._push(key, token, started + target.interval + self._rng.uniform(-spread, spread))
+        self._on_result(key, target, result)  # after rescheduling: a raising callback cannot stop the probes

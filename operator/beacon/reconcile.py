@@ -198,6 +198,8 @@ def desired_endpoints(entry: ServiceEntry, views: Sequence[View]) -> Obj:
     subsets: dict[tuple[tuple[str, int], ...], Obj] = {}
     ip_views = [v for v in views if address_type(v.endpoint.address) != "FQDN" and v.publishable]
     truncated = len(ip_views) > MAX_ENDPOINTS_ADDRESSES
+    if truncated:  # like Kubernetes' endpoints controller: keep ready addresses over not-ready ones
+        ip_views.sort(key=lambda v: not v.ready)  # stable: address order holds within each group
     for view in ip_views[:MAX_ENDPOINTS_ADDRESSES]:
         ep = view.endpoint
         key = tuple(sorted(ep.ports.items()))

@@ -40,17 +40,40 @@ def content_hash(records: Sequence[RegistryRecord]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def _pack(records: Sequence[RegistryRecord], budget: int) -> list[dict[str, Obj]]:
-    shards: list[dict[str, Obj]] = [{}]
-    used = 0
-    for record in sorted(records, key=lambda r: r.name):
-        size = len(_dumps(record.body)) + len(record.name) + 8
-        if shards[-1] and used + size > budget:
-            shards.append({})
-            used = 0
-        shards[-1][record.name] = record.body
-        used += size
-    return shards
+def _document(namespace: str, revision: int, index: int, names: Sequence[str], services: Obj) -> Obj:
+    return {
+        "format": FORMAT,
+        "namespace": namespace,
+        "revision": revision,
+        "shard": index,
+        "shards": list(names),
+        "services": services,
+    }
+
+
+def _pack(records: Sequence[RegistryRecord], budget: int, *, namespace: str, revision: int) -> list[dict[str, Obj]]:
+    """Services in name order, greedily packed so that each shard's serialised document stays within `budget`.
+
+    The document around the services (format, namespace, revision, shard list) takes room too, and the shard list
+    grows with the number of shards: pack for an assumed count, and repack for more if that was too few.
+    """
+    ordered = sorted(records, key=lambda r: r.name)
+    sizes = [len(_dumps(r.name)) + len(_dumps(r.body)) + 2 for r in ordered]  # `"name":{...},`
+    count = 1
+    while True:
+        names = [shard_name(i) for i in range(count)]
+        room = budget - len(_dumps(_document(namespace, revision, count - 1, names, {})))
+        shards: list[dict[str, Obj]] = [{}]
+        used = 0
+        for record, size in zip(ordered, sizes, strict=True):
+            if shards[-1] and used + size > room:
+                shards.append({})
+                used = 0
+            shards[-1][record.name] = record.body
+            used += size
+        if len(shards) <= count:
+            return shards
+        count = len(shards)
 
 
 def desired_registry(
@@ -65,18 +88,11 @@ def desired_registry(
     prev_revision = int((previous or {}).get(ANNOTATION_REVISION, "0") or 0)
     same = previous is not None and previous.get(ANNOTATION_HASH) == digest
     revision = prev_revision if same else prev_revision + 1
-    shards = _pack(records, shard_bytes)
+    shards = _pack(records, shard_bytes, namespace=namespace, revision=revision)
     names = [shard_name(i) for i in range(len(shards))]
     out = []
     for index, services in enumerate(shards):
-        document: Obj = {
-            "format": FORMAT,
-            "namespace": namespace,
-            "revision": revision,
-            "shard": index,
-            "shards": names,
-            "services": services,
-        }
+        document = _document(namespace, revision, index, names, services)
         out.append(
             {
                 "apiVersion": "v1",
@@ -87,7 +103,8 @@ def desired_registry(
                     "labels": {LABEL_REGISTRY: "true", "app.kubernetes.io/managed-by": "beacon"},
                     "annotations": {ANNOTATION_REVISION: str(revision), ANNOTATION_HASH: digest},
                 },
-                "data": {DATA_KEY: json.dumps(document, sort_keys=True, indent=1)},
+                # compact, so the bytes written are the bytes the packing counted (indentation doubled them)
+                "data": {DATA_KEY: _dumps(document)},
             }
         )
     return out

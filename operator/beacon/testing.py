@@ -16,16 +16,33 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import dns.resolver
+import yaml
 
 from beacon.devcluster import DevCluster
 from beacon.devcluster.cluster import free_port
 
-OPERATOR_USER = "beacon-operator"
+# The operator runs as the ServiceAccount the shipped manifests create (manifests/rbac), with a token of it: its
+# rights are exactly the ClusterRole's, and the audit log attributes its writes to this name.
+OPERATOR_NAMESPACE = "beacon-system"
+OPERATOR_SERVICE_ACCOUNT = "beacon-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
+# What the operator's identity needs from manifests/default: its namespace and RBAC, and kopf's peering CRDs and
+# object (the workload itself is not deployed: the tests run the operator as a local process).
+IDENTITY_KINDS = frozenset(
+    {
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "ClusterKopfPeering",
+    }
+)
 
 
 def eventually(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.2, what: str = "it") -> Any:
@@ -108,6 +125,36 @@ class OperatorProcess:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
 
 
+def install_operator_identity(cluster: DevCluster, *, manifests: Path) -> Path:
+    """Install the operator's namespace, ServiceAccount, ClusterRole(Binding) and kopf's peering CRDs and object
+    from the kustomization `manifests` (as `make deploy` builds it; beacon's own CRDs are left to the caller), and
+    return a kubeconfig with a 24 h token of that ServiceAccount: the operator's rights are then exactly the
+    shipped ones."""
+    built = cluster.kubectl("kustomize", str(manifests)).stdout
+    docs = [d for d in yaml.safe_load_all(built) if d and d["kind"] in IDENTITY_KINDS]
+    docs = [d for d in docs if not str(d["metadata"]["name"]).endswith(".beacon.dev")]
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+    apply_args = ("apply", "--server-side", "--force-conflicts", "--field-manager=beacon-tests", "-f", "-")
+    cluster.kubectl(*apply_args, input=yaml.safe_dump_all(crds))
+    names = [f"crd/{d['metadata']['name']}" for d in crds]
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    cluster.kubectl(*apply_args, input=yaml.safe_dump_all(rest))
+    token = cluster.kubectl(
+        "create", "token", OPERATOR_SERVICE_ACCOUNT, "-n", OPERATOR_NAMESPACE, "--duration=24h"
+    ).stdout.strip()
+    path = cluster.workdir / f"{OPERATOR_SERVICE_ACCOUNT}-token.kubeconfig"
+    cluster.write_kubeconfig(path, user=OPERATOR_USER, token=token)
+    # the RBAC authorizer learns new roles from a watch: wait until the token's rights are in force
+    can_i = [cluster.kubectl_path, f"--kubeconfig={path}", "auth", "can-i", "watch", "serviceentries.beacon.dev", "-A"]
+    eventually(
+        lambda: subprocess.run(can_i, capture_output=True, text=True, check=False).stdout.strip() == "yes",
+        timeout=30,
+        what="the operator's ClusterRole in force",
+    )
+    return path
+
+
 class Audit:
     """Counts write requests made by one user, from the apiserver's audit log."""
 
@@ -157,3 +204,34 @@ def resolver_for(cluster: DevCluster) -> Callable[[str], set[str]]:
             return set()
 
     return answer
+
+
+def config_entry(name: str, namespace: str, data: dict[str, str], **spec: Any) -> dict[str, Any]:
+    """A ConfigEntry body (spec fields such as service, priority, target, rollbackTo as keyword arguments)."""
+    return {
+        "apiVersion": "beacon.dev/v1alpha1",
+        "kind": "ConfigEntry",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"data": data, **spec},
+    }
+
+
+def opted_in_deployment(name: str, namespace: str, *, configs: Sequence[str], replicas: int = 1) -> dict[str, Any]:
+    """A Deployment that opts in to reloads of `configs` (ConfigMap names). Its image is never pulled: the local
+    control plane has no kubelet, so its pods stay Pending while the deployment controller still makes one
+    ReplicaSet per pod-template change, which is what a rollout is."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "annotations": {"beacon.dev/reload": ",".join(configs)}},
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 50,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+            },
+        },
+    }

@@ -14,13 +14,14 @@ import pytest
 
 from beacon.devcluster import DevCluster
 from beacon.testhosts import TestNetwork
-from beacon.testing import OPERATOR_USER, Audit, OperatorProcess, resolver_for
+from beacon.testing import OPERATOR_USER, Audit, OperatorProcess, install_operator_identity, resolver_for
 
 
 @pytest.fixture(scope="session")
-def operator_kubeconfig(cluster: DevCluster) -> Path:
-    """The operator's own identity (for the audit log); its rights come from system:masters here."""
-    return cluster.client_kubeconfig(user=OPERATOR_USER, groups=("system:masters",))
+def operator_kubeconfig(cluster: DevCluster, crds: None, repo: Path) -> Path:
+    """The operator's own identity: a token of the ServiceAccount that manifests/ ships, whose rights come only
+    from the shipped ClusterRole (so every test below also proves the RBAC), attributed in the audit log."""
+    return install_operator_identity(cluster, manifests=repo / "manifests" / "default")
 
 
 @pytest.fixture(scope="session")

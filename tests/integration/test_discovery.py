@@ -302,7 +302,12 @@ def test_selector_pods_are_probed_published_terminated_and_removed(
         return False
 
     eventually(terminating, timeout=15, what="terminating pod marked terminating and not ready")
-    assert registry_healthy(cluster, namespace, "cart") == {h1.address}
+    # the registry follows the slices after its coalescing window (0.5 s), so it is awaited, not asserted at once
+    eventually(
+        lambda: registry_healthy(cluster, namespace, "cart") == {h1.address},
+        timeout=10,
+        what="the terminating pod out of the registry",
+    )
 
     # cart-1 is deleted for good: it disappears
     cluster.kubectl("delete", "pod", "cart-1", "-n", namespace, "--wait=true", "--timeout=30s")

@@ -1,0 +1,517 @@
+"""The pure core of ConfigEntries: layering, key mapping, content hashes, the desired ConfigMap and
+ControllerRevision, revision bookkeeping, and the reload decisions (debounce, rate limit). No I/O, no clock.
+
+Why it exists: what beacon materialises for a ConfigEntry, and when it restarts a workload, are functions of
+(the entries of a namespace, the history, the workload's annotations, the time). Keeping them here, with time as
+an argument, makes every rule of the README's "ConfigEntry" section unit-testable without a cluster or a sleep;
+`beacon.configs` owns the state and the timers and does the I/O through `beacon.kube`.
+
+Semantics (README "ConfigEntry"):
+- Each entry materialises its own ConfigMap (spec.target, default: the entry's name) holding the effective config
+  of its scope: a namespace-wide entry (no spec.service) gets the merge of every namespace-wide entry; an entry
+  for service S gets the namespace-wide merge overlaid by every entry for S.
+- Precedence, lowest first: scope (namespace-wide < service-scoped), then spec.priority (higher wins), then the
+  entry name (the name that sorts last wins). Two entries of the same scope and priority that set the same key
+  conflict: the last name wins and both get Conflict=True naming the key.
+- Keys map '/' -> '.' (db/pool/size -> db.pool.size); the CRD forbids '.' in segments, so the map is one-to-one.
+- The content hash is sha256 over the canonical JSON of the ConfigMap data, first 16 hex digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from beacon.reconcile import Condition, merge_conditions
+
+GROUP = "beacon.dev"
+VERSION = "v1alpha1"
+KIND = "ConfigEntry"
+
+LABEL_ENTRY_UID = "beacon.dev/config-entry-uid"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANNOTATION_ENTRY = "beacon.dev/config-entry"
+ANNOTATION_HASH = "beacon.dev/config-hash"
+ANNOTATION_REVISION = "beacon.dev/config-revision"
+ANNOTATION_ROLLBACK_OF = "beacon.dev/rollback-of"
+# on a Deployment/StatefulSet/DaemonSet: the ConfigMaps whose changes restart it (comma-separated names)
+ANNOTATION_RELOAD = "beacon.dev/reload"
+# on its pod template: "name=hash,..." of the configs the template was last rolled out for
+ANNOTATION_TEMPLATE_HASHES = "beacon.dev/config-hashes"
+# on its metadata, never on the template: the hashes seen when the workload opted in (no rollout for that)
+ANNOTATION_BASELINE = "beacon.dev/config-hashes-baseline"
+
+DEFAULT_HISTORY_LIMIT = 10
+# The API caps a ConfigMap's data at 1 MiB; beacon keeps a margin for metadata and the JSON of the
+# ControllerRevision that stores the same data.
+MAX_DATA_BYTES = 1_000_000
+HASH_LENGTH = 16
+
+_SEGMENT = r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?"
+KEY_PATTERN = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
+MAX_KEY_LENGTH = 253
+
+Obj = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------- the entry
+@dataclass(frozen=True)
+class ConfigEntry:
+    """A ConfigEntry as read from the API: identity plus the spec fields beacon uses."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    data: Mapping[str, str] = field(default_factory=dict)
+    service: str | None = None
+    priority: int = 0
+    target: str | None = None
+    history_limit: int = DEFAULT_HISTORY_LIMIT
+    rollback_to: int | None = None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ConfigEntry:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        rollback = spec.get("rollbackTo")
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation", 1)),
+            # values are strings by schema; anything else is kept as-is and reported by `invalid_keys`
+            data=dict(spec.get("data") or {}),
+            service=spec.get("service") or None,
+            priority=int(spec.get("priority", 0)),
+            target=spec.get("target") or None,
+            history_limit=int(spec.get("revisionHistoryLimit", DEFAULT_HISTORY_LIMIT)),
+            rollback_to=int(rollback) if rollback is not None else None,
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def config_map_name(self) -> str:
+        return config_map_name(name=self.name, target=self.target)
+
+
+def config_map_name(*, name: str, target: str | None) -> str:
+    """spec.target, or else the entry's own name (a valid ConfigMap name, since entry names are DNS subdomains)."""
+    return target or name
+
+
+def owner_reference(entry: ConfigEntry) -> Obj:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": entry.name,
+        "uid": entry.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- keys, hash
+def config_map_key(key: str) -> str:
+    """db/pool/size -> db.pool.size (a valid ConfigMap key: [-._a-zA-Z0-9]+)."""
+    return key.replace("/", ".")
+
+
+def invalid_keys(data: Mapping[str, Any]) -> list[str]:
+    """Keys (or values) the CRD should already have rejected; beacon refuses to materialise them."""
+    return sorted(
+        k for k, v in data.items() if not isinstance(v, str) or len(k) > MAX_KEY_LENGTH or not KEY_PATTERN.match(k)
+    )
+
+
+def canonical(data: Mapping[str, str]) -> str:
+    return json.dumps(dict(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(data: Mapping[str, str]) -> str:
+    """Short sha256 of the ConfigMap data: equal content, equal hash, whatever the key order."""
+    return hashlib.sha256(canonical(data).encode()).hexdigest()[:HASH_LENGTH]
+
+
+def data_bytes(data: Mapping[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
+
+
+# ---------------------------------------------------------------------------------------------------- layering
+def applies_to(layer: ConfigEntry, entry: ConfigEntry) -> bool:
+    """Whether `layer` contributes to `entry`'s effective config (same namespace, same or wider scope)."""
+    if layer.namespace != entry.namespace:
+        return False
+    return layer.service is None or layer.service == entry.service
+
+
+def precedence(entry: ConfigEntry) -> tuple[int, int, str]:
+    """Sort key, lowest first; the last layer setting a key wins."""
+    return (0 if entry.service is None else 1, entry.priority, entry.name)
+
+
+@dataclass(frozen=True)
+class Merged:
+    values: dict[str, str]  # hierarchical key -> value
+    sources: dict[str, str]  # hierarchical key -> name of the winning entry
+
+
+def merge(entry: ConfigEntry, entries: Iterable[ConfigEntry]) -> Merged:
+    """The effective config of `entry`'s scope, built from `entries` (which may include `entry` itself)."""
+    layers = sorted({e.key: e for e in [*entries, entry] if applies_to(e, entry)}.values(), key=precedence)
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for layer in layers:
+        for key, value in layer.data.items():
+            values[key] = value
+            sources[key] = layer.name
+    return Merged(values=dict(sorted(values.items())), sources=dict(sorted(sources.items())))
+
+
+def conflicts(entries: Iterable[ConfigEntry]) -> dict[str, dict[str, list[str]]]:
+    """entry name -> {key: [other entries of the same scope and priority that set it too]} (sorted)."""
+    groups: dict[tuple[str, str | None, int], list[ConfigEntry]] = defaultdict(list)
+    for e in entries:
+        groups[(e.namespace, e.service, e.priority)].append(e)
+    out: dict[str, dict[str, list[str]]] = {}
+    for members in groups.values():
+        setters: dict[str, list[str]] = defaultdict(list)
+        for e in members:
+            for key in e.data:
+                setters[key].append(e.name)
+        for key, names in setters.items():
+            if len(names) < 2:
+                continue
+            for name in names:
+                out.setdefault(name, {})[key] = sorted(n for n in names if n != name)
+    return {name: dict(sorted(keys.items())) for name, keys in sorted(out.items())}
+
+
+def conflict_condition(name: str, found: Mapping[str, Mapping[str, list[str]]]) -> Condition:
+    mine = found.get(name) or {}
+    if not mine:
+        return Condition("Conflict", "False", "NoConflict", "no other entry of the same scope and priority sets a key")
+    parts = []
+    for key, others in list(mine.items())[:8]:
+        winner = max([name, *others])
+        parts.append(f"{key} (also set by {', '.join(others)}; {winner} wins)")
+    more = f" and {len(mine) - 8} more keys" if len(mine) > 8 else ""
+    message = "same scope and priority set " + "; ".join(parts) + more
+    return Condition("Conflict", "True", "KeyConflict", message)
+
+
+def config_map_data(values: Mapping[str, str]) -> dict[str, str]:
+    return {config_map_key(k): v for k, v in sorted(values.items())}
+
+
+# ---------------------------------------------------------------------------------------------------- history
+@dataclass(frozen=True)
+class Revision:
+    """One stored revision (a ControllerRevision): its number, object name and content hash."""
+
+    number: int
+    name: str
+    hash: str
+    rollback_of: int | None = None
+
+
+def revision_name(entry_name: str, number: int) -> str:
+    """<entry>-<n>; long entry names are shortened with a digest so the name stays within 253 characters."""
+    base = entry_name
+    if len(base) > 230:
+        base = base[:219] + "-" + hashlib.sha256(entry_name.encode()).hexdigest()[:10]
+    return f"{base}-{number}"
+
+
+def revision_from_object(obj: Mapping[str, Any]) -> Revision:
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    data = (obj.get("data") or {}).get("data")
+    digest = annotations.get(ANNOTATION_HASH) or (content_hash(data) if isinstance(data, dict) else "")
+    rollback = annotations.get(ANNOTATION_ROLLBACK_OF)
+    return Revision(
+        number=int(obj.get("revision", 0)),
+        name=meta.get("name", ""),
+        hash=digest,
+        rollback_of=int(rollback) if rollback and str(rollback).isdigit() else None,
+    )
+
+
+def revision_data(obj: Mapping[str, Any]) -> dict[str, str] | None:
+    """The ConfigMap data a ControllerRevision stores, or None when it is not what beacon wrote."""
+    data = (obj.get("data") or {}).get("data")
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return None
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class Current:
+    """What the ConfigMap holds now, from its annotations."""
+
+    revision: int
+    hash: str
+
+
+def choose_revision(*, history: Sequence[Revision], current: Current | None, desired_hash: str) -> tuple[int, bool]:
+    """(revision number to materialise, whether to record it as a new ControllerRevision).
+
+    Unchanged content keeps the current revision. If the newest stored revision already holds the content (a
+    write of the ConfigMap failed after the revision was recorded), it is reused. Otherwise a new revision
+    follows the highest number ever used, so numbers only go up, also after pruning.
+    """
+    numbers = {r.number for r in history}
+    if current is not None and current.hash == desired_hash and current.revision in numbers:
+        return current.revision, False
+    newest = max(history, key=lambda r: r.number, default=None)
+    if newest is not None and newest.hash == desired_hash and (current is None or current.revision <= newest.number):
+        return newest.number, False
+    highest = max([*numbers, current.revision if current else 0, 0])
+    return highest + 1, True
+
+
+def to_prune(*, numbers: Iterable[int], limit: int, keep: Iterable[int | None] = ()) -> list[int]:
+    """Revisions beyond the newest `limit`, except those in `keep` (the current one, the one pinned by
+    spec.rollbackTo): oldest first."""
+    ordered = sorted(set(numbers), reverse=True)
+    protected = {k for k in keep if k is not None}
+    return sorted(n for n in ordered[max(limit, 1) :] if n not in protected)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Plan:
+    """What to materialise for one entry, or why not (then `data` is None and the ConfigMap stays as it is)."""
+
+    data: dict[str, str] | None
+    hash: str | None
+    ready: Condition
+    conflict: Condition
+    rollback_of: int | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def plan(
+    entry: ConfigEntry,
+    entries: Iterable[ConfigEntry],
+    *,
+    history: Sequence[Revision],
+    rollback_data: Mapping[str, str] | None = None,
+) -> Plan:
+    """Decide the ConfigMap content of `entry`. `rollback_data` is the stored data of spec.rollbackTo when that
+    revision exists in `history` (the engine reads it); it is ignored without spec.rollbackTo."""
+    peers = [e for e in entries if e.namespace == entry.namespace and e.key != entry.key] + [entry]
+    conflict = conflict_condition(entry.name, conflicts(peers))
+    for layer in peers:
+        if not applies_to(layer, entry):
+            continue
+        bad = invalid_keys(layer.data)
+        if bad:
+            shown = ", ".join(repr(k) for k in bad[:5])
+            who = "this entry" if layer.key == entry.key else f"entry {layer.name}"
+            message = f"{who} has keys that are not allowed (or non-string values): {shown}"
+            return Plan(None, None, Condition("Ready", "False", "InvalidKeys", message), conflict)
+    if entry.rollback_to is not None:
+        if entry.rollback_to not in {r.number for r in history}:
+            known = ", ".join(str(r.number) for r in sorted(history, key=lambda r: r.number)) or "none"
+            message = (
+                f"spec.rollbackTo: revision {entry.rollback_to} does not exist (kept revisions: {known}); "
+                "the ConfigMap keeps its current content"
+            )
+            return Plan(None, None, Condition("Ready", "False", "RevisionNotFound", message), conflict)
+        if rollback_data is None:
+            message = f"revision {entry.rollback_to} could not be read; the ConfigMap keeps its current content"
+            return Plan(None, None, Condition("Ready", "False", "RevisionUnreadable", message), conflict)
+        data = dict(rollback_data)
+        digest = content_hash(data)
+        message = f"pinned to revision {entry.rollback_to} by spec.rollbackTo (hash {digest})"
+        return Plan(data, digest, Condition("Ready", "True", "RolledBack", message), conflict, entry.rollback_to)
+    merged = merge(entry, peers)
+    data = config_map_data(merged.values)
+    size = data_bytes(data)
+    if size > MAX_DATA_BYTES:
+        message = (
+            f"the merged configuration is {size} bytes, over the limit of {MAX_DATA_BYTES} bytes (a ConfigMap "
+            "holds at most 1 MiB); the ConfigMap keeps its current content"
+        )
+        return Plan(None, None, Condition("Ready", "False", "TooLarge", message), conflict)
+    digest = content_hash(data)
+    layers = len(set(merged.sources.values()))
+    message = f"{len(data)} keys from {layers} entries (hash {digest})"
+    return Plan(data, digest, Condition("Ready", "True", "Materialised", message), conflict, sources=merged.sources)
+
+
+# ---------------------------------------------------------------------------------------------------- objects
+def _labels(entry: ConfigEntry) -> dict[str, str]:
+    return {LABEL_ENTRY_UID: entry.uid, LABEL_MANAGED_BY: "beacon"}
+
+
+def desired_config_map(entry: ConfigEntry, *, data: Mapping[str, str], digest: str, revision: int) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": entry.config_map_name,
+            "namespace": entry.namespace,
+            "labels": _labels(entry),
+            "annotations": {
+                ANNOTATION_ENTRY: entry.name,
+                ANNOTATION_HASH: digest,
+                ANNOTATION_REVISION: str(revision),
+            },
+            "ownerReferences": [owner_reference(entry)],
+        },
+        "data": dict(data),
+    }
+
+
+def desired_revision(
+    entry: ConfigEntry, *, data: Mapping[str, str], digest: str, revision: int, rollback_of: int | None
+) -> Obj:
+    annotations = {ANNOTATION_ENTRY: entry.name, ANNOTATION_HASH: digest}
+    if rollback_of is not None:
+        annotations[ANNOTATION_ROLLBACK_OF] = str(rollback_of)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "ControllerRevision",
+        "metadata": {
+            "name": revision_name(entry.name, revision),
+            "namespace": entry.namespace,
+            "labels": _labels(entry),
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(entry)],
+        },
+        "revision": revision,
+        "data": {"data": dict(data)},
+    }
+
+
+def current_of(config_map: Mapping[str, Any] | None, entry: ConfigEntry) -> Current | None:
+    """What an existing ConfigMap of `entry` holds (None if absent or not written by beacon for this entry)."""
+    if config_map is None:
+        return None
+    meta = config_map.get("metadata") or {}
+    if not any(ref.get("uid") == entry.uid for ref in meta.get("ownerReferences") or []):
+        return None
+    annotations = meta.get("annotations") or {}
+    revision = str(annotations.get(ANNOTATION_REVISION, ""))
+    digest = annotations.get(ANNOTATION_HASH)
+    if not revision.isdigit() or not digest:
+        return None
+    return Current(revision=int(revision), hash=str(digest))
+
+
+def owned_by_other(config_map: Mapping[str, Any] | None, entry: ConfigEntry) -> bool:
+    if config_map is None:
+        return False
+    refs = (config_map.get("metadata") or {}).get("ownerReferences") or []
+    return not any(ref.get("uid") == entry.uid for ref in refs)
+
+
+def desired_status(
+    entry: ConfigEntry,
+    *,
+    ready: Condition,
+    conflict: Condition,
+    current: Current | None,
+    config_map: str | None,
+    previous: Mapping[str, Any] | None,
+    now: float,
+) -> Obj:
+    status: Obj = {
+        "observedGeneration": entry.generation,
+        "conditions": merge_conditions(
+            (previous or {}).get("conditions") or [], [ready, conflict], generation=entry.generation, now=now
+        ),
+    }
+    if current is not None:
+        status["currentRevision"] = current.revision
+        status["hash"] = current.hash
+    if config_map is not None:
+        status["configMapName"] = config_map
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------- reloads
+def reload_names(value: str | None) -> tuple[str, ...]:
+    """The ConfigMap names in a workload's beacon.dev/reload annotation ("a, b" -> ("a", "b"))."""
+    return tuple(sorted({part.strip() for part in (value or "").split(",") if part.strip()}))
+
+
+def format_hashes(hashes: Mapping[str, str]) -> str:
+    return ",".join(f"{name}={digest}" for name, digest in sorted(hashes.items()))
+
+
+def parse_hashes(value: str | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    out = {}
+    for part in value.split(","):
+        name, sep, digest = part.strip().partition("=")
+        if sep and name:
+            out[name] = digest
+    return out
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What to do to one workload: nothing, record a baseline (no rollout), or roll it out."""
+
+    action: str  # "none" | "baseline" | "rollout"
+    template: str | None = None  # new pod-template annotation value (rollout)
+    baseline: str | None = None  # new metadata annotation value (baseline; "" removes it)
+
+
+def reload_decision(
+    *, desired: Mapping[str, str], template: Mapping[str, str] | None, baseline: Mapping[str, str] | None
+) -> Reload:
+    """Compare the hashes of the ConfigMaps a workload names (`desired`, only those that exist) with what its pod
+    template was rolled out for (`template`) and, for configs the template does not list, with the hashes seen
+    when it opted in (`baseline`).
+
+    A hash that differs from the known one means the pods run old config: roll out (the template annotation
+    becomes `desired`, which the debounce and the rate limit gate). A config never seen before is recorded as
+    the baseline without a rollout: opting in, or starting the operator, restarts nothing.
+    """
+    template = template or {}
+    baseline = baseline or {}
+    known = {**baseline, **template}
+    if any(name in known and known[name] != digest for name, digest in desired.items()):
+        return Reload("rollout", template=format_hashes(desired))
+    wanted = {name: digest for name, digest in desired.items() if name not in template}
+    if wanted != baseline and set(wanted) - set(baseline):
+        return Reload("baseline", baseline=format_hashes(wanted))
+    return Reload("none")
+
+
+def debounce_due(*, first_change: float, last_change: float, window: float, max_delay: float) -> float:
+    """When a burst of changes may be rolled out: `window` after the last change (trailing debounce), but never
+    later than `max_delay` after the first, so a config that keeps changing still gets rolled out."""
+    return min(last_change + window, first_change + max(max_delay, window))
+
+
+def rate_limit_next(*, rollouts: Sequence[float], now: float, count: int, period: float) -> float:
+    """The earliest time another rollout is allowed: at most `count` rollouts in any `period` seconds.
+    Returns `now` when one is allowed now."""
+    recent = sorted(t for t in rollouts if t > now - period)
+    if len(recent) < count:
+        return now
+    return recent[-count] + period
+
+
+def parse_rate_limit(value: str) -> tuple[int, float]:
+    """ "3/60" or "3/60s" -> (3, 60.0): at most 3 rollouts per 60 seconds."""
+    count, sep, seconds = value.strip().partition("/")
+    if not sep:
+        raise ValueError(f"rate limit {value!r}: want COUNT/SECONDS, e.g. 3/60")
+    n, s = int(count), float(seconds.strip().removesuffix("s"))
+    if n < 1 or s <= 0:
+        raise ValueError(f"rate limit {value!r}: COUNT must be >= 1 and SECONDS > 0")
+    return n, s

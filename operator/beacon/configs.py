@@ -1,0 +1,554 @@
+"""The configuration engine: keeps ConfigEntries and opted-in workloads in memory, materialises each entry's
+ConfigMap with its history (ControllerRevisions), and rolls out the workloads that use it, debounced and
+rate-limited.
+
+Why it exists: the kopf handlers only translate watch events into calls on this object, and `beacon.config_core`
+only decides. Something has to own the state in between: when to reconcile (one worker per entry, coalesced; a
+change to a namespace-wide entry re-materialises every entry of the namespace), what the API already holds after
+a restart (history, the ConfigMap's hash, the workloads' annotations, so that a restart rewrites and restarts
+nothing), and the timers of the reloads (one worker per workload: a burst of changes within the debounce window
+gives one rollout; at most N rollouts per period; excess changes wait and coalesce, never dropped). Every API
+call goes through `beacon.kube`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from beacon import metrics
+from beacon.config_core import (
+    ANNOTATION_BASELINE,
+    ANNOTATION_HASH,
+    ANNOTATION_RELOAD,
+    ANNOTATION_TEMPLATE_HASHES,
+    LABEL_ENTRY_UID,
+    ConfigEntry,
+    Current,
+    Revision,
+    choose_revision,
+    content_hash,
+    current_of,
+    debounce_due,
+    desired_config_map,
+    desired_revision,
+    desired_status,
+    owned_by_other,
+    parse_hashes,
+    plan,
+    rate_limit_next,
+    reload_decision,
+    reload_names,
+    revision_data,
+    revision_from_object,
+    to_prune,
+)
+from beacon.kube import ApiError, Kube, NotOursError
+from beacon.reconcile import Condition, status_changed
+
+log = logging.getLogger("beacon.configs")
+
+EntryKey = tuple[str, str]  # namespace, name
+WorkloadKey = tuple[str, str, str]  # kind, namespace, name
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+
+
+@dataclass
+class _EntryState:
+    entry: ConfigEntry
+    status: dict[str, Any] | None = None
+    loaded: bool = False
+    history: dict[int, Revision] = field(default_factory=dict)
+    current: Current | None = None
+    config_map: str | None = None  # where the data is materialised (status.configMapName)
+    foreign: bool = False  # the target ConfigMap exists and belongs to someone else
+    pinned: tuple[int, dict[str, str] | None] | None = None  # cached data of spec.rollbackTo
+    stray: dict[str, Any] = field(default_factory=dict)  # keys someone else added to our ConfigMap (to remove)
+
+
+@dataclass
+class _Workload:
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    names: tuple[str, ...]
+    template: dict[str, str] | None
+    baseline: dict[str, str] | None
+    first_change: float | None = None
+    last_change: float | None = None
+    target: str | None = None  # the rollout the debounce timers are running for
+    rollouts: list[float] = field(default_factory=list)
+    deferred: bool = False  # a rate-limit deferral was reported for the pending rollout
+
+
+@dataclass(frozen=True)
+class ReloadPolicy:
+    """Operator flags: --reload-debounce, --reload-max-delay, --reload-rate-limit."""
+
+    debounce: float = 2.0
+    max_delay: float = 30.0
+    rate_count: int = 3
+    rate_period: float = 60.0
+
+
+class Configs:
+    """State and timing of ConfigEntry materialisation and workload reloads. Create it inside a running loop."""
+
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        policy: ReloadPolicy | None = None,
+        coalesce_seconds: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kube = kube
+        self.policy = policy or ReloadPolicy()
+        self._coalesce = coalesce_seconds
+        self._clock = clock
+        self._wall = wall_clock
+        self._entries: dict[EntryKey, _EntryState] = {}
+        self._pending: dict[EntryKey, asyncio.Task[None]] = {}
+        self._dirty: set[EntryKey] = set()
+        self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._hashes: dict[tuple[str, str], str] = {}  # (namespace, ConfigMap name) -> materialised hash
+        self._workloads: dict[WorkloadKey, _Workload] = {}
+        self._workload_tasks: dict[WorkloadKey, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._namespaces: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ start-up
+    async def start(self, *, namespaces: Sequence[str] = ()) -> None:
+        """Before any watch event: know every entry (so no entry is materialised from a partial namespace) and
+        the hash every beacon ConfigMap holds (so workloads are compared with what their pods really got)."""
+        self._namespaces = tuple(namespaces)
+        entries, maps = await self._list()
+        for item in maps:
+            meta = item["metadata"]
+            digest = (meta.get("annotations") or {}).get(ANNOTATION_HASH)
+            if digest:
+                self._hashes[(meta["namespace"], meta["name"])] = str(digest)
+        for body in entries:
+            await self.entry_changed(body)
+        log.info("configs: %d entries, %d materialised ConfigMaps", len(entries), len(self._hashes))
+
+    async def _list(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every ConfigEntry, and every ConfigMap beacon materialised, in the watched namespaces."""
+        selector = LABEL_ENTRY_UID
+        if self._namespaces:
+            entries = [e for ns in self._namespaces for e in await self.kube.list("ConfigEntry", ns)]
+            maps = [
+                m for ns in self._namespaces for m in await self.kube.list("ConfigMap", ns, label_selector=selector)
+            ]
+            return entries, maps
+        return await self.kube.list_all("ConfigEntry"), await self.kube.list_all("ConfigMap", label_selector=selector)
+
+    async def resync(self) -> None:
+        """Compare memory with the API (reads only) and repair what watch events missed: entries deleted or
+        created during a watch gap (410 Gone), and ConfigMaps someone deleted or edited by hand, which are
+        written back. A resync that finds nothing wrong writes nothing."""
+        entries, maps = await self._list()
+        present = {(i["metadata"]["namespace"], i["metadata"]["name"]): i for i in entries}
+        for key, state in list(self._entries.items()):
+            body = present.get(key)
+            if body is None or body["metadata"]["uid"] != state.entry.uid:
+                log.info("resync: ConfigEntry %s/%s is gone", *key)
+                await self.entry_deleted(*key)
+        for body in present.values():
+            await self.entry_changed(body)
+        actual = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in maps}
+        for key, state in list(self._entries.items()):
+            if state.foreign:
+                self._schedule(key)  # the other ConfigMap may be gone by now (a read; writes only if it is)
+                continue
+            if state.current is None or not state.config_map or key in self._dirty:
+                continue
+            item = actual.get((key[0], state.config_map))
+            digest = ((item or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_HASH)
+            if item is None or digest != state.current.hash or content_hash(item.get("data") or {}) != digest:
+                log.info("resync: ConfigMap %s/%s was deleted or edited; writing it back", key[0], state.config_map)
+                self.kube.forget("ConfigMap", key[0], state.config_map)
+                state.loaded = False
+                self._schedule(key)
+
+    async def resync_forever(self, *, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.resync()
+            except Exception as exc:  # an unreachable API: try again next time
+                log.warning("configs resync failed: %s", exc)
+
+    # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
+    async def entry_changed(self, body: Mapping[str, Any]) -> None:
+        entry = ConfigEntry.from_body(body)
+        state = self._entries.get(entry.key)
+        if state is not None and state.entry == entry:
+            return  # a status-only or metadata-only change (often our own status patch)
+        before = state.entry if state is not None else None
+        if state is None or state.entry.uid != entry.uid:
+            state = _EntryState(entry=entry, status=dict(body.get("status") or {}) or None)
+            state.config_map = (state.status or {}).get("configMapName")
+            self._entries[entry.key] = state
+        state.entry = entry
+        self._schedule(entry.key)
+        self._schedule_dependents(entry, before)
+
+    async def entry_deleted(self, namespace: str, name: str) -> None:
+        state = self._entries.pop((namespace, name), None)
+        task = self._pending.pop((namespace, name), None)
+        if task is not None:
+            task.cancel()
+        if state is not None:
+            # the garbage collector removes the ConfigMap and the ControllerRevisions (ownerReferences)
+            if state.config_map and not state.foreign:
+                self.kube.forget("ConfigMap", namespace, state.config_map)
+                self._hashes.pop((namespace, state.config_map), None)
+            self._schedule_dependents(state.entry, None)  # layers and conflicts of the others change
+
+    def workload_changed(self, kind: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        meta = body.get("metadata") or {}
+        key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+        names = reload_names((meta.get("annotations") or {}).get(ANNOTATION_RELOAD))
+        if deleted or not names:
+            if self._workloads.pop(key, None) is not None:
+                task = self._workload_tasks.pop(key, None)
+                if task is not None:
+                    task.cancel()
+            return
+        workload = self._workloads.get(key)
+        if workload is None or workload.uid != meta.get("uid"):
+            workload = _Workload(kind, key[1], key[2], meta.get("uid", ""), names, None, None)
+            self._workloads[key] = workload
+        _observe(workload, body)
+        self._evaluate(workload)
+
+    # ------------------------------------------------------------------ entries: scheduling
+    def _schedule_dependents(self, entry: ConfigEntry, before: ConfigEntry | None) -> None:
+        """Entries whose content or conflicts may change with `entry`: every entry of the namespace when it is
+        (or was) namespace-wide, else the entries of its service (and of its previous service)."""
+        scopes = {entry.service} | ({before.service} if before is not None else set())
+        for key, other in list(self._entries.items()):
+            if key[0] == entry.namespace and (None in scopes or other.entry.service in scopes):
+                self._schedule(key)
+
+    def _schedule(self, key: EntryKey) -> None:
+        """One worker per entry reconciles `coalesce` seconds after a change, and again while changes keep coming:
+        a burst of edits costs one round of writes, never concurrent ones."""
+        self._dirty.add(key)
+        task = self._pending.get(key)
+        if task is None or task.done():
+            self._pending[key] = asyncio.ensure_future(self._worker(key))
+
+    async def _worker(self, key: EntryKey) -> None:
+        backoff = 1.0
+        await asyncio.sleep(self._coalesce)
+        while key in self._dirty and key in self._entries:
+            self._dirty.discard(key)
+            try:
+                await self.reconcile(key)
+                metrics.RECONCILES.labels(kind="ConfigEntry", outcome="ok").inc()
+                backoff = 1.0
+            except (ApiError, OSError) as exc:
+                metrics.RECONCILES.labels(kind="ConfigEntry", outcome="error").inc()
+                log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", key[0], key[1], backoff, exc)
+                state = self._entries.get(key)
+                if state is not None:
+                    state.loaded = False  # re-read history and ConfigMap before the retry
+                    self.kube.forget("ConfigMap", key[0], state.entry.config_map_name)
+                self._dirty.add(key)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+        self._dirty.discard(key)
+
+    # ------------------------------------------------------------------ entries: reconcile
+    async def reconcile(self, key: EntryKey) -> None:
+        async with self._locks[key]:
+            state = self._entries.get(key)
+            if state is None:
+                return
+            entry = state.entry
+            if not state.loaded or state.foreign:
+                await self._load(state)
+            peers = [s.entry for s in self._entries.values() if s.entry.namespace == entry.namespace]
+            rollback = None
+            if entry.rollback_to is not None and entry.rollback_to in state.history:
+                rollback = await self._revision_data(state, entry.rollback_to)
+            decided = plan(entry, peers, history=list(state.history.values()), rollback_data=rollback)
+            ready = decided.ready
+            if decided.data is not None and decided.hash is not None:
+                if state.foreign:
+                    ready = _target_conflict(entry)
+                else:
+                    try:
+                        await self._materialise(state, decided.data, decided.hash, decided.rollback_of)
+                    except NotOursError as exc:
+                        state.foreign = True
+                        ready = Condition("Ready", "False", "TargetConflict", str(exc))
+            elif ready.status == "False":
+                log.warning("%s/%s not materialised: %s", entry.namespace, entry.name, ready.message)
+            status = desired_status(
+                entry,
+                ready=ready,
+                conflict=decided.conflict,
+                current=state.current,
+                config_map=state.config_map,
+                previous=state.status,
+                now=self._wall(),
+            )
+            if status_changed(state.status, status):
+                try:
+                    await self.kube.patch_status("ConfigEntry", entry.namespace, entry.name, status)
+                except ApiError as exc:
+                    if exc.status == 404:
+                        return  # the entry is gone; its DELETED event follows
+                    raise
+                state.status = status
+
+    async def _load(self, state: _EntryState) -> None:
+        """What the API holds for this entry: its history and what its ConfigMap carries (after a restart, or
+        after an error)."""
+        entry = state.entry
+        items = await self.kube.list(
+            "ControllerRevision", entry.namespace, label_selector=f"{LABEL_ENTRY_UID}={entry.uid}"
+        )
+        state.history = {}
+        for item in items:
+            if _owned(item, entry):
+                revision = revision_from_object(item)
+                state.history[revision.number] = revision
+        actual = await self.kube.get("ConfigMap", entry.namespace, entry.config_map_name)
+        state.foreign = owned_by_other(actual, entry)
+        state.stray = {}
+        if actual is not None and not state.foreign:
+            # server-side apply removes only keys beacon applied itself; keys added by hand are removed explicitly,
+            # so the ConfigMap holds exactly the revision's data
+            state.stray = {"data": sorted(actual.get("data") or {}), "binaryData": bool(actual.get("binaryData"))}
+        if not state.foreign:
+            current = current_of(actual, entry)
+            if current is not None:
+                state.current = current
+                state.config_map = entry.config_map_name
+            elif state.current is None and actual is None:
+                # the ConfigMap is gone (deleted by hand); the status still says what it held, which keeps
+                # revision numbers increasing even if the history went with it
+                status = state.status or {}
+                if isinstance(status.get("currentRevision"), int) and status.get("hash"):
+                    state.current = Current(status["currentRevision"], str(status["hash"]))
+        state.pinned = None
+        state.loaded = True
+
+    async def _revision_data(self, state: _EntryState, number: int) -> dict[str, str] | None:
+        if state.pinned is not None and state.pinned[0] == number:
+            return state.pinned[1]
+        obj = await self.kube.get("ControllerRevision", state.entry.namespace, state.history[number].name)
+        data = revision_data(obj) if obj is not None else None
+        state.pinned = (number, data)
+        return data
+
+    async def _materialise(
+        self, state: _EntryState, data: dict[str, str], digest: str, rollback_of: int | None
+    ) -> None:
+        entry = state.entry
+        number, record = choose_revision(
+            history=list(state.history.values()), current=state.current, desired_hash=digest
+        )
+        if record:
+            obj = desired_revision(entry, data=data, digest=digest, revision=number, rollback_of=rollback_of)
+            await self.kube.create(obj)
+            state.history[number] = Revision(number, obj["metadata"]["name"], digest, rollback_of)
+            metrics.CONFIG_REVISIONS.inc()
+            log.info("%s/%s: revision %d (hash %s)", entry.namespace, entry.name, number, digest)
+        await self.kube.ensure(desired_config_map(entry, data=data, digest=digest, revision=number))
+        await self._remove_stray_keys(state, data)
+        previous_map = state.config_map
+        state.current = Current(number, digest)
+        state.config_map = entry.config_map_name
+        if previous_map and previous_map != state.config_map:
+            await self._drop_old_map(entry, previous_map)
+        self._set_hash(entry.namespace, state.config_map, digest)
+        for stale in to_prune(numbers=state.history, limit=entry.history_limit, keep=(number, entry.rollback_to)):
+            await self.kube.delete("ControllerRevision", entry.namespace, state.history[stale].name)
+            del state.history[stale]
+
+    async def _remove_stray_keys(self, state: _EntryState, data: Mapping[str, str]) -> None:
+        patch: dict[str, Any] = {}
+        stray = [k for k in state.stray.get("data", []) if k not in data]
+        if stray:
+            patch["data"] = dict.fromkeys(stray)
+        if state.stray.get("binaryData"):
+            patch["binaryData"] = None
+        if patch:
+            log.info(
+                "%s/%s: removing keys added by hand: %s", state.entry.namespace, state.entry.config_map_name, patch
+            )
+            await self.kube.merge_patch("ConfigMap", state.entry.namespace, state.entry.config_map_name, patch)
+        state.stray = {}
+
+    async def _drop_old_map(self, entry: ConfigEntry, name: str) -> None:
+        """spec.target was set after the entry had materialised into its default name: remove that ConfigMap."""
+        self._hashes.pop((entry.namespace, name), None)
+        old = await self.kube.get("ConfigMap", entry.namespace, name)
+        if old is not None and not owned_by_other(old, entry):
+            await self.kube.delete("ConfigMap", entry.namespace, name)
+
+    # ------------------------------------------------------------------ reloads
+    def _set_hash(self, namespace: str, name: str, digest: str) -> None:
+        if self._hashes.get((namespace, name)) == digest:
+            return
+        self._hashes[(namespace, name)] = digest
+        for workload in list(self._workloads.values()):
+            if workload.namespace == namespace and name in workload.names:
+                self._evaluate(workload)
+
+    def _desired(self, workload: _Workload) -> dict[str, str]:
+        hashes = {n: self._hashes.get((workload.namespace, n)) for n in workload.names}
+        return {n: h for n, h in hashes.items() if h is not None}
+
+    def _evaluate(self, workload: _Workload) -> None:
+        decision = reload_decision(
+            desired=self._desired(workload), template=workload.template, baseline=workload.baseline
+        )
+        if decision.action == "none":
+            workload.first_change = workload.last_change = workload.target = None
+            return
+        if decision.action == "rollout" and workload.target != decision.template:
+            now = self._clock()
+            workload.target = decision.template
+            workload.last_change = now
+            if workload.first_change is None:
+                workload.first_change = now
+        key = (workload.kind, workload.namespace, workload.name)
+        task = self._workload_tasks.get(key)
+        if task is None or task.done():
+            self._workload_tasks[key] = asyncio.ensure_future(self._workload_worker(key))
+
+    async def _workload_worker(self, key: WorkloadKey) -> None:
+        backoff = 1.0
+        await asyncio.sleep(self._coalesce)
+        while (workload := self._workloads.get(key)) is not None:
+            decision = reload_decision(
+                desired=self._desired(workload), template=workload.template, baseline=workload.baseline
+            )
+            try:
+                if decision.action == "none":
+                    workload.first_change = workload.last_change = workload.target = None
+                    return
+                if decision.action == "baseline":
+                    baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
+                    _observe(workload, await self._patch(workload, baseline))
+                    continue
+                if not await self._wait_for_rollout(workload, decision.template):
+                    continue
+                patch: dict[str, Any] = {
+                    "metadata": {"annotations": {ANNOTATION_BASELINE: None}},
+                    "spec": {
+                        "template": {"metadata": {"annotations": {ANNOTATION_TEMPLATE_HASHES: decision.template}}}
+                    },
+                }
+                _observe(workload, await self._patch(workload, patch))
+                workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
+                workload.first_change = workload.last_change = workload.target = None
+                workload.deferred = False
+                metrics.RELOADS.labels(kind=workload.kind, outcome="rolled_out").inc()
+                log.info(
+                    "%s %s/%s rolled out for %s", workload.kind, workload.namespace, workload.name, decision.template
+                )
+                self._event(workload, "Normal", "ConfigReload", f"pod template bumped for {decision.template}")
+                backoff = 1.0
+            except ApiError as exc:
+                if exc.status == 404:
+                    self._workloads.pop(key, None)
+                    return
+                log.warning("reload of %s %s/%s failed, retrying in %.0fs: %s", *key, backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    async def _wait_for_rollout(self, workload: _Workload, template: str | None) -> bool:
+        """True when the rollout may happen now; otherwise sleep until it may (the caller then decides again,
+        with whatever changed meanwhile)."""
+        now = self._clock()
+        if workload.first_change is None or workload.last_change is None or workload.target != template:
+            workload.first_change = workload.first_change or now
+            workload.last_change = now
+            workload.target = template
+        due = debounce_due(
+            first_change=workload.first_change,
+            last_change=workload.last_change,
+            window=self.policy.debounce,
+            max_delay=self.policy.max_delay,
+        )
+        allowed = rate_limit_next(
+            rollouts=workload.rollouts, now=now, count=self.policy.rate_count, period=self.policy.rate_period
+        )
+        if allowed > max(now, due) and not workload.deferred:
+            workload.deferred = True
+            metrics.RELOADS.labels(kind=workload.kind, outcome="deferred").inc()
+            message = (
+                f"rollout for {template} deferred {allowed - now:.0f}s by the rate limit "
+                f"({self.policy.rate_count} per {self.policy.rate_period:.0f}s); later changes join it"
+            )
+            log.info("%s %s/%s: %s", workload.kind, workload.namespace, workload.name, message)
+            self._event(workload, "Normal", "ConfigReloadDeferred", message)
+        wait = max(due, allowed) - now
+        if wait <= 0:
+            return True
+        await asyncio.sleep(wait)
+        return False
+
+    async def _patch(self, workload: _Workload, patch: dict[str, Any]) -> Mapping[str, Any]:
+        result = await self.kube.merge_patch(workload.kind, workload.namespace, workload.name, patch)
+        return result or {}
+
+    def _event(self, workload: _Workload, type_: str, reason: str, message: str) -> None:
+        involved = {
+            "apiVersion": "apps/v1",
+            "kind": workload.kind,
+            "metadata": {"name": workload.name, "namespace": workload.namespace, "uid": workload.uid},
+        }
+        now_iso = dt.datetime.fromtimestamp(self._wall(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        async def post() -> None:
+            with contextlib.suppress(ApiError, OSError):
+                await self.kube.event(involved=involved, type_=type_, reason=reason, message=message, now_iso=now_iso)
+
+        task: asyncio.Task[None] = asyncio.ensure_future(post())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in [*self._pending.values(), *self._workload_tasks.values(), *self._tasks]:
+            task.cancel()
+
+
+def _observe(workload: _Workload, body: Mapping[str, Any]) -> None:
+    """Take what a workload's body says about its opt-in and what it was rolled out for."""
+    if not body:
+        return
+    meta = body.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    template = ((((body.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations")) or {}
+    workload.names = reload_names(annotations.get(ANNOTATION_RELOAD)) or workload.names
+    workload.template = parse_hashes(template.get(ANNOTATION_TEMPLATE_HASHES))
+    workload.baseline = parse_hashes(annotations.get(ANNOTATION_BASELINE))
+
+
+def _owned(obj: Mapping[str, Any], entry: ConfigEntry) -> bool:
+    return any(ref.get("uid") == entry.uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _target_conflict(entry: ConfigEntry) -> Condition:
+    message = (
+        f"ConfigMap {entry.namespace}/{entry.config_map_name} exists and is not managed by this entry; "
+        "set spec.target to another name or delete that ConfigMap"
+    )
+    return Condition("Ready", "False", "TargetConflict", message)

@@ -1,0 +1,73 @@
+"""The deployment files that no cluster test exercises: the image recipe, the kind script, the peering priority.
+
+Why it exists: this machine has no Docker engine and no kind, so the Dockerfile and hack/kind-e2e.sh cannot run
+here. What can be checked without them is checked: the script parses (and passes shellcheck where installed),
+the image is multi-stage on an exact base tag with a numeric non-root user, and the build context holds only
+what `pip install .` reads. The peering priority, which decides the HA leader, is a pure function.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from beacon.operator_runtime import start_priority
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_priority_prefers_the_oldest_replica() -> None:
+    older = start_priority(1_800_000_000.000)
+    newer = start_priority(1_800_000_000.001)
+    assert older > newer, "a replica started 1 ms later never outranks the older one"
+    assert 0 < newer < 2**53, "exact in JSON numbers and int64"
+
+
+def test_priorities_of_simultaneous_replicas_differ_mostly() -> None:
+    same_moment = {start_priority(1_800_000_000.0) for _ in range(20)}
+    assert len(same_moment) > 1, "the random tie-breaker separates replicas started in the same millisecond"
+
+
+def test_kind_e2e_script_parses() -> None:
+    script = REPO / "hack" / "kind-e2e.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout
+
+
+def _stages(dockerfile: str) -> list[list[str]]:
+    stages: list[list[str]] = []
+    for line in dockerfile.splitlines():
+        if line.startswith("FROM "):
+            stages.append([])
+        if stages and line and not line.startswith("#"):
+            stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_is_multi_stage_non_root_and_pinned() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert base is not None
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-bookworm", base.group(1)), "an exact patch-level tag"
+    builder, final = _stages(text)
+    assert builder[0] == "FROM ${PYTHON_IMAGE} AS builder"
+    assert final[0] == "FROM ${PYTHON_IMAGE}"
+    assert any("pip install ." in line for line in builder)
+    assert not any("pip install" in line for line in final), "nothing is installed in the final stage"
+    (user,) = [line for line in final if line.startswith("USER ")]
+    assert re.fullmatch(r"USER [1-9]\d*:[1-9]\d*", user), "numeric, non-root (runAsNonRoot can verify it)"
+    assert final[-1] == 'ENTRYPOINT ["python", "-m", "beacon", "operator"]'
+
+
+def test_build_context_holds_only_the_package_inputs() -> None:
+    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "*"
+    assert {line for line in lines if line.startswith("!")} == {"!pyproject.toml", "!README.md", "!operator/"}

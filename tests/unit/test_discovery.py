@@ -1,0 +1,158 @@
+"""The discovery engine's bookkeeping against an in-memory fake of beacon.kube (wiring only: the behaviour on a
+real apiserver is proven in tests/integration). Covers what watch events alone cannot: the periodic resync that
+repairs gaps after 410 Gone, seeding from published slices, and coalescing writes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from beacon.discovery import Discovery
+from beacon.kube import covers
+from beacon.targets import ProbeResult, Target
+
+
+class FakeKube:
+    """Just enough of beacon.kube.Kube: objects in a dict, every write counted."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, str, str]] = []
+
+    async def request(self, method: str, path: str, **_: Any) -> dict[str, Any] | None:
+        assert method == "GET"
+        if path == "/apis/beacon.dev/v1alpha1/serviceentries":
+            return {"items": [copy.deepcopy(e) for e in self.entries.values()]}
+        return {"items": []}
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        items = [o for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace]
+        if label_selector and "=" in label_selector:
+            wanted = dict(part.split("=", 1) for part in label_selector.split(","))
+            items = [o for o in items if covers(o["metadata"].get("labels") or {}, wanted)]
+        return [copy.deepcopy(o) for o in items]
+
+    async def ensure(self, obj: dict[str, Any]) -> bool:
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if self.objects.get(key) == obj:
+            return False
+        self.objects[key] = copy.deepcopy(obj)
+        self.writes.append(("apply", obj["kind"], obj["metadata"]["name"]))
+        return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.writes.append(("delete", kind, name))
+        return self.objects.pop((kind, namespace, name), None) is not None
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.writes.append(("status", kind, name))
+        self.entries[(namespace, name)]["status"] = status
+
+    async def event(self, **_: Any) -> None:
+        self.writes.append(("event", "Event", ""))
+
+    def forget(self, *_: Any) -> None:
+        pass
+
+    def forget_namespace_entry(self, *_: Any) -> None:
+        pass
+
+
+def entry(name: str, uid: str, addresses: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "beacon.dev/v1alpha1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": name, "namespace": "ns", "uid": uid, "generation": 1},
+        "spec": {
+            "ports": [{"name": "http", "port": 80}],
+            "endpoints": [{"address": a} for a in addresses],
+            "healthCheck": {"tcp": {"port": 80}, "intervalSeconds": 2, "timeoutSeconds": 1},
+        },
+    }
+
+
+async def _ok(target: Target) -> ProbeResult:
+    return ProbeResult(ok=True, detail="ok", seconds=0.0)
+
+
+def _engine(kube: FakeKube) -> Discovery:
+    return Discovery(kube=kube, probe=_ok, coalesce_seconds=0.01, registry_coalesce_seconds=0.01)  # type: ignore[arg-type]
+
+
+def _registry_services(kube: FakeKube) -> set[str]:
+    import json
+
+    cm = kube.objects.get(("ConfigMap", "ns", "beacon-registry"))
+    return set(json.loads(cm["data"]["registry.json"])["services"]) if cm else set()
+
+
+async def _settle(d: Discovery, seconds: float = 0.3) -> None:
+    runner = asyncio.create_task(d.prober.run())
+    await asyncio.sleep(seconds)
+    runner.cancel()
+
+
+async def test_resync_drops_entries_deleted_during_a_watch_gap_and_adds_missed_ones() -> None:
+    kube = FakeKube()
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.10"])
+    kube.entries[("ns", "b")] = entry("b", "uid-b", ["198.18.0.11"])
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await d.entry_changed(kube.entries[("ns", "b")])
+    await _settle(d, 1.5)
+    assert _registry_services(kube) == {"a", "b"}
+    assert len(d.prober) == 2
+
+    # during a gap: a is deleted, c is created, and b is deleted and re-created (new uid) - no events arrive
+    del kube.entries[("ns", "a")]
+    kube.entries[("ns", "b")] = entry("b", "uid-b2", ["198.18.0.12"])
+    kube.entries[("ns", "c")] = entry("c", "uid-c", ["198.18.0.13"])
+    await d.resync()
+    await _settle(d, 1.5)
+    assert _registry_services(kube) == {"b", "c"}
+    probed = d.prober.keys()
+    assert sorted(k[2] for k in probed) == ["198.18.0.12", "198.18.0.13"]
+    await d.close()
+
+
+async def test_unchanged_resync_and_repeated_events_write_nothing() -> None:
+    kube = FakeKube()
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.10", "198.18.0.11"])
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 1.5)
+    settled = len(kube.writes)
+    assert settled > 0
+    for _ in range(3):
+        await d.resync()
+        await d.entry_changed(kube.entries[("ns", "a")])  # e.g. our own status patch coming back
+    await _settle(d, 0.5)
+    assert kube.writes[settled:] == []
+    await d.close()
+
+
+async def test_seeding_keeps_published_ready_endpoints_ready() -> None:
+    kube = FakeKube()
+    body = entry("a", "uid-a", ["198.18.0.10"])
+    body["spec"]["healthCheck"]["healthyThreshold"] = 5  # a fresh start would need 5 probes to turn ready
+    kube.entries[("ns", "a")] = body
+    kube.objects[("EndpointSlice", "ns", "a-ipv4-0")] = {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "a-ipv4-0",
+            "namespace": "ns",
+            "labels": {
+                "kubernetes.io/service-name": "a",
+                "endpointslice.kubernetes.io/managed-by": "operator.beacon.dev",
+            },
+        },
+        "endpoints": [{"addresses": ["198.18.0.10"], "conditions": {"ready": True, "serving": True}}],
+    }
+    d = _engine(kube)
+    await d.entry_changed(body)
+    await _settle(d, 0.3)
+    published = kube.objects[("EndpointSlice", "ns", "a-ipv4-0")]
+    assert published["endpoints"][0]["conditions"]["ready"] is True
+    await d.close()

@@ -1,0 +1,179 @@
+"""The API writer's comparison rules (`covers`, `_owned_view`), and the wiring of write-on-change in `ensure()`
+against a tiny fake apiserver on loopback (wiring only: features are proven on the real control plane)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from kubernetes import client as k8s
+
+from beacon.kube import Kube, NotOursError, _owned_view, covers
+
+
+# ------------------------------------------------------------------------------------------------ covers
+@pytest.mark.parametrize(
+    ("actual", "desired", "expected"),
+    [
+        ({"a": 1, "b": 2}, {"a": 1}, True),  # the server adds fields: still covered
+        ({"a": 1}, {"a": 1, "b": 2}, False),  # a field we want is missing
+        ({"a": {"x": 1, "y": 2}}, {"a": {"x": 1}}, True),  # subsets all the way down
+        ({"a": {"x": 1}}, {"a": {"x": 2}}, False),
+        ({"a": None}, {"a": None}, True),
+        ({}, {"a": None}, False),  # a key we set to null must exist
+        ({"a": 1}, {}, True),
+        ([1, 2], [1, 2], True),
+        ([1, 2, 3], [1, 2], False),  # lists: exact length (an extra endpoint is a difference)
+        ([1], [1, 2], False),
+        ([2, 1], [1, 2], False),  # ...and order
+        ([{"ip": "a", "nodeName": "n"}], [{"ip": "a"}], True),  # list elements compared as subsets
+        ("x", "x", True),
+        (1, 1.0, True),
+        (True, "true", False),
+        (None, {}, False),
+        ({"a": 1}, [("a", 1)], False),
+        ([], [], True),
+    ],
+)
+def test_covers(actual: Any, desired: Any, expected: bool) -> None:
+    assert covers(actual, desired) is expected
+
+
+def test_owned_view_drops_status_and_server_managed_metadata() -> None:
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "payments",
+            "namespace": "shop",
+            "uid": "u",
+            "resourceVersion": "42",
+            "managedFields": [{}],
+            "labels": {"a": "b"},
+            "annotations": {"c": "d"},
+            "ownerReferences": [{"uid": "o"}],
+        },
+        "spec": {"ports": []},
+        "status": {"loadBalancer": {}},
+    }
+    assert _owned_view(obj) == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"labels": {"a": "b"}, "annotations": {"c": "d"}, "ownerReferences": [{"uid": "o"}]},
+        "spec": {"ports": []},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ensure
+class FakeApiserver:
+    """Objects by path; GET and server-side-apply PATCH only; every request recorded as (method, path)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path))
+        if request.method == "GET":
+            obj = self.objects.get(request.path)
+            if obj is None:
+                return web.json_response({"kind": "Status", "code": 404}, status=404)
+            return web.json_response(obj)
+        if request.method == "PATCH":
+            assert request.content_type == "application/apply-patch+yaml"
+            assert request.query["fieldManager"] == "beacon"
+            body = json.loads(await request.read())
+            stored = {**body, "metadata": {**body["metadata"], "uid": "server-uid", "resourceVersion": "1"}}
+            self.objects[request.path] = stored
+            return web.json_response(stored)
+        return web.json_response({}, status=405)
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [r for r in self.requests if r[0] != "GET"]
+
+
+@contextlib.asynccontextmanager
+async def fake_kube() -> AsyncIterator[tuple[Kube, FakeApiserver]]:
+    fake = FakeApiserver()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    configuration = k8s.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    kube = Kube(k8s.ApiClient(configuration), threads=2)
+    try:
+        yield kube, fake
+    finally:
+        kube.close()
+        await runner.cleanup()
+
+
+SVC_PATH = "/api/v1/namespaces/shop/services/payments"
+
+
+def service(port: int = 8080, owner_uid: str = "entry-uid") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "payments",
+            "namespace": "shop",
+            "labels": {"beacon.dev/service-entry": "payments"},
+            "ownerReferences": [{"apiVersion": "beacon.dev/v1alpha1", "kind": "ServiceEntry", "uid": owner_uid}],
+        },
+        "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": port}]},
+    }
+
+
+async def test_ensure_writes_once_then_only_on_change() -> None:
+    async with fake_kube() as (kube, fake):
+        assert await kube.ensure(service())
+        assert fake.writes() == [("PATCH", SVC_PATH)]
+        assert not await kube.ensure(service())  # unchanged: no request at all
+        assert len(fake.requests) == 2  # the first GET (nothing cached yet) and the PATCH
+        assert await kube.ensure(service(port=9090))
+        assert fake.writes() == [("PATCH", SVC_PATH), ("PATCH", SVC_PATH)]
+        assert fake.objects[SVC_PATH]["spec"]["ports"] == [{"name": "http", "port": 9090}]
+
+
+async def test_ensure_after_restart_skips_objects_the_api_already_holds() -> None:
+    async with fake_kube() as (kube, fake):
+        existing = service()
+        existing["metadata"]["resourceVersion"] = "7"
+        existing["spec"]["ports"][0]["protocol"] = "TCP"  # a server default
+        existing["spec"]["clusterIPs"] = ["None"]
+        fake.objects[SVC_PATH] = existing
+        assert not await kube.ensure(service())
+        assert fake.writes() == []
+
+
+async def test_ensure_never_overwrites_an_object_owned_by_someone_else() -> None:
+    async with fake_kube() as (kube, fake):
+        fake.objects[SVC_PATH] = service(owner_uid="someone-else")
+        with pytest.raises(NotOursError, match="not managed by beacon"):
+            await kube.ensure(service())
+        unowned = service()
+        del unowned["metadata"]["ownerReferences"]
+        unowned["metadata"]["labels"] = {"app": "theirs"}
+        fake.objects[SVC_PATH] = unowned
+        with pytest.raises(NotOursError):
+            await kube.ensure(service())
+        assert fake.writes() == []
+
+
+async def test_forget_makes_ensure_read_the_api_again() -> None:
+    async with fake_kube() as (kube, fake):
+        await kube.ensure(service())
+        fake.objects.pop(SVC_PATH)  # someone deleted it behind our back
+        assert not await kube.ensure(service())  # the cache still believes it is there
+        kube.forget("Service", "shop", "payments")
+        assert await kube.ensure(service())
+        assert SVC_PATH in fake.objects

@@ -1,0 +1,172 @@
+"""ServiceEntry bodies become typed models once, and each endpoint becomes the probe target the spec describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from beacon.models import Endpoint, ServiceEntry
+from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, TcpCheck
+
+
+def make_entry(spec: dict[str, Any], *, name: str = "payments", namespace: str = "shop") -> ServiceEntry:
+    return ServiceEntry.from_body(
+        {"metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 3}, "spec": spec}
+    )
+
+
+PORTS = [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9090, "appProtocol": "grpc"}]
+
+
+def test_from_body_applies_defaults() -> None:
+    entry = ServiceEntry.from_body(
+        {"metadata": {"name": "payments", "namespace": "shop", "uid": "u"}, "spec": {"ports": PORTS}}
+    )
+    assert entry.key == ("shop", "payments")
+    assert entry.generation == 1
+    assert entry.spec.headless is True
+    assert entry.spec.endpoints == ()
+    assert entry.spec.selector is None
+    assert entry.spec.health_check is None
+    assert entry.spec.ports[0].protocol == "TCP"
+    assert entry.spec.ports[1].app_protocol == "grpc"
+
+
+def test_health_check_defaults_and_thresholds() -> None:
+    entry = make_entry({"ports": PORTS, "healthCheck": {"tcp": {}}})
+    hc = entry.spec.health_check
+    assert hc is not None
+    assert (hc.interval_seconds, hc.timeout_seconds) == (10, 2)
+    assert (hc.thresholds.healthy, hc.thresholds.unhealthy, hc.thresholds.deregister_after) == (1, 3, None)
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "healthCheck": {"tcp": {}, "healthyThreshold": 2, "unhealthyThreshold": 4, "deregisterAfterSeconds": 60},
+        }
+    )
+    assert entry.spec.health_check is not None
+    thresholds = entry.spec.health_check.thresholds
+    assert (thresholds.healthy, thresholds.unhealthy, thresholds.deregister_after) == (2, 4, 60.0)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    entry = make_entry({"ports": PORTS, "futureField": {"x": 1}})
+    assert entry.spec.ports[0].name == "http"
+
+
+def test_static_endpoints_apply_per_endpoint_port_overrides() -> None:
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [
+                {"address": "198.18.0.10", "zone": "a", "labels": {"tier": "1"}},
+                {"address": "198.18.0.11", "ports": [{"name": "http", "port": 18080}], "hostname": "b"},
+            ],
+        }
+    )
+    first, second = entry.static_endpoints()
+    assert first.ports == {"http": 8080, "grpc": 9090}
+    assert (first.zone, first.labels) == ("a", {"tier": "1"})
+    assert second.ports == {"http": 18080, "grpc": 9090}
+    assert second.hostname == "b"
+
+
+def test_no_health_check_means_no_target() -> None:
+    entry = make_entry({"ports": PORTS, "endpoints": [{"address": "198.18.0.10"}]})
+    assert entry.target(entry.static_endpoints()[0]) is None
+
+
+def test_http_target_resolves_port_by_name_and_defaults() -> None:
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [{"address": "198.18.0.10"}],
+            "healthCheck": {"http": {"path": "/healthz", "port": "grpc"}, "intervalSeconds": 5, "timeoutSeconds": 1},
+        }
+    )
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert target.address == "198.18.0.10"
+    assert (target.interval, target.timeout) == (5.0, 1.0)
+    assert target.check == HttpCheck(port=9090, path="/healthz", scheme="HTTP", headers=(), expected=((200, 399),))
+
+
+def test_http_target_headers_and_expected_statuses() -> None:
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [{"address": "198.18.0.10"}],
+            "healthCheck": {
+                "http": {
+                    "scheme": "HTTPS",
+                    "headers": [{"name": "Host", "value": "payments"}],
+                    "expectedStatuses": [{"min": 204}, {"min": 300, "max": 302}],
+                }
+            },
+        }
+    )
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert isinstance(target.check, HttpCheck)
+    assert target.check.port == 8080  # no port: the entry's first port
+    assert target.check.scheme == "HTTPS"
+    assert target.check.headers == (("Host", "payments"),)
+    assert target.check.expected == ((204, 204), (300, 302))
+
+
+@pytest.mark.parametrize(("ref", "expected"), [(7000, 7000), ("7001", 7001), ("http", 18080), (None, 18080)])
+def test_port_reference_forms_and_per_endpoint_override(ref: int | str | None, expected: int) -> None:
+    tcp: dict[str, Any] = {} if ref is None else {"port": ref}
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [{"address": "198.18.0.11", "ports": [{"name": "http", "port": 18080}]}],
+            "healthCheck": {"tcp": tcp},
+        }
+    )
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert target.check == TcpCheck(port=expected)
+
+
+def test_grpc_target_carries_service_name() -> None:
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [{"address": "2001:db8::1"}],
+            "healthCheck": {"grpc": {"port": "grpc", "service": "payments.v1.Payments"}},
+        }
+    )
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert target.check == GrpcCheck(port=9090, service="payments.v1.Payments")
+
+
+def test_lease_name_defaults_to_entry_prefix_and_endpoint_key() -> None:
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [{"address": "198.18.0.10", "hostname": "node-a"}, {"address": "2001:db8::7"}],
+            "healthCheck": {"lease": {}},
+        }
+    )
+    with_hostname, ipv6 = (entry.target(ep) for ep in entry.static_endpoints())
+    assert with_hostname is not None
+    assert ipv6 is not None
+    assert with_hostname.check == LeaseCheck(namespace="shop", name="payments-node-a")
+    assert ipv6.check == LeaseCheck(namespace="shop", name="payments-2001-db8--7")  # ":" is not valid in names
+
+
+def test_lease_name_prefix_and_pod_key() -> None:
+    entry = make_entry({"ports": PORTS, "healthCheck": {"lease": {"namePrefix": "hb-"}}})
+    pod_endpoint = Endpoint(address="10.0.0.5", ports={"http": 8080}, pod="web-0")
+    target = entry.target(pod_endpoint)
+    assert target is not None
+    assert target.check == LeaseCheck(namespace="shop", name="hb-web-0")
+
+
+def test_equal_specs_give_equal_targets() -> None:
+    spec = {"ports": PORTS, "endpoints": [{"address": "198.18.0.10"}], "healthCheck": {"http": {"path": "/h"}}}
+    a, b = make_entry(spec), make_entry(spec)
+    assert a.target(a.static_endpoints()[0]) == b.target(b.static_endpoints()[0])

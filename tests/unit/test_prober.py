@@ -1,0 +1,238 @@
+"""The probe scheduler, driven by a fake probe function: prompt first probes, periodic probing, bounded
+concurrency, no overlap per target, and results of removed or changed targets never delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass, field, replace
+
+from beacon.prober import Prober
+from beacon.targets import ProbeResult, Target, TcpCheck
+
+
+def target(address: str = "198.18.0.1", *, interval: float = 0.1, timeout: float = 1.0) -> Target:
+    return Target(address=address, check=TcpCheck(port=80), interval=interval, timeout=timeout)
+
+
+@dataclass
+class FakeProbe:
+    """Records every probe start (monotonic time per address), how many run at once, and what was delivered."""
+
+    delay: float = 0.0
+    gate: asyncio.Event | None = None  # when set, probes wait for it
+    starts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    inflight: int = 0
+    max_inflight: int = 0
+    inflight_per_address: Counter[str] = field(default_factory=Counter)
+    overlaps: int = 0
+    delivered: list[tuple[Hashable, Target, ProbeResult]] = field(default_factory=list)
+
+    async def __call__(self, t: Target) -> ProbeResult:
+        self.starts[t.address].append(time.monotonic())
+        self.inflight += 1
+        self.inflight_per_address[t.address] += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        if self.inflight_per_address[t.address] > 1:
+            self.overlaps += 1
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(self.delay)
+            return ProbeResult(ok=True, detail=f"probed {t.address} timeout={t.timeout}", seconds=self.delay)
+        finally:
+            self.inflight -= 1
+            self.inflight_per_address[t.address] -= 1
+
+    def on_result(self, key: Hashable, t: Target, result: ProbeResult) -> None:
+        self.delivered.append((key, t, result))
+
+    def count(self, address: str = "198.18.0.1") -> int:
+        return len(self.starts[address])
+
+
+@contextlib.asynccontextmanager
+async def running(prober: Prober) -> AsyncIterator[Prober]:
+    task = asyncio.create_task(prober.run())
+    try:
+        yield prober
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_until(condition: Callable[[], bool], *, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.005)
+
+
+async def test_first_probe_comes_long_before_the_interval() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.05)
+    async with running(prober):
+        prober.upsert("a", target(interval=60.0))
+        await wait_until(lambda: fake.count() == 1, within=2.0)  # not an interval later
+        assert fake.delivered[0][0] == "a"
+        await asyncio.sleep(0.2)
+        assert fake.count() == 1  # the next one waits for the interval
+
+
+async def test_targets_are_probed_periodically_and_never_early() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01, jitter=0.1)
+    async with running(prober):
+        prober.upsert("a", target(interval=0.1))
+        await wait_until(lambda: fake.count() >= 6)
+    starts = fake.starts["198.18.0.1"]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.1 * 0.9 - 0.005  # interval minus jitter (and timer granularity)
+    assert prober.probes_run == len(starts)
+
+
+async def test_concurrency_bound_is_never_exceeded_and_targets_never_overlap() -> None:
+    fake = FakeProbe(delay=0.05)
+    prober = Prober(probe=fake, on_result=fake.on_result, concurrency=3, first_probe_within=0.01)
+    async with running(prober):
+        for i in range(20):
+            prober.upsert(i, target(f"198.18.0.{i}", interval=0.05))
+        await wait_until(lambda: all(fake.count(f"198.18.0.{i}") >= 2 for i in range(20)))
+    assert fake.max_inflight == 3
+    assert fake.overlaps == 0
+
+
+async def test_due_probes_waiting_for_a_slot_show_as_queue_depth() -> None:
+    fake = FakeProbe(gate=asyncio.Event())
+    prober = Prober(probe=fake, on_result=fake.on_result, concurrency=2, first_probe_within=0.01)
+    async with running(prober):
+        for i in range(5):
+            prober.upsert(i, target(f"198.18.0.{i}", interval=60.0))
+        await wait_until(lambda: fake.inflight == 2)
+        await asyncio.sleep(0.05)
+        assert fake.inflight == 2
+        assert prober.queue_depth == 3  # 5 due, 2 running
+        assert fake.gate is not None
+        fake.gate.set()
+        await wait_until(lambda: len(fake.delivered) == 5)
+        assert prober.queue_depth == 0
+
+
+async def test_remove_stops_probing() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01)
+    async with running(prober):
+        prober.upsert("a", target(interval=0.05))
+        prober.upsert("b", target("198.18.0.2", interval=0.05))
+        await wait_until(lambda: fake.count() >= 2)
+        prober.remove("a")
+        assert prober.keys() == ["b"]
+        removed_at = fake.count()
+        b_before = fake.count("198.18.0.2")
+        await asyncio.sleep(0.3)
+    assert fake.count() == removed_at
+    assert fake.count("198.18.0.2") > b_before  # the scheduler still runs the others
+
+
+async def test_upserting_an_identical_target_keeps_the_schedule() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01, jitter=0.0)
+    async with running(prober):
+        prober.upsert("a", target(interval=0.4))
+        await wait_until(lambda: fake.count() == 1)
+        for _ in range(10):  # an entry re-read ten times within one interval
+            prober.upsert("a", target(interval=0.4))
+            await asyncio.sleep(0.02)
+        assert fake.count() == 1
+        assert len(prober) == 1
+
+
+async def test_a_changed_target_is_probed_promptly_under_its_new_settings() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01)
+    async with running(prober):
+        prober.upsert("a", target(interval=60.0))
+        await wait_until(lambda: fake.count() == 1)
+        prober.upsert("a", target(interval=60.0, timeout=2.0))
+        await wait_until(lambda: fake.count() == 2)
+    assert [t.timeout for _, t, _ in fake.delivered] == [1.0, 2.0]
+
+
+async def test_results_of_a_target_changed_while_probing_are_dropped() -> None:
+    fake = FakeProbe(gate=asyncio.Event())
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01)
+    old, new = target(interval=60.0), target(interval=60.0, timeout=2.0)
+    async with running(prober):
+        prober.upsert("a", old)
+        await wait_until(lambda: fake.count() == 1)  # the old probe is in flight
+        prober.upsert("a", new)
+        await wait_until(lambda: fake.count() == 2)  # and so is the new one
+        assert fake.gate is not None
+        fake.gate.set()
+        await wait_until(lambda: prober.probes_run == 2)
+        await asyncio.sleep(0.05)
+    assert [(key, t) for key, t, _ in fake.delivered] == [("a", new)]
+
+
+async def test_results_of_a_target_removed_while_probing_are_dropped() -> None:
+    fake = FakeProbe(gate=asyncio.Event())
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01)
+    async with running(prober):
+        prober.upsert("a", target(interval=0.05))
+        await wait_until(lambda: fake.count() == 1)
+        prober.remove("a")
+        assert fake.gate is not None
+        fake.gate.set()
+        await wait_until(lambda: prober.probes_run == 1)
+        await asyncio.sleep(0.2)
+    assert fake.delivered == []
+    assert fake.count() == 1
+
+
+async def test_a_probe_function_that_raises_does_not_lose_the_target() -> None:
+    calls: list[float] = []
+    delivered: list[ProbeResult] = []
+
+    async def flaky(t: Target) -> ProbeResult:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return ProbeResult(ok=True, detail="ok", seconds=0.0)
+
+    prober = Prober(probe=flaky, on_result=lambda k, t, r: delivered.append(r), first_probe_within=0.01)
+    async with running(prober):
+        prober.upsert("a", target(interval=0.05))
+        await wait_until(lambda: len(calls) >= 3)
+    assert not delivered[0].ok
+    assert "boom" in delivered[0].detail
+    assert all(r.ok for r in delivered[1:])
+
+
+async def test_targets_added_while_idle_wake_the_scheduler() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, first_probe_within=0.01)
+    async with running(prober):
+        await asyncio.sleep(0.05)  # nothing to do: the loop sleeps without a deadline
+        prober.upsert("a", replace(target(), interval=60.0))
+        await wait_until(lambda: fake.count() == 1, within=2.0)
+
+
+async def test_a_result_callback_that_raises_does_not_stop_the_probes() -> None:
+    fake = FakeProbe()
+    seen: list[ProbeResult] = []
+
+    def on_result(key: Hashable, t: Target, result: ProbeResult) -> None:
+        seen.append(result)
+        if len(seen) == 1:
+            raise RuntimeError("callback bug")
+
+    prober = Prober(probe=fake, on_result=on_result, first_probe_within=0.01)
+    async with running(prober):
+        prober.upsert("a", target(interval=0.05))
+        await wait_until(lambda: len(seen) >= 3)
