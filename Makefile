@@ -12,6 +12,7 @@ PY := $(VENV)/bin/python
 BIN_DIR_FILE := .control-plane-bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BENCH_CONFIG_ARGS ?=
 # the operator image for docker-build, deploy and kind-e2e
 IMG ?= beacon:dev
 # kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
@@ -54,8 +55,8 @@ control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, ku
 
 .PHONY: lint
 lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllint, shellcheck, hadolint.
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/yamllint -s crds examples manifests
@@ -64,8 +65,8 @@ lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllin
 
 .PHONY: fmt
 fmt: deps ## Format and autofix.
-	$(VENV)/bin/ruff format operator tests
-	$(VENV)/bin/ruff check --fix operator tests
+	$(VENV)/bin/ruff format operator tests bench
+	$(VENV)/bin/ruff check --fix operator tests bench
 
 .PHONY: test-unit
 test-unit: deps ## Unit tests only (no cluster).
@@ -82,8 +83,9 @@ run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control 
 ##@ Benchmarks
 
 .PHONY: bench
-bench: deps control-plane ## Discovery benchmark on the local control plane; writes bench/results/*.json and *.md.
+bench: deps control-plane ## Discovery and ConfigEntry benchmarks on the local control plane; writes bench/results/.
 	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS)
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS)
 
 ##@ Cluster
 

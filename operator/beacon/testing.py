@@ -162,7 +162,8 @@ class Audit:
         self.cluster = cluster
         self.user = user
 
-    def writes(self, *, since: float = 0.0) -> list[dict[str, Any]]:
+    def writes(self, *, since: float = 0.0, namespace: str | None = None) -> list[dict[str, Any]]:
+        """This user's completed write requests since `since` (epoch seconds), optionally in one namespace."""
         out = []
         for event in self.cluster.audit_events():
             if event.get("stage") != "ResponseComplete":
@@ -171,6 +172,8 @@ class Audit:
                 continue
             stamp = str(event.get("requestReceivedTimestamp", ""))
             if since and _epoch(stamp) < since:
+                continue
+            if namespace is not None and (event.get("objectRef") or {}).get("namespace") != namespace:
                 continue
             out.append(event)
         return out

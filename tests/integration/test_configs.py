@@ -166,7 +166,7 @@ def holds(cluster: DevCluster, ns: str, name: str, want: dict[str, str]) -> Call
 
 
 def operator_writes(audit: Audit, ns: str, since: float) -> list[dict[str, Any]]:
-    return [w for w in audit.writes(since=since) if (w.get("objectRef") or {}).get("namespace") == ns]
+    return audit.writes(since=since, namespace=ns)
 
 
 # ---------------------------------------------------------------------------------------------------- apply, update

@@ -368,12 +368,22 @@ def test_steady_state_makes_zero_writes(
     interval = 3
     body["spec"]["healthCheck"].update({"intervalSeconds": interval, "timeoutSeconds": 2, "unhealthyThreshold": 3})
     apply(cluster, body)
-    eventually(lambda: status(cluster, namespace, "idle").get("readySummary") == "3/4", timeout=DETECTION_BUDGET + 6)
+    # settled: the three good endpoints healthy AND the silent one already judged unhealthy (UNKNOWN -> CRITICAL
+    # after 3 failures is a transition, with its writes, that belongs before the idle window, not in it)
+    eventually(
+        lambda: (
+            {e["address"]: e["state"] for e in status(cluster, namespace, "idle").get("endpoints", [])}
+            == {**{h.address: "Healthy" for h in hosts}, bad.address: "Unhealthy"}
+        ),
+        timeout=DETECTION_BUDGET + 12,
+        what="3 healthy endpoints and the silent one unhealthy",
+    )
     time.sleep(2)  # let coalesced writes (registry) land
     start = time.time()
     before = operator_running.metrics()
     time.sleep(interval * 4)
-    writes = audit.writes(since=start)
+    # this namespace only: earlier tests' namespaces may still be terminating, which rightly costs writes
+    writes = audit.writes(since=start, namespace=namespace)
     assert writes == [], f"{len(writes)} writes in steady state: {[w['objectRef'] for w in writes][:5]}"
     after = operator_running.metrics()
     assert _metric(after, 'beacon_probes_total{check="http",result="ok"}') > _metric(
@@ -425,7 +435,9 @@ def test_restart_never_publishes_healthy_endpoints_not_ready(
         stop.set()
         watcher.join()
     assert flips == [], f"healthy endpoints were published not-ready after {signal.Signals(sig).name}: {flips[:5]}"
-    slice_writes = [w for w in audit.writes(since=restart_at) if w["objectRef"]["resource"] == "endpointslices"]
+    slice_writes = [
+        w for w in audit.writes(since=restart_at, namespace=namespace) if w["objectRef"]["resource"] == "endpointslices"
+    ]
     assert slice_writes == [], "a restart with unchanged health rewrites no EndpointSlice"
 
 

@@ -281,7 +281,7 @@ def test_flapping_endpoint_causes_bounded_writes(
         up = not up
         (server.start if up else server.stop)()
     server.start()
-    writes = audit.writes(since=start)
+    writes = audit.writes(since=start, namespace=namespace)
     after = operator_running.metrics()
     transitions = _metric_sum(after, "beacon_health_transitions_total") - _metric_sum(
         before, "beacon_health_transitions_total"
