@@ -52,6 +52,7 @@ from beacon.config_core import (
 )
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, status_changed
+from beacon.workqueue import MAX_BACKOFF, WorkQueue
 
 log = logging.getLogger("beacon.configs")
 
@@ -117,8 +118,13 @@ class Configs:
         self._clock = clock
         self._wall = wall_clock
         self._entries: dict[EntryKey, _EntryState] = {}
-        self._pending: dict[EntryKey, asyncio.Task[None]] = {}
-        self._dirty: set[EntryKey] = set()
+        self._queue: WorkQueue[EntryKey] = WorkQueue(
+            name="ConfigEntry",
+            delay=coalesce_seconds,
+            process=self.reconcile,
+            alive=lambda key: key in self._entries,
+            on_error=self._forget_entry,
+        )
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._hashes: dict[tuple[str, str], str] = {}  # (namespace, ConfigMap name) -> materialised hash
         self._workloads: dict[WorkloadKey, _Workload] = {}
@@ -170,7 +176,7 @@ class Configs:
             if state.foreign:
                 self._schedule(key)  # the other ConfigMap may be gone by now (a read; writes only if it is)
                 continue
-            if state.current is None or not state.config_map or key in self._dirty:
+            if state.current is None or not state.config_map or self._queue.is_dirty(key):
                 continue
             item = actual.get((key[0], state.config_map))
             digest = ((item or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_HASH)
@@ -205,9 +211,7 @@ class Configs:
 
     async def entry_deleted(self, namespace: str, name: str) -> None:
         state = self._entries.pop((namespace, name), None)
-        task = self._pending.pop((namespace, name), None)
-        if task is not None:
-            task.cancel()
+        self._queue.cancel((namespace, name))
         if state is not None:
             # the garbage collector removes the ConfigMap and the ControllerRevisions (ownerReferences)
             if state.config_map and not state.foreign:
@@ -243,32 +247,14 @@ class Configs:
 
     def _schedule(self, key: EntryKey) -> None:
         """One worker per entry reconciles `coalesce` seconds after a change, and again while changes keep coming:
-        a burst of edits costs one round of writes, never concurrent ones."""
-        self._dirty.add(key)
-        task = self._pending.get(key)
-        if task is None or task.done():
-            self._pending[key] = asyncio.ensure_future(self._worker(key))
+        a burst of edits costs one round of writes, never concurrent ones (see beacon.workqueue)."""
+        self._queue.schedule(key)
 
-    async def _worker(self, key: EntryKey) -> None:
-        backoff = 1.0
-        await asyncio.sleep(self._coalesce)
-        while key in self._dirty and key in self._entries:
-            self._dirty.discard(key)
-            try:
-                await self.reconcile(key)
-                metrics.RECONCILES.labels(kind="ConfigEntry", outcome="ok").inc()
-                backoff = 1.0
-            except (ApiError, OSError) as exc:
-                metrics.RECONCILES.labels(kind="ConfigEntry", outcome="error").inc()
-                log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", key[0], key[1], backoff, exc)
-                state = self._entries.get(key)
-                if state is not None:
-                    state.loaded = False  # re-read history and ConfigMap before the retry
-                    self.kube.forget("ConfigMap", key[0], state.entry.config_map_name)
-                self._dirty.add(key)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
-        self._dirty.discard(key)
+    def _forget_entry(self, key: EntryKey, _exc: Exception) -> None:
+        state = self._entries.get(key)
+        if state is not None:
+            state.loaded = False  # re-read history and ConfigMap before the retry
+            self.kube.forget("ConfigMap", key[0], state.entry.config_map_name)
 
     # ------------------------------------------------------------------ entries: reconcile
     async def reconcile(self, key: EntryKey) -> None:
@@ -465,13 +451,13 @@ class Configs:
                 )
                 self._event(workload, "Normal", "ConfigReload", f"pod template bumped for {decision.template}")
                 backoff = 1.0
-            except ApiError as exc:
-                if exc.status == 404:
+            except Exception as exc:  # the API unreachable or anything else: retry, never drop a pending reload
+                if isinstance(exc, ApiError) and exc.status == 404:
                     self._workloads.pop(key, None)
                     return
                 log.warning("reload of %s %s/%s failed, retrying in %.0fs: %s", *key, backoff, exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _wait_for_rollout(self, workload: _Workload, template: str | None) -> bool:
         """True when the rollout may happen now; otherwise sleep until it may (the caller then decides again,
@@ -526,7 +512,8 @@ class Configs:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for task in [*self._pending.values(), *self._workload_tasks.values(), *self._tasks]:
+        await self._queue.close()
+        for task in [*self._workload_tasks.values(), *self._tasks]:
             task.cancel()
 
 

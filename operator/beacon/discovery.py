@@ -38,10 +38,10 @@ from beacon.reconcile import (
 )
 from beacon.registry import LABEL_REGISTRY, REGISTRY_NAME, desired_registry
 from beacon.targets import LeaseRecord, ProbeResult, Target, parse_micro_time
+from beacon.workqueue import WorkQueue
 
 log = logging.getLogger("beacon.discovery")
 
-MAX_BACKOFF = 10.0  # seconds; after an apiserver outage, convergence waits at most this long for a retry
 EntryKey = tuple[str, str]
 ProbeKey = tuple[str, str, str]  # namespace, entry, address
 
@@ -102,13 +102,21 @@ class Discovery:
         self._records: dict[str, dict[str, RegistryRecord]] = defaultdict(dict)
         self._expected: set[EntryKey] = set()
         self._clock = wall_clock
-        self._coalesce = coalesce_seconds
-        self._registry_coalesce = registry_coalesce_seconds
-        self._pending: dict[EntryKey, asyncio.Task[None]] = {}
-        self._dirty: set[EntryKey] = set()
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._registry_pending: dict[str, asyncio.Task[None]] = {}
-        self._registry_dirty: set[str] = set()
+        self._queue: WorkQueue[EntryKey] = WorkQueue(
+            name="ServiceEntry",
+            delay=coalesce_seconds,
+            process=self._reconcile_or_report,
+            alive=lambda key: key in self._entries,
+            # whatever was written before a failure is unknown now: re-read instead of trusting the cache
+            on_error=lambda key, _exc: self.kube.forget_namespace_entry(*key),
+        )
+        self._registry_queue: WorkQueue[str] = WorkQueue(
+            name="Registry",
+            delay=registry_coalesce_seconds,
+            process=self.write_registry,
+            on_error=self._forget_registry,
+        )
         self._registry_names: dict[str, set[str]] = {}
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
@@ -145,10 +153,8 @@ class Discovery:
                 self.prober.remove((namespace, name, ep.address))
         self.kube.forget_namespace_entry(namespace, name)
         self._records[namespace].pop(name, None)
-        task = self._pending.pop((namespace, name), None)
-        if task is not None:
-            task.cancel()
-        self._schedule_registry(namespace)
+        self._queue.cancel((namespace, name))
+        self._registry_queue.schedule(namespace)
 
     def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         pod = pod_from_body(body)
@@ -361,35 +367,15 @@ class Discovery:
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self, key: EntryKey) -> None:
-        """Mark an entry dirty. One worker per entry reconciles after `coalesce` seconds, and again while changes
-        keep arriving, so a burst of transitions costs one round of writes, never concurrent ones."""
-        self._dirty.add(key)
-        task = self._pending.get(key)
-        if task is None or task.done():
-            self._pending[key] = asyncio.ensure_future(self._worker(key))
+        self._queue.schedule(key)
 
-    async def _worker(self, key: EntryKey) -> None:
-        backoff = 1.0
-        await asyncio.sleep(self._coalesce)
-        while key in self._dirty and key in self._entries:
-            self._dirty.discard(key)
-            try:
-                await self.reconcile(key)
-                metrics.RECONCILES.labels(kind="ServiceEntry", outcome="ok").inc()
-                backoff = 1.0
-            except NotOursError as exc:
-                metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
-                log.error("%s/%s: %s", key[0], key[1], exc)
-                await self._report_conflict(key, str(exc))
-            except Exception as exc:  # the API unreachable, a conflict, anything: retry, never give up silently
-                metrics.RECONCILES.labels(kind="ServiceEntry", outcome="error").inc()
-                log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", key[0], key[1], backoff, exc)
-                # whatever was written before the failure is unknown now: re-read instead of trusting the cache
-                self.kube.forget_namespace_entry(*key)
-                self._dirty.add(key)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-        self._dirty.discard(key)
+    async def _reconcile_or_report(self, key: EntryKey) -> None:
+        try:
+            await self.reconcile(key)
+        except NotOursError as exc:  # not retried: the entry reports the conflict until someone resolves it
+            metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
+            log.error("%s/%s: %s", key[0], key[1], exc)
+            await self._report_conflict(key, str(exc))
 
     # ------------------------------------------------------------------ reconcile
     async def reconcile(self, key: EntryKey) -> None:
@@ -447,26 +433,11 @@ class Discovery:
 
     # ------------------------------------------------------------------ registry
     def _schedule_registry(self, namespace: str) -> None:
-        self._registry_dirty.add(namespace)
-        task = self._registry_pending.get(namespace)
-        if task is None or task.done():
-            self._registry_pending[namespace] = asyncio.ensure_future(self._registry_worker(namespace))
+        self._registry_queue.schedule(namespace)
 
-    async def _registry_worker(self, namespace: str) -> None:
-        backoff = 1.0
-        await asyncio.sleep(self._registry_coalesce)
-        while namespace in self._registry_dirty:
-            self._registry_dirty.discard(namespace)
-            try:
-                await self.write_registry(namespace)
-                backoff = 1.0
-            except Exception as exc:  # retried like entries; a foreign beacon-registry ConfigMap is logged each time
-                log.warning("registry of %s failed, retrying in %.0fs: %s", namespace, backoff, exc)
-                for item in self._registry_names.pop(namespace, set()):
-                    self.kube.forget("ConfigMap", namespace, item)
-                self._registry_dirty.add(namespace)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+    def _forget_registry(self, namespace: str, _exc: Exception) -> None:
+        for item in self._registry_names.pop(namespace, set()):
+            self.kube.forget("ConfigMap", namespace, item)
 
     async def write_registry(self, namespace: str) -> None:
         async with self._registry_locks[namespace]:
@@ -495,8 +466,8 @@ class Discovery:
         self._schedule_registry(namespace)
 
     async def close(self) -> None:
-        for task in [*self._pending.values(), *self._registry_pending.values()]:
-            task.cancel()
+        await self._queue.close()
+        await self._registry_queue.close()
 
 
 def _iso(now: float) -> str:

@@ -1,0 +1,92 @@
+"""A keyed, coalescing work queue: one worker per key, run after a quiet delay, retried with capped backoff.
+
+Why it exists: ServiceEntries, namespace registries and ConfigEntries all need the same discipline (client-go's
+workqueue gives it to controllers written in Go): changes to one key arriving in a burst cost one round of
+writes; the same key is never reconciled twice at once; a failure of any kind (the apiserver gone, a 409, a
+client library error) is retried with backoff instead of silently killing the worker; a key that disappears
+stops being retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+from beacon import metrics
+
+K = TypeVar("K", bound=Hashable)
+MAX_BACKOFF = 10.0  # seconds; after an apiserver outage, convergence waits at most this long for a retry
+
+log = logging.getLogger("beacon.workqueue")
+
+
+class WorkQueue(Generic[K]):
+    """`schedule(key)` marks a key dirty; its worker runs `process(key)` after `delay` seconds and again while it
+    was marked dirty meanwhile. Exceptions from `process` are logged, passed to `on_error` (to drop caches) and
+    retried after 1, 2, 4 ... up to `MAX_BACKOFF` seconds, for as long as `alive(key)` holds."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        delay: float,
+        process: Callable[[K], Awaitable[None]],
+        alive: Callable[[K], bool] = lambda _: True,
+        on_error: Callable[[K, Exception], None] = lambda _key, _exc: None,
+        max_backoff: float = MAX_BACKOFF,
+    ) -> None:
+        self._name = name
+        self._delay = delay
+        self._process = process
+        self._alive = alive
+        self._on_error = on_error
+        self._max_backoff = max_backoff
+        self._dirty: set[K] = set()
+        self._workers: dict[K, asyncio.Task[None]] = {}
+
+    def schedule(self, key: K) -> None:
+        self._dirty.add(key)
+        task = self._workers.get(key)
+        if task is None or task.done():
+            self._workers[key] = asyncio.ensure_future(self._work(key))
+
+    def is_dirty(self, key: K) -> bool:
+        """Whether a change to `key` is waiting to be processed."""
+        return key in self._dirty
+
+    def cancel(self, key: K) -> None:
+        self._dirty.discard(key)
+        task = self._workers.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        tasks = list(self._workers.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._workers.clear()
+        self._dirty.clear()
+
+    async def _work(self, key: K) -> None:
+        backoff = min(1.0, self._max_backoff)
+        await asyncio.sleep(self._delay)
+        while key in self._dirty and self._alive(key):
+            self._dirty.discard(key)
+            try:
+                await self._process(key)
+                metrics.RECONCILES.labels(kind=self._name, outcome="ok").inc()
+                backoff = min(1.0, self._max_backoff)
+            except Exception as exc:  # anything: retry, never let the worker die silently
+                metrics.RECONCILES.labels(kind=self._name, outcome="error").inc()
+                log.warning("%s %s failed, retrying in %.0fs: %s", self._name, key, backoff, exc)
+                self._on_error(key, exc)
+                self._dirty.add(key)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+        self._dirty.discard(key)
