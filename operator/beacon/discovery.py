@@ -10,6 +10,7 @@ restart does not unpublish healthy endpoints. That is this module. It calls the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -101,6 +102,8 @@ class Discovery:
         self.leases: dict[tuple[str, str], LeaseRecord] = {}
         self._records: dict[str, dict[str, RegistryRecord]] = defaultdict(dict)
         self._expected: set[EntryKey] = set()
+        # uids seen deleted: a resync list taken just before a deletion must not bring the entry back
+        self._deleted_uids: collections.deque[str] = collections.deque(maxlen=4096)
         self._clock = wall_clock
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._queue: WorkQueue[EntryKey] = WorkQueue(
@@ -149,6 +152,7 @@ class Discovery:
         self._expected.discard((namespace, name))
         state = self._entries.pop((namespace, name), None)
         if state is not None:
+            self._deleted_uids.append(state.entry.uid)
             for ep in state.endpoints:
                 self.prober.remove((namespace, name, ep.address))
         self.kube.forget_namespace_entry(namespace, name)
@@ -212,7 +216,7 @@ class Discovery:
                 log.info("resync: %s/%s is gone", *key)
                 await self.entry_deleted(*key)
         for key, body in present.items():
-            if key not in self._entries:
+            if key not in self._entries and body["metadata"]["uid"] not in self._deleted_uids:
                 log.info("resync: %s/%s was not seen yet", *key)
                 await self.entry_changed(body)
         selector_namespaces = {k[0] for k, st in self._entries.items() if st.entry.spec.selector is not None}
