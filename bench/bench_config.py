@@ -10,28 +10,20 @@ bump latency. Results: bench/results/config.json and config.md.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import markdown_table, pct, save
 from kubernetes import client, config, watch
 
 from beacon.config_core import ANNOTATION_HASH, ANNOTATION_TEMPLATE_HASHES, config_map_data, content_hash
 from beacon.devcluster import DevCluster
 from beacon.testing import OperatorProcess, config_entry, opted_in_deployment
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NS = "bench-config"
 DEBOUNCE = 2.0
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Seen:
@@ -163,10 +155,7 @@ def table(results: dict[str, Any]) -> str:
             f"{b['p50_beyond_debounce_s']} s / {b['p99_beyond_debounce_s']} s",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"| {'figure'.ljust(width)} | value |", f"| {'-' * width} | ----- |"]
-    lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def main() -> None:
@@ -175,11 +164,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     results = run(entries=args.entries, rounds=args.rounds)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "config.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = table(results)
-    (RESULTS / "config.md").write_text(md + "\n")
-    print(md)
+    save("config", results, table(results))
 
 
 if __name__ == "__main__":

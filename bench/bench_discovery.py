@@ -9,7 +9,6 @@ writes per minute in steady state (from the apiserver's audit log).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchlib import markdown_table, pct, save
 from kubernetes import client, config, watch
 
 from beacon.devcluster import DevCluster
@@ -24,15 +24,7 @@ from beacon.testhosts import TestNetwork
 from beacon.testing import Audit, OperatorProcess
 
 BENCH_USER = "beacon-bench-operator"
-RESULTS = Path(__file__).resolve().parent / "results"
 NS = "bench"
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
@@ -228,10 +220,7 @@ def table(results: dict[str, Any]) -> str:
         ("operator RSS", f"{s['operator_rss_mib']} MiB"),
         ("API writes per minute (steady)", f"{s['api_writes_per_minute']}"),
     ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"| {'figure'.ljust(width)} | value |", f"| {'-' * width} | ----- |"]
-    lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def main() -> None:
@@ -251,11 +240,7 @@ def main() -> None:
         failures=args.failures,
         steady=args.steady_seconds,
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "discovery.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = table(results)
-    (RESULTS / "discovery.md").write_text(md + "\n")
-    print(md)
+    save("discovery", results, table(results))
 
 
 if __name__ == "__main__":

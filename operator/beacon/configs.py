@@ -52,7 +52,7 @@ from beacon.config_core import (
 )
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, status_changed
-from beacon.workqueue import MAX_BACKOFF, WorkQueue
+from beacon.workqueue import MAX_BACKOFF, WorkQueue, repeat
 
 log = logging.getLogger("beacon.configs")
 
@@ -187,12 +187,7 @@ class Configs:
                 self._schedule(key)
 
     async def resync_forever(self, *, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.resync()
-            except Exception as exc:  # an unreachable API: try again next time
-                log.warning("configs resync failed: %s", exc)
+        await repeat(every=every, action=self.resync, what="configs resync")
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
     async def entry_changed(self, body: Mapping[str, Any]) -> None:

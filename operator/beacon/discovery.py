@@ -39,7 +39,7 @@ from beacon.reconcile import (
 )
 from beacon.registry import LABEL_REGISTRY, REGISTRY_NAME, desired_registry
 from beacon.targets import LeaseRecord, ProbeResult, Target, parse_micro_time
-from beacon.workqueue import WorkQueue
+from beacon.workqueue import WorkQueue, repeat
 
 log = logging.getLogger("beacon.discovery")
 
@@ -241,12 +241,7 @@ class Discovery:
                 self.lease_changed(ns, {"metadata": {"name": name}}, deleted=True)
 
     async def resync_forever(self, *, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.resync()
-            except Exception as exc:  # an unreachable API: try again next time
-                log.warning("resync failed: %s", exc)
+        await repeat(every=every, action=self.resync, what="resync")
 
     # ------------------------------------------------------------------ endpoints and seeding
     def _endpoints_of(self, entry: ServiceEntry) -> list[Endpoint]:

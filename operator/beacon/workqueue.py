@@ -90,3 +90,13 @@ class WorkQueue(Generic[K]):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
         self._dirty.discard(key)
+
+
+async def repeat(*, every: float, action: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run `action` every `every` seconds forever; a failure (say, the API unreachable) waits for the next turn."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await action()
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc)
