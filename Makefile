@@ -41,10 +41,13 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: deps
 deps: $(VENV)/.installed system-deps ## Install Python dependencies into .venv (and iproute2 if missing).
 
+APT_GET := apt-get -o DPkg::Lock::Timeout=300
 .PHONY: system-deps
 system-deps:
-	@command -v ip >/dev/null || { echo "installing iproute2 (test hosts use network namespaces)"; \
-	  apt-get update -qq && apt-get install -y -qq iproute2; }
+	@missing=""; command -v ip >/dev/null || missing+=" iproute2"; command -v nft >/dev/null || missing+=" nftables"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing$$missing (test hosts: network namespaces; the guard: nftables)"; \
+	    $(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing; fi
 
 .PHONY: control-plane
 control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, kube-controller-manager, kubectl, CoreDNS.
@@ -60,7 +63,7 @@ lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllin
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/yamllint -s crds examples manifests
-	$(VENV)/bin/shellcheck hack/*.sh
+	$(VENV)/bin/shellcheck -x hack/*.sh hack/kind/*.sh .ci/run
 	$(VENV)/bin/hadolint Dockerfile
 
 .PHONY: fmt
@@ -72,9 +75,18 @@ fmt: deps ## Format and autofix.
 test-unit: deps ## Unit tests only (no cluster).
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# Under CI=true (`.ci/run` sets it), `make test` counts every packet for 198.18.0.0/15 that tries to leave the
+# machine (beacon.netguard: any such packet fails the run, and pytest names the test) and ends with the kind e2e.
+EGRESS_GUARD ?= $(if $(filter true,$(CI)),1,0)
+GUARD := $(PY) -m beacon.netguard
 .PHONY: test
-test: deps control-plane lint ## Install everything, lint, and run unit + integration tests on the local control plane.
-	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m pytest tests $(PYTEST_ARGS)
+test: deps control-plane lint ## Install everything, lint, run unit + integration tests (+ under CI=true the kind e2e).
+	@rc=0; \
+	if [ "$(EGRESS_GUARD)" = 1 ]; then $(GUARD) egress-start; fi; \
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 0 ] && [ "$${CI:-}" = true ]; then $(MAKE) --no-print-directory kind-e2e || rc=$$?; fi; \
+	if [ "$(EGRESS_GUARD)" = 1 ]; then $(GUARD) egress-stop --what "make test" || rc=$$((rc ? rc : 1)); fi; \
+	exit $$rc
 
 .PHONY: run
 run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control plane; install CRDs. Ctrl-C stops.
@@ -84,8 +96,11 @@ run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control 
 
 .PHONY: bench
 bench: deps control-plane ## Discovery and ConfigEntry benchmarks on the local control plane; writes bench/results/.
-	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS)
-	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS)
+	@rc=0; $(GUARD) egress-start; \
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS) \
+	  || rc=$$?; fi; \
+	$(GUARD) egress-stop --what "make bench" || rc=$$((rc ? rc : 1)); exit $$rc
 
 ##@ Cluster
 
@@ -116,6 +131,10 @@ undeploy: ## Remove the operator, its RBAC and namespace; keep the CRDs (`make u
 	$(KUBECTL) delete --ignore-not-found -k manifests/rbac
 	$(KUBECTL) delete --ignore-not-found namespace beacon-system
 
+.PHONY: kind-image
+kind-image: deps control-plane ## Build the offline kind node image + every image kubeadm needs (Debian packages, Go modules).
+	bash hack/kind/with-docker.sh bash hack/kind/node-image.sh
+
 .PHONY: kind-e2e
-kind-e2e: ## End to end on a kind cluster (needs Docker and kind): build, load, deploy, demo backend, DNS, failover.
-	IMG=$(IMG) KUBECTL=$(KUBECTL) bash hack/kind-e2e.sh
+kind-e2e: deps control-plane ## End to end on kind: cluster, image, deploy, DNS, failover, real-pod race, config reload.
+	IMG=$(IMG) KUBECTL=$(KUBECTL) bash hack/kind/with-docker.sh bash hack/kind-e2e.sh

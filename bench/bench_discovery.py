@@ -9,6 +9,7 @@ writes per minute in steady state (from the apiserver's audit log).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from benchlib import markdown_table, pct, save
 from kubernetes import client, config, watch
 
 from beacon.devcluster import DevCluster
+from beacon.netguard import GuardRoute
 from beacon.testhosts import TestNetwork
 from beacon.testing import Audit, OperatorProcess
 
@@ -100,7 +102,8 @@ def run(*, entries: int, per_entry: int, interval: int, threshold: int, failures
         "interval_seconds": interval,
         "unhealthy_threshold": threshold,
     }
-    with DevCluster() as cluster, TestNetwork() as net:
+    # exits in reverse: the operator stops before the test network goes, inside the guard route
+    with GuardRoute(), DevCluster() as cluster, TestNetwork() as net, contextlib.ExitStack() as stack:
         cluster.kubectl("apply", "--server-side", "-k", str(Path(__file__).resolve().parents[1] / "crds"))
         cluster.kubectl(
             "wait", "--for=condition=Established", "crd/serviceentries.beacon.dev", "crd/configentries.beacon.dev"
@@ -116,6 +119,7 @@ def run(*, entries: int, per_entry: int, interval: int, threshold: int, failures
 
         operator = OperatorProcess(cluster=cluster, kubeconfig=kubeconfig, log_dir=cluster.workdir)
         operator.start()
+        stack.callback(operator.stop)
         assert operator.proc is not None
         sw = SliceWatch(client.DiscoveryV1Api(api_client), NS)
         sw.start()

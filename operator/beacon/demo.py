@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from beacon.devcluster import DevCluster, Ports
+from beacon.netguard import GuardRoute
 from beacon.testhosts import HttpServer, TestNetwork
 
 FLAP_SECONDS = 30.0
@@ -78,7 +79,13 @@ def run_local(*, workdir: Path, examples: Path, crds: Path, kubectl_crds: Any, r
     try:
         cluster.start()
         kubectl_crds(kubectl=[cluster.kubectl_path, f"--kubeconfig={cluster.kubeconfig}"], crds=crds)
-        with TestNetwork() as net, _operator(cluster.kubeconfig, workdir / "operator.log") as operator:
+        # exits in reverse: the operator stops (and is waited for) before the test network goes, and the guard
+        # route outlives both, so no probe can follow the default route off the machine
+        with (
+            GuardRoute(),
+            TestNetwork() as net,
+            _operator(cluster.kubeconfig, workdir / "operator.log") as operator,
+        ):
             docs, servers = _with_demo_addresses(_load(sorted(examples.glob("*.yaml"))), net)
             namespaces = [d for d in docs if d.get("kind") == "Namespace"]
             for doc in namespaces + [d for d in docs if d.get("kind") != "Namespace"]:

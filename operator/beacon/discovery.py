@@ -155,6 +155,7 @@ class Discovery:
             self._deleted_uids.append(state.entry.uid)
             for ep in state.endpoints:
                 self.prober.remove((namespace, name, ep.address))
+            metrics.TARGETS.set(len(self.prober))
         self.kube.forget_namespace_entry(namespace, name)
         self._records[namespace].pop(name, None)
         self._queue.cancel((namespace, name))

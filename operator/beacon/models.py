@@ -74,16 +74,37 @@ class LeaseSpec(_Model):
     name_prefix: str | None = Field(default=None, alias="namePrefix")
 
 
+DEFAULT_INTERVAL_SECONDS = 10
+DEFAULT_TIMEOUT_SECONDS = 2
+
+
 class HealthCheck(_Model):
     http: HttpSpec | None = None
     tcp: PortSpec | None = None
     grpc: GrpcSpec | None = None
     lease: LeaseSpec | None = None
-    interval_seconds: int = Field(default=10, alias="intervalSeconds")
-    timeout_seconds: int = Field(default=2, alias="timeoutSeconds")
+    interval_seconds: int | None = Field(default=None, alias="intervalSeconds")
+    timeout_seconds: int | None = Field(default=None, alias="timeoutSeconds")
     healthy_threshold: int = Field(default=1, alias="healthyThreshold")
     unhealthy_threshold: int = Field(default=3, alias="unhealthyThreshold")
     deregister_after_seconds: int | None = Field(default=None, alias="deregisterAfterSeconds")
+
+    @property
+    def interval(self) -> int:
+        """Seconds between probes: as set, else 10, raised past a longer timeout set on its own (CRD: timeout <
+        interval whenever both are set, so either field alone is always valid)."""
+        if self.interval_seconds is not None:
+            return self.interval_seconds
+        if self.timeout_seconds is not None:
+            return max(DEFAULT_INTERVAL_SECONDS, self.timeout_seconds + 1)
+        return DEFAULT_INTERVAL_SECONDS
+
+    @property
+    def timeout(self) -> int:
+        """Seconds before a probe fails: as set, else 2, and always below the interval (1 at a 2 s interval)."""
+        if self.timeout_seconds is not None:
+            return self.timeout_seconds
+        return min(DEFAULT_TIMEOUT_SECONDS, self.interval - 1)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -182,8 +203,8 @@ class ServiceEntry(_Model):
         return Target(
             address=endpoint.address,
             check=check,
-            interval=float(hc.interval_seconds),
-            timeout=float(hc.timeout_seconds),
+            interval=float(hc.interval),
+            timeout=float(hc.timeout),
         )
 
     def _port(self, ref: int | str | None, endpoint: Endpoint) -> int:

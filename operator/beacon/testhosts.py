@@ -12,8 +12,8 @@ and the `ip` tool from iproute2)::
         srv.stop()                            # connection refused
         hosts = net.add_hosts(250)            # one `ip -batch` call
 
-Layout. Every `TestNetwork` takes one /22 out of 198.18.0.0/15 (reserved for benchmarking, RFC 2544), so up to
-128 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts. For slot N the /22 starts at
+Layout. Every `TestNetwork` takes one /22 out of 198.18.0.0/16 (reserved for benchmarking, RFC 2544), so up to
+64 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts. For slot N the /22 starts at
 B = 198.18.0.0 + N * 1024 and:
 
 * B+1    is the host side of a veth pair (interface `bcn-<pid>-<n>` in the caller's namespace, address B+1/32);
@@ -30,6 +30,11 @@ with the first server) that manages any number of HTTP / TCP / gRPC-health liste
 test host's address. This side talks to it with blocking request/response calls over its stdin/stdout; that
 process exits by itself if this one dies. On exit from the `with` block (also on exceptions and Ctrl-C) the
 helper process and anything else left in the namespace is killed and the veth pair and namespace are deleted.
+
+Nothing leaves the machine. A test host's routes vanish with its veth, so `open()` first makes sure the guard route
+(`beacon.netguard`: a blackhole for 198.18.0.0/15 with a high metric) exists: a probe still in flight towards a
+removed test host dies here instead of following the default route. Stop whatever probes a network before closing
+it, and break paths with `block()` (DROP rules inside the namespace), never by taking a link down.
 `cleanup_stale()` removes what crashed runs left behind (the owning pid is in every name) and runs whenever a
 network is created.
 
@@ -60,6 +65,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Final, Literal, Self
 
+from beacon.netguard import ensure_guard_route
+
 __all__ = [
     "MAX_HOSTS",
     "MAX_NETWORKS",
@@ -76,10 +83,11 @@ __all__ = [
     "unavailable_reason",
 ]
 
-POOL: Final = ipaddress.IPv4Network("198.18.0.0/15")
-"""All test networks live in here (RFC 2544 benchmarking range)."""
+POOL: Final = ipaddress.IPv4Network("198.18.0.0/16")
+"""All test networks live in here: the lower half of the RFC 2544 benchmarking range 198.18.0.0/15, whose upper
+half holds the local control plane's Service range and the kind/Docker networks (see hack/kind/lib.sh)."""
 NETWORK_PREFIXLEN: Final = 22
-MAX_NETWORKS: Final = 2 ** (NETWORK_PREFIXLEN - POOL.prefixlen)  # 128
+MAX_NETWORKS: Final = 2 ** (NETWORK_PREFIXLEN - POOL.prefixlen)  # 64
 FIRST_HOST_OFFSET: Final = 10
 MAX_HOSTS: Final = 2 ** (32 - NETWORK_PREFIXLEN) - 1 - FIRST_HOST_OFFSET  # 1013: B+10 .. B+1022
 NS_INTERFACE: Final = "veth0"
@@ -522,6 +530,15 @@ class TestHost:
         self.servers.append(server)
         return server
 
+    def block(self) -> None:
+        """Drop every packet to this host, inside its namespace (a broken path: probes time out). The link stays
+        up, so the host's route stays and nothing is sent elsewhere."""
+        self.network._filter(self.address, drop=True)
+
+    def unblock(self) -> None:
+        """Undo `block()`."""
+        self.network._filter(self.address, drop=False)
+
     def __repr__(self) -> str:
         return f"<TestHost {self.address} in {self.network.name}>"
 
@@ -550,6 +567,7 @@ class TestNetwork:
         self._lock = threading.RLock()
         self._process: _ServerProcess | None = None
         self._closed = False
+        self._blocked: set[str] = set()
 
     # -- lifecycle
 
@@ -573,6 +591,7 @@ class TestNetwork:
         if self.network is not None or self._closed:
             raise TestHostError("a TestNetwork can be opened only once")
         _require_available()
+        ensure_guard_route()  # before any route of ours exists, so no packet can ever miss both
         pid = os.getpid()
         if pid >= 10**7:
             raise TestHostError(f"pid {pid} is too long for an interface name")
@@ -684,6 +703,32 @@ class TestNetwork:
             hosts = [TestHost(self, a) for a in addresses]
             self.hosts.extend(hosts)
             return hosts
+
+    def _filter(self, address: str, *, drop: bool) -> None:
+        """Add or remove a DROP rule for `address` in the namespace's own nftables input chain."""
+        with self._lock:
+            self._require_open()
+            if shutil.which("nft") is None:
+                raise TestHostError("blocking a test host needs `nft` (Debian package nftables)")
+            table = "inet beacon_testhost"
+            script = [f"add table {table}", f"add chain {table} input {{ type filter hook input priority 0; }}"]
+            if drop and address not in self._blocked:
+                script.append(f'add rule {table} input ip daddr {address} drop comment "{address}"')
+                self._blocked.add(address)
+            elif not drop and address in self._blocked:
+                self._blocked.discard(address)
+                script.append(f"flush chain {table} input")
+                script += [f'add rule {table} input ip daddr {a} drop comment "{a}"' for a in sorted(self._blocked)]
+            result = subprocess.run(
+                ["ip", "netns", "exec", self.name, "nft", "-f", "-"],
+                input="\n".join(script) + "\n",
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise TestHostError(f"nft in {self.name} failed: {result.stderr.strip()}")
 
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """`argv` prefixed so that it runs inside the namespace (killed on close() like everything in there)."""

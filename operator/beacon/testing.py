@@ -121,8 +121,27 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             return str(resp.read().decode())
 
+    def probe_targets(self) -> int:
+        """How many endpoints the operator probes now (its beacon_probe_targets gauge; 0 before the first)."""
+        for line in self.metrics().splitlines():
+            if line.startswith("beacon_probe_targets "):
+                return int(float(line.split()[1]))
+        return 0
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+
+
+def stop_probing(cluster: DevCluster, operator: OperatorProcess, *, namespace_prefix: str = "t-") -> None:
+    """Delete every ServiceEntry in the test namespaces and wait until `operator` probes nothing: what a test does
+    before it removes the test hosts that the operator probes (so no probe is left in flight towards them)."""
+    if operator.proc is None or operator.proc.poll() is not None:
+        return
+    for name in cluster.kubectl("get", "namespaces", "-o", "name").stdout.split():
+        ns = name.removeprefix("namespace/")
+        if ns.startswith(namespace_prefix):
+            cluster.kubectl("delete", "serviceentries", "--all", "-n", ns, "--wait=true", check=False)
+    eventually(lambda: operator.probe_targets() == 0, timeout=30, what="the operator probing no endpoint")
 
 
 def install_operator_identity(cluster: DevCluster, *, manifests: Path) -> Path:

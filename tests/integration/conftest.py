@@ -14,7 +14,14 @@ import pytest
 
 from beacon.devcluster import DevCluster
 from beacon.testhosts import TestNetwork
-from beacon.testing import OPERATOR_USER, Audit, OperatorProcess, install_operator_identity, resolver_for
+from beacon.testing import (
+    OPERATOR_USER,
+    Audit,
+    OperatorProcess,
+    install_operator_identity,
+    resolver_for,
+    stop_probing,
+)
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +52,13 @@ def operator_running(beacon_operator: OperatorProcess) -> OperatorProcess:
 
 
 @pytest.fixture
-def net() -> Iterator[TestNetwork]:
+def net(request: pytest.FixtureRequest) -> Iterator[TestNetwork]:
+    """A test network, closed only after the session's operator has stopped probing it (the guard route catches
+    what a test's own operator process might still send; those are stopped by their tests)."""
     with TestNetwork() as network:
         yield network
+        if "beacon_operator" in request.fixturenames:
+            stop_probing(request.getfixturevalue("cluster"), request.getfixturevalue("beacon_operator"))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from beacon.devcluster import DevCluster
+from beacon.netguard import EgressCounter, default_route_interface, guard_route_present
 from beacon.testhosts import TestNetwork
 from beacon.testing import Audit, OperatorProcess, apply, eventually, get_json
 
@@ -470,3 +471,49 @@ def test_metrics_and_liveness(operator_running: OperatorProcess) -> None:
         "beacon_probe_queue_depth",
     ):
         assert name in text, name
+
+
+def test_removing_a_probed_test_host_sends_nothing_off_the_machine(
+    cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess
+) -> None:
+    """The hazard of issue "No packet leaves the machine", on purpose: a test host vanishes (its namespace and veth
+    deleted, so its routes too) while the operator is still probing it. The guard route keeps every later probe on
+    this machine: the endpoint turns not-ready, and a counting DROP rule of this test's own on the way off the
+    machine counts 0 packets. (The suite's own egress counter, under CI, checks every other test the same way.)"""
+    counter = EgressCounter(table="beacon_egress_test")
+    if default_route_interface() is None:
+        pytest.skip("no default route: nothing could leave this machine anyway")
+    counter.install()
+    try:
+        stays = net.add_host()
+        stays.http(port=8080, path="/healthz")
+        doomed_net = TestNetwork()
+        doomed_net.open()
+        try:
+            doomed = doomed_net.add_host()
+            doomed.http(port=8080, path="/healthz")
+            apply(cluster, entry("vanish", namespace, [stays.address, doomed.address], HTTP_CHECK))
+            want = {stays.address: True, doomed.address: True}
+            eventually(lambda: slice_readiness(cluster, namespace, "vanish") == want, what="both endpoints ready")
+        finally:
+            doomed_net.close()  # while the operator probes it
+        failed_before = failed_http_probes(operator_running)
+        want = {stays.address: True, doomed.address: False}
+        eventually(
+            lambda: slice_readiness(cluster, namespace, "vanish") == want,
+            timeout=DETECTION_BUDGET,
+            what="the vanished host published not-ready",
+        )
+        time.sleep(INTERVAL * 2)  # a few more probes towards the vanished address
+        assert failed_http_probes(operator_running) >= failed_before + UNHEALTHY  # it really kept probing it
+        assert guard_route_present()
+        assert counter.count() == 0
+    finally:
+        counter.remove()
+
+
+def failed_http_probes(operator: OperatorProcess) -> float:
+    for line in operator.metrics().splitlines():
+        if line.startswith("beacon_probes_total{") and 'check="http"' in line and 'result="fail"' in line:
+            return float(line.split()[-1])
+    return 0.0

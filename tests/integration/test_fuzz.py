@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from beacon.devcluster import DevCluster
 from beacon.testhosts import TestNetwork
-from beacon.testing import OperatorProcess, eventually
+from beacon.testing import OperatorProcess, eventually, stop_probing
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns, pytest.mark.faults]
 
@@ -42,7 +42,7 @@ def api(cluster: DevCluster) -> client.CustomObjectsApi:
 
 
 @pytest.fixture(scope="module")
-def fuzz_net() -> Iterator[TestNetwork]:
+def fuzz_net(cluster: DevCluster, beacon_operator: OperatorProcess) -> Iterator[TestNetwork]:
     with TestNetwork() as network:
         hosts = network.add_hosts(24)
         for host in hosts[:12]:
@@ -50,6 +50,7 @@ def fuzz_net() -> Iterator[TestNetwork]:
             host.tcp(port=9000)
             host.grpc(port=50051)
         yield network
+        stop_probing(cluster, beacon_operator)
 
 
 Doc = dict[str, Any]

@@ -9,6 +9,7 @@ through a proxy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import ipaddress
 import os
@@ -26,6 +27,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from beacon.netguard import guard_route_present
 from beacon.testhosts import (
     MAX_HOSTS,
     POOL,
@@ -376,3 +378,33 @@ def test_cleanup_stale_after_owner_was_killed() -> None:
     # (a concurrent test run may have beaten us to it: its TestNetwork() cleans up stale networks too)
     assert name in removed or name not in netns_names()
     assert_gone(name, server_pid)
+
+
+def test_block_drops_packets_inside_the_namespace_and_keeps_the_route(net: TestNetwork) -> None:
+    host, other = net.add_hosts(2)
+    srv = host.tcp(port=9000)
+    other.tcp(port=9000)
+    host.block()
+    with pytest.raises((TimeoutError, socket.timeout)):
+        socket.create_connection((host.address, 9000), timeout=1.0)
+    with tcp_connect(other.address, 9000):  # only the blocked host is cut off
+        pass
+    routes = subprocess.run(["ip", "-j", "route", "get", host.address], capture_output=True, text=True, check=True)
+    assert net.name in routes.stdout  # still routed to the namespace: a broken path, not a vanished host
+    host.unblock()
+    with tcp_connect(host.address, 9000):
+        pass
+    assert srv.connections == 1
+
+
+def test_a_removed_host_is_unreachable_here_not_routed_away() -> None:
+    """Once a network is gone, its addresses hit the guard route (a blackhole on this machine); they never follow
+    the default route. The kernel answers at once: nothing is sent."""
+    with TestNetwork() as gone:
+        address = gone.add_host().address
+    assert guard_route_present()
+    route = subprocess.run(["ip", "-j", "route", "get", address], capture_output=True, text=True, check=False)
+    assert route.returncode != 0 or '"blackhole"' in route.stdout, route.stdout  # `ip route get`: EINVAL
+    with pytest.raises(OSError, match="Invalid argument") as failure:  # a blackhole route's EINVAL, at once
+        socket.create_connection((address, 9000), timeout=5.0)
+    assert failure.value.errno == errno.EINVAL

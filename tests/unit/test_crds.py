@@ -246,10 +246,12 @@ def test_health_check_defaults_and_bounds() -> None:
     check = _node(_schema(SERVICE_ENTRY), ".spec.healthCheck")["properties"]
     for name in ("healthyThreshold", "unhealthyThreshold", "timeoutSeconds"):
         assert check[name]["minimum"] == 1, name
-    # timeoutSeconds < intervalSeconds must hold for the defaults, and be satisfiable at the smallest interval
-    assert check["timeoutSeconds"]["default"] < check["intervalSeconds"]["default"]
+    # timeoutSeconds < intervalSeconds ties the two: neither has a schema default (the CEL rule checks them only
+    # when both are set, the operator derives the missing one), and the rule is satisfiable at the smallest interval
+    assert "default" not in check["timeoutSeconds"]
+    assert "default" not in check["intervalSeconds"]
     assert check["timeoutSeconds"]["minimum"] < check["intervalSeconds"]["minimum"]
-    assert (check["intervalSeconds"]["default"], check["healthyThreshold"]["default"]) == (10, 1)
+    assert check["healthyThreshold"]["default"] == 1
     assert check["unhealthyThreshold"]["default"] == 3
     assert set(check) >= {"http", "tcp", "grpc", "lease", "deregisterAfterSeconds"}
     assert _node(_schema(SERVICE_ENTRY), ".spec.headless")["default"] is True

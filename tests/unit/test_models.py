@@ -33,11 +33,38 @@ def test_from_body_applies_defaults() -> None:
     assert entry.spec.ports[1].app_protocol == "grpc"
 
 
+@pytest.mark.parametrize(
+    ("given", "effective"),
+    [
+        ({}, (10, 2)),
+        ({"intervalSeconds": 2}, (2, 1)),
+        ({"intervalSeconds": 3}, (3, 2)),
+        ({"intervalSeconds": 3600}, (3600, 2)),
+        ({"timeoutSeconds": 1}, (10, 1)),
+        ({"timeoutSeconds": 9}, (10, 9)),
+        ({"timeoutSeconds": 10}, (11, 10)),
+        ({"timeoutSeconds": 3599}, (3600, 3599)),
+        ({"intervalSeconds": 5, "timeoutSeconds": 4}, (5, 4)),
+    ],
+)
+def test_effective_interval_and_timeout(given: dict[str, int], effective: tuple[int, int]) -> None:
+    """Either field alone is valid (the CRD checks timeout < interval only when both are set): the other one is
+    derived so that the timeout stays below the interval."""
+    entry = make_entry({"ports": PORTS, "endpoints": [{"address": "198.18.0.10"}], "healthCheck": {"tcp": {}, **given}})
+    hc = entry.spec.health_check
+    assert hc is not None
+    assert (hc.interval, hc.timeout) == effective
+    assert hc.timeout < hc.interval
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert (target.interval, target.timeout) == (float(effective[0]), float(effective[1]))
+
+
 def test_health_check_defaults_and_thresholds() -> None:
     entry = make_entry({"ports": PORTS, "healthCheck": {"tcp": {}}})
     hc = entry.spec.health_check
     assert hc is not None
-    assert (hc.interval_seconds, hc.timeout_seconds) == (10, 2)
+    assert (hc.interval, hc.timeout) == (10, 2)
     assert (hc.thresholds.healthy, hc.thresholds.unhealthy, hc.thresholds.deregister_after) == (1, 3, None)
     entry = make_entry(
         {

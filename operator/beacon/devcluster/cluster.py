@@ -34,8 +34,10 @@ from beacon.devcluster.binaries import REQUIRED, BinariesMissingError, find_bin_
 from beacon.devcluster.pki import KeyPair, Pki
 
 CLUSTER_DOMAIN = "cluster.local"
-SERVICE_CIDR = "10.96.0.0/16"
-KUBERNETES_SERVICE_IP = "10.96.0.1"
+# Inside 198.18.0.0/15 like every address beacon's tests use, clear of the test hosts (198.18.0.0/16) and of the
+# kind/Docker networks (hack/kind/lib.sh): nothing on this machine routes it, so the guard route keeps it here.
+SERVICE_CIDR = "198.19.64.0/20"
+KUBERNETES_SERVICE_IP = "198.19.64.1"
 
 # kube-controller-manager controllers the tests and `make run` rely on: garbage collection of owned objects,
 # namespace deletion, workload rollouts (ConfigEntry reloads), EndpointSlice mirroring, and the default
