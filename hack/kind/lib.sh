@@ -12,6 +12,7 @@
 #   198.19.224.0/20   kind pod subnet
 #   198.19.240.0/22   kind Service subnet
 
+# shellcheck disable=SC2034  # the variables below are used by the scripts that source this file
 here_kind=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$here_kind/../.." && pwd)
 # shellcheck source=/dev/null

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -480,7 +481,7 @@ def test_removing_a_probed_test_host_sends_nothing_off_the_machine(
     deleted, so its routes too) while the operator is still probing it. The guard route keeps every later probe on
     this machine: the endpoint turns not-ready, and a counting DROP rule of this test's own on the way off the
     machine counts 0 packets. (The suite's own egress counter, under CI, checks every other test the same way.)"""
-    counter = EgressCounter(table="beacon_egress_test")
+    counter = EgressCounter(table=f"beacon_egress_test_{os.getpid()}")  # parallel runs do not share it
     if default_route_interface() is None:
         pytest.skip("no default route: nothing could leave this machine anyway")
     counter.install()
