@@ -368,6 +368,8 @@ class Discovery:
             parts = [f"endpoint {a}: {b.status.value} -> {c.status.value} ({c.detail})" for a, b, c in moved[:10]]
             if len(moved) > 10:
                 parts.append(f"and {len(moved) - 10} more")
+            # transitions are what an operator's log is for (one line per direction per reconcile, like the Event)
+            log.info("%s/%s: %s", entry.namespace, entry.name, "; ".join(parts))
             try:
                 await self.kube.event(
                     involved=involved,

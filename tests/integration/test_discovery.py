@@ -580,5 +580,8 @@ def test_one_endpoint_of_a_10000_endpoint_entry_costs_one_slice_write(
     assert len(removed) == 1, f"removing one endpoint wrote {removed}"
     assert len(slice_readiness(cluster, namespace, "big")) == 10_000
 
+    # quiet logs (issue 8, item 5): some 20,000 pod events, and not one "Handler '...' succeeded." line
+    log = operator_running.log_path.read_text(errors="replace").splitlines()
+    assert [line for line in log if "Handler '" in line and "succeeded." in line] == []
     # the entry goes first, so that the namespace's 10,000 pods leave without a reconcile each
     cluster.kubectl("delete", "serviceentry", "big", "-n", namespace, "--wait=true", "--timeout=60s")

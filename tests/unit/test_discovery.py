@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from typing import Any
 
 from beacon.discovery import Discovery
@@ -155,4 +156,27 @@ async def test_seeding_keeps_published_ready_endpoints_ready() -> None:
     await _settle(d, 0.3)
     published = kube.objects[("EndpointSlice", "ns", "a-ipv4-0")]
     assert published["endpoints"][0]["conditions"]["ready"] is True
+    await d.close()
+
+
+async def test_one_new_endpoint_writes_one_slice_and_transitions_are_logged_at_info(caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="beacon.discovery")
+    kube = FakeKube()
+    addresses = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(250)]
+    kube.entries[("ns", "a")] = entry("a", "uid-a", addresses)
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 1.5)
+    transitions = [r.levelno for r in caplog.records if "unknown -> passing" in r.getMessage()]
+    assert transitions
+    assert set(transitions) == {logging.INFO}
+    settled = len(kube.writes)
+    # 198.18.0.0 sorts before every other address: packed in order, it would shift all three slices
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.0", *addresses])
+    kube.entries[("ns", "a")]["metadata"]["generation"] = 2
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 1.5)
+    # written once as not probed yet, once more when its first probe passes: always the same, one slice
+    slice_writes = {w for w in kube.writes[settled:] if w[1] == "EndpointSlice"}
+    assert slice_writes == {("apply", "EndpointSlice", "a-ipv4-2")}
     await d.close()
