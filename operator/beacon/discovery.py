@@ -65,7 +65,9 @@ class _EntryState:
     refused: dict[str, str] = field(default_factory=dict)
     seeded: bool = False
     status: dict[str, Any] | None = None
-    slice_names: set[str] = field(default_factory=set)
+    # the entry's EndpointSlices as they are in the API (listed, then as written), by name: the membership
+    # that desired_slices keeps stable; None when unknown (after a failed write), so reconcile lists them first
+    slices: dict[str, dict[str, Any]] | None = None
     transitions: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
     deregistered: set[str] = field(default_factory=set)
 
@@ -112,7 +114,7 @@ class Discovery:
             process=self._reconcile_or_report,
             alive=lambda key: key in self._entries,
             # whatever was written before a failure is unknown now: re-read instead of trusting the cache
-            on_error=lambda key, _exc: self.kube.forget_namespace_entry(*key),
+            on_error=self._forget_written,
         )
         self._registry_queue: WorkQueue[str] = WorkQueue(
             name="Registry",
@@ -266,14 +268,26 @@ class Discovery:
                 )
         return list(endpoints.values())
 
-    async def _seed(self, state: _EntryState) -> None:
-        """Restore last published readiness from the entry's EndpointSlices (restart safety)."""
+    async def _observe_slices(self, state: _EntryState) -> dict[str, dict[str, Any]]:
+        """List the entry's EndpointSlices: where each endpoint is published now."""
         entry = state.entry
         selector = f"{LABEL_SERVICE_NAME}={entry.name},{LABEL_MANAGED_BY}={MANAGED_BY}"
+        items = await self.kube.list("EndpointSlice", entry.namespace, label_selector=selector)
+        state.slices = {item["metadata"]["name"]: item for item in items}
+        return state.slices
+
+    def _forget_written(self, key: EntryKey, _exc: Exception) -> None:
+        """After a failed reconcile, whatever was written is unknown: re-read instead of trusting memory."""
+        self.kube.forget_namespace_entry(*key)
+        state = self._entries.get(key)
+        if state is not None:
+            state.slices = None
+
+    async def _seed(self, state: _EntryState) -> None:
+        """Restore last published readiness from the entry's EndpointSlices (restart safety)."""
         now = self._clock()
-        slices = await self.kube.list("EndpointSlice", entry.namespace, label_selector=selector)
-        for item in slices:
-            state.slice_names.add(item["metadata"]["name"])
+        slices = await self._observe_slices(state)
+        for item in slices.values():
             for ep in item.get("endpoints") or []:
                 conditions = ep.get("conditions") or {}
                 ready = bool(conditions.get("serving", conditions.get("ready")))
@@ -354,6 +368,8 @@ class Discovery:
             parts = [f"endpoint {a}: {b.status.value} -> {c.status.value} ({c.detail})" for a, b, c in moved[:10]]
             if len(moved) > 10:
                 parts.append(f"and {len(moved) - 10} more")
+            # transitions are what an operator's log is for (one line per direction per reconcile, like the Event)
+            log.info("%s/%s: %s", entry.namespace, entry.name, "; ".join(parts))
             try:
                 await self.kube.event(
                     involved=involved,
@@ -375,6 +391,7 @@ class Discovery:
         except NotOursError as exc:  # not retried: the entry reports the conflict until someone resolves it
             metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
             log.error("%s/%s: %s", key[0], key[1], exc)
+            self._forget_written(key, exc)
             await self._report_conflict(key, str(exc))
 
     # ------------------------------------------------------------------ reconcile
@@ -394,13 +411,14 @@ class Discovery:
                 self._records[entry.namespace][entry.name] = record
                 self._schedule_registry(entry.namespace)
             await self.kube.ensure(desired_service(entry))
-            slices = desired_slices(entry, views)
+            observed = state.slices if state.slices is not None else await self._observe_slices(state)
+            slices = desired_slices(entry, views, observed)
             for item in slices:
                 await self.kube.ensure(item)
-            wanted = {item["metadata"]["name"] for item in slices}
-            for stale in sorted(state.slice_names - wanted):
+            wanted = {item["metadata"]["name"]: item for item in slices}
+            for stale in sorted(set(observed) - set(wanted)):
                 await self.kube.delete("EndpointSlice", entry.namespace, stale)
-            state.slice_names = wanted
+            state.slices = wanted
             await self.kube.ensure(desired_endpoints(entry, views))
             previous = (state.status or {}).get("conditions") or []
             status = desired_status(entry, views, previous_conditions=previous, now=now)

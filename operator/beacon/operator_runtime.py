@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
@@ -206,6 +207,31 @@ class Runtime:
             self._kube.close()
 
 
+class HandlerSuccessAtDebug(logging.Filter):
+    """kopf logs "Handler '...' succeeded." at INFO after every handler call, i.e. once per watch event (10,779
+    lines in 4 minutes at 10,000 endpoints), drowning the lines that matter. This filter, on kopf's object
+    logger, turns those lines into DEBUG records: shown with `-v` (kopf's verbose mode logs DEBUG), dropped
+    otherwise. Everything else (failures, retries, beacon's own transition lines) keeps its level."""
+
+    _SUCCEEDED = re.compile(r"Handler .+ succeeded\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self._SUCCEEDED.fullmatch(record.getMessage()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+KOPF_OBJECT_LOGGER = "kopf.objects"
+
+
+def quiet_handler_logs() -> None:
+    """Install HandlerSuccessAtDebug on kopf's object logger (once)."""
+    logger = logging.getLogger(KOPF_OBJECT_LOGGER)
+    if not any(isinstance(f, HandlerSuccessAtDebug) for f in logger.filters):
+        logger.addFilter(HandlerSuccessAtDebug())
+
+
 def runtime_of(memo: kopf.Memo) -> Runtime:
     runtime: Runtime = memo["runtime"]
     return runtime
@@ -214,6 +240,8 @@ def runtime_of(memo: kopf.Memo) -> Runtime:
 def run(options: Options, *, stop_flag: threading.Event | None = None) -> None:
     """Run the operator until SIGINT/SIGTERM (kopf handles both) or `stop_flag`."""
     import beacon.handlers  # registers the handlers with kopf's default registry
+
+    quiet_handler_logs()
 
     if not options.standalone:
         beacon.handlers.watch_peering(name=options.peering_name, clusterwide=not options.namespaces)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from beacon import packing
 from beacon.health import EndpointHealth, Status, Thresholds
 from beacon.models import Endpoint, ServiceEntry
 from beacon.policy import kubernetes_accepts
@@ -157,8 +158,15 @@ def _ports_signature(ports: Mapping[str, int]) -> str:
     return hashlib.sha256(repr(sorted(ports.items())).encode()).hexdigest()[:6]
 
 
-def desired_slices(entry: ServiceEntry, views: Sequence[View]) -> list[Obj]:
-    """EndpointSlices of at most 100 endpoints, one group per address type and port set, named stably."""
+def desired_slices(
+    entry: ServiceEntry, views: Sequence[View], observed: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[Obj]:
+    """EndpointSlices of at most 100 endpoints, one group per address type and port set, named `<stem>-<n>`.
+
+    `observed` is the entry's slices as they are now (by name). Membership is stable (`beacon.packing`): an
+    endpoint stays in the slice it is in, so adding, removing or flipping one endpoint changes one slice; the
+    other slices come out exactly as observed and the writer skips them.
+    """
     default_ports = {p.name: p.port for p in entry.spec.ports}
     groups: dict[tuple[str, str], list[View]] = defaultdict(list)
     ports_of: dict[tuple[str, str], Mapping[str, int]] = {}
@@ -170,24 +178,33 @@ def desired_slices(entry: ServiceEntry, views: Sequence[View]) -> list[Obj]:
         key = (address_type(view.endpoint.address), sig)
         groups[key].append(view)
         ports_of[key] = ports
+    observed = observed or {}
     slices = []
     for (family, sig), members in sorted(groups.items()):
         stem = f"{entry.name}-{family.lower()}" + (f"-{sig}" if sig else "")
-        for index in range(0, len(members), MAX_PER_SLICE):
-            chunk = members[index : index + MAX_PER_SLICE]
-            endpoints = [_slice_endpoint(v, namespace=entry.namespace) for v in chunk]
+        slice_ports = _slice_ports(entry, ports_of[(family, sig)])
+        wanted = {v.endpoint.address: _slice_endpoint(v, namespace=entry.namespace) for v in members}
+        membership: dict[str, list[str]] = {}
+        changed: set[str] = set()
+        for name, item in observed.items():
+            if packing.slice_index(stem, name) is None:
+                continue
+            held = {ep["addresses"][0]: ep for ep in item.get("endpoints") or [] if ep.get("addresses")}
+            membership[name] = list(held)
+            same_shape = item.get("addressType") == family and item.get("ports") == slice_ports
+            changed.update(a for a, ep in held.items() if a in wanted and (not same_shape or ep != wanted[a]))
+        placed = packing.plan(
+            stem=stem, desired=list(wanted), observed=membership, changed=changed, capacity=MAX_PER_SLICE
+        )
+        for name, addresses in placed.slices.items():
             slices.append(
                 {
                     "apiVersion": "discovery.k8s.io/v1",
                     "kind": "EndpointSlice",
-                    "metadata": _meta(
-                        entry,
-                        f"{stem}-{index // MAX_PER_SLICE}",
-                        {LABEL_SERVICE_NAME: entry.name, LABEL_MANAGED_BY: MANAGED_BY},
-                    ),
+                    "metadata": _meta(entry, name, {LABEL_SERVICE_NAME: entry.name, LABEL_MANAGED_BY: MANAGED_BY}),
                     "addressType": family,
-                    "ports": _slice_ports(entry, ports_of[(family, sig)]),
-                    "endpoints": endpoints,
+                    "ports": slice_ports,
+                    "endpoints": [wanted[a] for a in addresses],
                 }
             )
     return slices

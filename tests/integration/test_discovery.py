@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from beacon.devcluster import DevCluster
 from beacon.netguard import EgressCounter, default_route_interface, guard_route_present
 from beacon.testhosts import TestNetwork
-from beacon.testing import Audit, OperatorProcess, apply, eventually, get_json
+from beacon.testing import Audit, OperatorProcess, apply, create_pods, eventually, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 
@@ -518,3 +519,70 @@ def failed_http_probes(operator: OperatorProcess) -> float:
         if line.startswith("beacon_probes_total{") and 'check="http"' in line and 'result="fail"' in line:
             return float(line.split()[-1])
     return 0.0
+
+
+def test_one_endpoint_of_a_10000_endpoint_entry_costs_one_slice_write(
+    cluster: DevCluster, namespace: str, operator_running: OperatorProcess, audit: Audit
+) -> None:
+    """Issue 8, item 4. Static endpoints stop at 1,000 per entry (the CRD's bound, which keeps its CEL cost in
+    budget), so the 10,000 endpoints are selected pods. No health check: every endpoint counts healthy and
+    nothing is probed, so the addresses (in the session's blackholed 198.18.0.0/16) are data only."""
+    labels = {"app": "big"}
+    base = ipaddress.IPv4Address("198.18.64.0")
+    ips = {f"big-{i}": str(base + i) for i in range(10_000)}
+    eventually(lambda: get_json(cluster, "serviceaccount", "-n", namespace, "default"), timeout=30, what="default SA")
+    held = "big-5000"  # held by a finalizer once deleted: terminating (a flip), then gone (a removal)
+    create_pods(cluster, namespace, {n: ip for n, ip in ips.items() if n != held}, labels=labels)
+    create_pods(cluster, namespace, {held: ips[held]}, labels=labels, finalizers=["test.beacon.dev/hold"])
+    apply(cluster, entry("big", namespace, [], None, selector={"matchLabels": labels}))
+
+    def published() -> dict[str, bool] | None:
+        readiness = slice_readiness(cluster, namespace, "big")
+        return readiness if len(readiness) >= 10_000 else None
+
+    readiness = eventually(published, timeout=120, interval=1, what="10,000 endpoints published")
+    assert readiness == dict.fromkeys(ips.values(), True)
+    assert len(slices(cluster, namespace, "big")) == 100
+    time.sleep(2)  # the registry and status writes after the last slice
+
+    def slice_writes_for(change: Callable[[], None], done: Callable[[dict[str, bool]], bool], what: str) -> list[str]:
+        start = time.time()
+        change()
+        eventually(lambda: done(slice_readiness(cluster, namespace, "big")), timeout=30, interval=0.5, what=what)
+        time.sleep(2)  # anything else the change would cause (coalescing is 200 ms)
+        writes = audit.writes(since=start, namespace=namespace)
+        return [
+            f"{w['verb']} {w['objectRef'].get('name')}"
+            for w in writes
+            if w["objectRef"]["resource"] == "endpointslices"
+        ]
+
+    extra = str(base + 10_000)
+    added = slice_writes_for(
+        lambda: create_pods(cluster, namespace, {"big-extra": extra}, labels=labels),
+        lambda seen: seen.get(extra) is True,
+        "the new endpoint published",
+    )
+    assert len(added) == 1, f"adding one endpoint wrote {added}"
+
+    flipped = slice_writes_for(
+        lambda: cluster.kubectl("delete", "pod", held, "-n", namespace, "--wait=false"),
+        lambda seen: seen.get(ips[held]) is False,
+        "the terminating pod published not-ready",
+    )
+    assert len(flipped) == 1, f"flipping one endpoint wrote {flipped}"
+
+    unhold = '{"metadata":{"finalizers":null}}'
+    removed = slice_writes_for(
+        lambda: cluster.kubectl("patch", "pod", held, "-n", namespace, "--type=merge", "-p", unhold),
+        lambda seen: ips[held] not in seen,
+        "the deleted pod gone from the slices",
+    )
+    assert len(removed) == 1, f"removing one endpoint wrote {removed}"
+    assert len(slice_readiness(cluster, namespace, "big")) == 10_000
+
+    # quiet logs (issue 8, item 5): some 20,000 pod events, and not one "Handler '...' succeeded." line
+    log = operator_running.log_path.read_text(errors="replace").splitlines()
+    assert [line for line in log if "Handler '" in line and "succeeded." in line] == []
+    # the entry goes first, so that the namespace's 10,000 pods leave without a reconcile each
+    cluster.kubectl("delete", "serviceentry", "big", "-n", namespace, "--wait=true", "--timeout=60s")

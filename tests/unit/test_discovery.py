@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from typing import Any
 
 from beacon.discovery import Discovery
@@ -155,4 +156,81 @@ async def test_seeding_keeps_published_ready_endpoints_ready() -> None:
     await _settle(d, 0.3)
     published = kube.objects[("EndpointSlice", "ns", "a-ipv4-0")]
     assert published["endpoints"][0]["conditions"]["ready"] is True
+    await d.close()
+
+
+async def test_one_new_endpoint_writes_one_slice_and_transitions_are_logged_at_info(caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="beacon.discovery")
+    kube = FakeKube()
+    addresses = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(250)]
+    kube.entries[("ns", "a")] = entry("a", "uid-a", addresses)
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 1.5)
+    transitions = [r.levelno for r in caplog.records if "unknown -> passing" in r.getMessage()]
+    assert transitions
+    assert set(transitions) == {logging.INFO}
+    settled = len(kube.writes)
+    # 198.18.0.0 sorts before every other address: packed in order, it would shift all three slices
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.0", *addresses])
+    kube.entries[("ns", "a")]["metadata"]["generation"] = 2
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 1.5)
+    # written once as not probed yet, once more when its first probe passes: always the same, one slice
+    slice_writes = {w for w in kube.writes[settled:] if w[1] == "EndpointSlice"}
+    assert slice_writes == {("apply", "EndpointSlice", "a-ipv4-2")}
+    await d.close()
+
+
+class FlakyKube(FakeKube):
+    """Writes the first slice of a reconcile, then fails the second one once (a write lost mid-reconcile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_after: int | None = None
+        self.lists = 0
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        self.lists += kind == "EndpointSlice"
+        return await super().list(kind, namespace, label_selector=label_selector)
+
+    async def ensure(self, obj: dict[str, Any]) -> bool:
+        wrote = await super().ensure(obj)
+        if wrote and obj["kind"] == "EndpointSlice" and self.fail_after is not None:
+            self.fail_after -= 1
+            if self.fail_after < 0:
+                self.fail_after = None
+                raise RuntimeError("connection reset")
+        return wrote
+
+
+async def test_after_a_failed_reconcile_the_slices_are_listed_again_and_nothing_is_duplicated() -> None:
+    kube = FlakyKube()
+    addresses = [f"198.18.1.{i}" for i in range(1, 151)]
+    body = entry("a", "uid-a", addresses)
+    body["spec"].pop("healthCheck")  # no probes: every endpoint is ready at once
+    kube.entries[("ns", "a")] = body
+    d = _engine(kube)
+    await d.entry_changed(body)
+    await _settle(d, 0.5)
+    lists = kube.lists
+    # one endpoint leaves the full first slice and 61 arrive: one fills its hole, 60 make a third slice, whose
+    # write fails (after reaching the API)
+    grown = copy.deepcopy(body)
+    grown["metadata"]["generation"] = 2
+    grown["spec"]["endpoints"] = [{"address": a} for a in addresses[1:]]
+    grown["spec"]["endpoints"] += [{"address": f"198.18.2.{i}"} for i in range(1, 62)]
+    kube.fail_after = 1
+    await d.entry_changed(grown)
+    await _settle(d, 2.5)  # the retry comes after 1 s
+    assert kube.fail_after is None, "the write failed"
+    assert kube.lists > lists, "the retry listed the slices again"
+    published = [
+        a
+        for (kind, _, _), obj in kube.objects.items()
+        if kind == "EndpointSlice"
+        for ep in obj["endpoints"]
+        for a in ep["addresses"]
+    ]
+    assert sorted(published) == sorted(addresses[1:] + [f"198.18.2.{i}" for i in range(1, 62)])
     await d.close()

@@ -104,6 +104,50 @@ def test_slice_names_are_stable_across_health_changes() -> None:
     assert [s["metadata"]["name"] for s in before] == [s["metadata"]["name"] for s in after]
 
 
+def by_name(slices: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    return {s["metadata"]["name"]: s for s in slices}
+
+
+def rewritten(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Names of slices the writer would have to write or delete to go from `before` to `after`."""
+    return {name for name in set(before) | set(after) if before.get(name) != after.get(name)}
+
+
+def test_one_change_of_a_10000_endpoint_entry_rewrites_one_slice() -> None:
+    entry = make_entry()
+    addresses = ipv4(10_000)
+    health = dict.fromkeys(addresses, PASSING)
+    current = by_name(desired_slices(entry, views(health)))
+    assert len(current) == 100
+
+    added = by_name(desired_slices(entry, views({**health, "198.18.0.0": PASSING}), current))
+    assert len(rewritten(current, added)) == 1, "adding one endpoint (sorted first) writes one slice"
+    assert sorted(slice_addresses(added.values())) == sorted([*addresses, "198.18.0.0"])
+
+    flipped = by_name(desired_slices(entry, views({**health, addresses[5000]: CRITICAL}), current))
+    (name,) = rewritten(current, flipped)
+    assert addresses[5000] in slice_addresses([flipped[name]])
+
+    removed = by_name(desired_slices(entry, views({a: h for a, h in health.items() if a != addresses[42]}), current))
+    assert len(rewritten(current, removed)) == 1
+    assert addresses[42] not in slice_addresses(removed.values())
+
+    # the new endpoint then leaves the same way it came: one slice
+    back = by_name(desired_slices(entry, views(health), added))
+    assert len(rewritten(added, back)) == 1
+
+
+def test_published_slices_keep_their_membership() -> None:
+    """Slices as the API holds them (e.g. after a restart, or written by an older beacon) are kept as they are."""
+    entry = make_entry()
+    addresses = ipv4(150)
+    published = by_name(desired_slices(entry, views(dict.fromkeys(addresses, PASSING))))
+    assert desired_slices(entry, views(dict.fromkeys(addresses, PASSING)), published) == list(published.values())
+    # the emptier second slice takes a new endpoint, even one sorted before every other
+    grown = by_name(desired_slices(entry, views(dict.fromkeys(["198.18.0.0", *addresses], PASSING)), published))
+    assert rewritten(published, grown) == {"payments-ipv4-1"}
+
+
 def test_slices_split_by_address_type() -> None:
     entry = make_entry()
     slices = desired_slices(

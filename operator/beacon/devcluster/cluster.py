@@ -383,6 +383,10 @@ class DevCluster:
         )
         self._wait("kube-apiserver", "ready (/readyz)", _poll(self._readyz), timeout=120)
 
+    def admin_ssl_context(self) -> ssl.SSLContext:
+        """A TLS context that trusts this cluster's CA and authenticates as its admin (for tests' bulk requests)."""
+        return self._ssl_context()
+
     def _ssl_context(self) -> ssl.SSLContext:
         assert self._admin is not None
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
