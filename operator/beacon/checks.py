@@ -19,7 +19,15 @@ from typing import Any
 
 import aiohttp
 
-from beacon.httpprobe import MAX_BODY, HttpProbeClient, ProbeError, Request, host_for_url, nofile_limit
+from beacon.httpprobe import (
+    MAX_BODY,
+    HttpProbeClient,
+    ProbeError,
+    Request,
+    connect_error,
+    host_for_url,
+    nofile_limit,
+)
 from beacon.policy import ProbePolicy
 from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck
 
@@ -167,7 +175,10 @@ class Checker:
             return _http_verdict(check, resp.status, body)
 
     async def _tcp(self, address: str, check: TcpCheck) -> tuple[bool, str]:
-        transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, address, check.port)
+        try:
+            transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, address, check.port)
+        except OSError as exc:
+            raise connect_error(exc, address, check.port) from None
         transport.close()
         return True, "TCP connect ok"
 

@@ -388,8 +388,9 @@ class HttpProbeClient:
             _, conn = await self.loop.create_connection(lambda: _Connection(self, key), request.address, request.port)
         except OSError as exc:
             kind = "ClientConnectorDNSError" if isinstance(exc, socket.gaierror) else "ClientConnectorError"
+            why = connect_error(exc, request.address, request.port).strerror
             raise ProbeError(
-                f"{kind}: Cannot connect to host {request.address}:{request.port} ssl:default [{exc.strerror}]"
+                f"{kind}: Cannot connect to host {request.address}:{request.port} ssl:default [{why}]"
             ) from exc
         return conn
 
@@ -438,6 +439,18 @@ class HttpProbeClient:
             conn.close(abort=False)
         if self._idle:
             self._sweeper = self.loop.call_later(self.idle_seconds / 2, self._sweep)
+
+
+def connect_error(exc: OSError, address: str, port: int) -> OSError:
+    """`exc`, a failed connect, worded as asyncio's own loop words it whichever loop runs: uvloop says
+    "[Errno 111] Connection refused" where asyncio (and so aiohttp, on either loop) says
+    "[Errno 111] Connect call failed ('198.18.0.10', 8080)"."""
+    if isinstance(exc, socket.gaierror) or exc.errno is None or str(exc.strerror).startswith("Connect call failed"):
+        return exc
+    sockaddr: tuple[str | int, ...] = (address, port)
+    if ":" in address:  # an IPv6 literal: asyncio reports the socket's 4-tuple
+        sockaddr = (address, port, 0, 0)
+    return type(exc)(exc.errno, f"Connect call failed {sockaddr}")
 
 
 def nofile_limit() -> int:

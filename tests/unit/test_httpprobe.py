@@ -470,3 +470,39 @@ async def test_garbage_is_a_failure_at_once(wire: bytes) -> None:
     with pytest.raises(ProbeError, match="ClientResponseError: 400, message='Invalid HTTP response"):
         waiter.result()
     await client.close()
+
+
+def test_on_uvloop_too() -> None:
+    """The operator runs on uvloop: the same answers as aiohttp's there, connections reused, timeouts exact."""
+    import uvloop
+
+    async def main() -> None:
+        for scenario in SCENARIOS:
+            await test_the_same_verdict_and_detail_as_aiohttp(scenario)
+        await test_one_connection_is_reused_across_probes()
+        await test_a_kept_connection_closed_as_the_request_arrives_is_retried_once()
+        await test_timeout_is_exact_and_drops_the_connection()
+        await test_connection_refused_reads_like_aiohttp()
+        await test_a_slow_rest_of_body_does_not_delay_the_verdict()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def test_failed_connects_read_the_same_on_both_loops() -> None:
+    import uvloop
+
+    from beacon.targets import TcpCheck
+
+    port = free_port()
+
+    async def details() -> list[str]:
+        async with checker() as c:
+            tcp = Target(address="127.0.0.1", check=TcpCheck(port=port), interval=10.0, timeout=2.0)
+            return [(await c.run(target(port))).detail, (await c.run(tcp)).detail]
+
+    on_asyncio = asyncio.run(details())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        on_uvloop = runner.run(details())
+    assert on_asyncio == on_uvloop
+    assert on_asyncio[1] == f"ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', {port})"
