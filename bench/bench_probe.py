@@ -148,6 +148,14 @@ def table(results: dict[str, Any]) -> str:
             f"| {run['variant']} | {run['loop']} | {run['cpu_us_per_probe']} | {run['cpu_cores']} | "
             f"{run['probes_per_s']} | {run['failed_probes']} | {ratio:.2f}x |"
         )
+    old = next((r for r in results["runs"] if r["variant"] in ("before", "aiohttp")), base)
+    new = results["runs"][-1]
+    if old is not new and old["cpu_us_per_probe"] and new["cpu_us_per_probe"]:
+        lines += [
+            "",
+            f"{new['variant']} vs {old['variant']}: {new['cpu_us_per_probe']} vs {old['cpu_us_per_probe']} us CPU "
+            f"per probe, {old['cpu_us_per_probe'] / new['cpu_us_per_probe']:.2f}x less",
+        ]
     return "\n".join(lines)
 
 
