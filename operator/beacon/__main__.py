@@ -207,6 +207,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         peering_name=args.peering_name,
         peering_lifetime=args.peering_lifetime,
         peering_priority=args.peering_priority,
+        uvloop=not args.no_uvloop,
     )
     run(options)
     return 0
@@ -288,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help="kopf peering priority (default: from the start time, so the oldest replica is the active one)",
+    )
+    op.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        default=os.environ.get("BEACON_UVLOOP", "1") == "0",
+        help="run on asyncio's own event loop instead of uvloop (also BEACON_UVLOOP=0)",
     )
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)

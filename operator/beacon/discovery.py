@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from beacon import metrics
-from beacon.health import EndpointHealth, Status, observe, seeded
+from beacon.health import EndpointHealth, Status, observe, seeded, settled
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.models import Endpoint, ServiceEntry
 from beacon.prober import Prober
@@ -322,11 +322,19 @@ class Discovery:
     # ------------------------------------------------------------------ probe results
     def _on_result(self, key: Any, target: Target, result: ProbeResult) -> None:
         namespace, name, address = key
-        kind = type(target.check).__name__.removesuffix("Check").lower()
-        metrics.PROBES.labels(check=kind, result="ok" if result.ok else "fail").inc()
-        metrics.PROBE_SECONDS.labels(check=kind).observe(result.seconds)
+        metrics.record_probe(target.check, ok=result.ok, seconds=result.seconds)
         state = self._entries.get((namespace, name))
-        if state is None or state.entry.spec.health_check is None:
+        hc = state.entry.spec.health_check if state is not None else None
+        if state is None or hc is None:
+            return
+        before = state.health.get(address)
+        if (  # the result changes nothing: no bookkeeping (the common case by far)
+            before is not None
+            and not result.refused
+            and settled(before, ok=result.ok, detail=result.detail)
+            and address not in state.refused
+            and (result.ok or address in state.deregistered or not hc.deregister_after_seconds)
+        ):
             return
         dirty = False
         if result.refused:
@@ -337,7 +345,7 @@ class Discovery:
             dirty = True
         now = self._clock()
         before = state.health.get(address, EndpointHealth(since=now))
-        thresholds = state.entry.spec.health_check.thresholds
+        thresholds = hc.thresholds
         after, changed = observe(before, ok=result.ok, detail=result.detail, now=now, thresholds=thresholds)
         state.health[address] = after
         if changed:

@@ -70,6 +70,18 @@ def seeded(*, ready: bool | None, now: float) -> EndpointHealth:
     return EndpointHealth(status=Status.CRITICAL, since=now, detail="restored from the published EndpointSlice")
 
 
+def settled(health: EndpointHealth, *, ok: bool, detail: str) -> bool:
+    """Whether `observe` would change nothing that matters: the result confirms a settled status (PASSING with no
+    failure counted, or CRITICAL with no success counted) with the same detail. Only the counter past its
+    threshold would grow, and that counter is never read again before the opposite result resets it. A caller
+    may then skip the bookkeeping (deregistration still depends on time: see `EndpointHealth.deregistered`)."""
+    if detail != health.detail:
+        return False
+    if ok:
+        return health.status is Status.PASSING and health.failures == 0
+    return health.status is Status.CRITICAL and health.successes == 0
+
+
 def observe(
     health: EndpointHealth, *, ok: bool, detail: str, now: float, thresholds: Thresholds
 ) -> tuple[EndpointHealth, bool]:

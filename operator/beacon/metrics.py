@@ -7,6 +7,8 @@ probe queue depth are exported here and nowhere else.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -39,3 +41,18 @@ RELOADS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+
+# (check type, ok) -> (PROBES child, PROBE_SECONDS child): every probe result is counted, and looking the label
+# values up again each time (a lock and a dict per call) is work the probe path need not do
+_PROBE_CHILDREN: dict[tuple[type, bool], tuple[Any, Any]] = {}
+
+
+def record_probe(check: object, *, ok: bool, seconds: float) -> None:
+    """Count one probe of `check` (an HttpCheck, TcpCheck, ...) and observe its duration."""
+    children = _PROBE_CHILDREN.get((type(check), ok))
+    if children is None:
+        kind = type(check).__name__.removesuffix("Check").lower()
+        children = (PROBES.labels(check=kind, result="ok" if ok else "fail"), PROBE_SECONDS.labels(check=kind))
+        _PROBE_CHILDREN[(type(check), ok)] = children
+    children[0].inc()
+    children[1].observe(seconds)

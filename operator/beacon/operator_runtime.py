@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import re
+import resource
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,7 @@ class Options:
     # seconds a replica's keep-alive stays valid: how long a standby waits after the leader stopped renewing it
     peering_lifetime: int = PEERING_LIFETIME
     peering_priority: int | None = None  # None: derived from the start time, so the oldest replica leads
+    uvloop: bool = True  # run on uvloop (the probe path's event loop); --no-uvloop: asyncio's own loop
 
 
 @dataclass
@@ -119,7 +122,10 @@ class Runtime:
             )
         self._configs = Configs(kube=self._kube, policy=self.options.reload_policy)
         log.info(
-            "beacon started: metrics on :%s, liveness on :%s", self.options.metrics_port, self.options.liveness_port
+            "beacon started: metrics on :%s, liveness on :%s, event loop %s",
+            self.options.metrics_port,
+            self.options.liveness_port,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if self.options.standalone:
             await self.activate()
@@ -253,17 +259,40 @@ def run(options: Options, *, stop_flag: threading.Event | None = None) -> None:
     priority = options.peering_priority if options.peering_priority is not None else start_priority()
     if not options.standalone:
         log.info("peering %r: priority %d, lifetime %ds", options.peering_name, priority, options.peering_lifetime)
-    asyncio.run(
-        kopf.operator(
-            settings=settings,
-            priority=priority,
-            clusterwide=not options.namespaces,
-            namespaces=list(options.namespaces),
-            liveness_endpoint=f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None,
-            standalone=options.standalone,
-            # kopf makes peering mandatory whenever a peering name is given, so only name it when peering is on
-            peering_name=None if options.standalone else options.peering_name,
-            memo=memo,
-            stop_flag=stop_flag,
+    raise_open_files_limit()
+    with asyncio.Runner(loop_factory=loop_factory(uvloop=options.uvloop)) as runner:
+        runner.run(
+            kopf.operator(
+                settings=settings,
+                priority=priority,
+                clusterwide=not options.namespaces,
+                namespaces=list(options.namespaces),
+                liveness_endpoint=f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None,
+                standalone=options.standalone,
+                # kopf makes peering mandatory whenever a peering name is given, so only name it when peering is on
+                peering_name=None if options.standalone else options.peering_name,
+                memo=memo,
+                stop_flag=stop_flag,
+            )
         )
-    )
+
+
+def loop_factory(*, uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when asked for and installed (it cuts the event loop's share of each probe, see
+    bench/bench_probe.py), else asyncio's default."""
+    if uvloop:
+        try:
+            import uvloop as uv
+        except ImportError:  # pragma: no cover - a dependency; a stripped install still runs
+            log.warning("uvloop is not installed: running on asyncio's own event loop")
+            return None
+        return uv.new_event_loop
+    return None
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one: the prober keeps one idle connection per endpoint."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

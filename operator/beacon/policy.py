@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+VERDICT_CACHE_SIZE = 65536  # addresses whose verdict is remembered (more than the endpoints one operator probes)
 
 REFUSED_BY_DEFAULT: tuple[tuple[str, str], ...] = (
     ("127.0.0.0/8", "loopback"),
@@ -37,10 +38,23 @@ class ProbePolicy:
         default_factory=lambda: tuple((ipaddress.ip_network(net), why) for net, why in REFUSED_BY_DEFAULT)
     )
     allowed: tuple[IPNetwork, ...] = ()
+    _verdicts: dict[str, tuple[bool, str | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def with_allowed(cls, cidrs: Iterable[str]) -> ProbePolicy:
         return cls(allowed=tuple(ipaddress.ip_network(c, strict=False) for c in cidrs))
+
+    def verdict(self, address: str) -> tuple[bool, str | None]:
+        """(whether `address` is an IP literal, `refusal(address)`), cached per address: the probe path asks on
+        every probe, and parsing the same address and walking the ranges each time is wasted work."""
+        cached = self._verdicts.get(address)
+        if cached is None:
+            if len(self._verdicts) >= VERDICT_CACHE_SIZE:
+                self._verdicts.clear()
+            cached = self._verdicts[address] = (_is_ip(address), self.refusal(address))
+        return cached
 
     def refusal(self, address: str) -> str | None:
         """Why `address` may not be probed, or None if it may. Names (FQDNs) are checked after resolution."""
@@ -56,6 +70,14 @@ class ProbePolicy:
             if ip.version == net.version and ip in net:
                 return f"{address} is {why} ({net}); the operator's probe policy refuses it (--allow-probe-cidr)"
         return None
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def kubernetes_accepts(address: str) -> bool:

@@ -1,35 +1,32 @@
 """One scheduler for every endpoint's probes: jittered, bounded in concurrency, never overlapping per target.
 
 Why it exists: a kopf timer per object does not scale to 10,000 endpoints and puts API traffic on every tick.
-Here a single heap orders all targets by due time. The first probe of a new target runs within a second (so a
-fresh entry becomes ready quickly) and later ones every `interval` seconds with ±10% jitter, so thousands of
-targets do not fire in lockstep. A semaphore bounds how many probes are in flight; a target's next probe is
-scheduled only after its current one finished. Results go to a callback; this module never calls the API.
+Here a single heap of plain tuples `(due, seq, key, token)` orders all targets by due time, and one
+`loop.call_later` timer is armed for the earliest: no task wakes up unless a probe is due. A new or changed target
+is probed at once; only when many arrive together (start-up, a burst of applies: more than `first_probe_burst`
+within `first_probe_within` seconds) are the later ones' first probes spread over at most `first_probe_within`
+seconds. Later probes come every `interval` seconds with +-10% jitter, so thousands of targets do not fire in
+lockstep. At most `concurrency` probes run at once; due probes beyond that wait in a FIFO, counted by
+`queue_depth`. A target's next probe is scheduled only after its current one finished. Results go to a callback;
+this module never calls the API.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import heapq
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
 
 from beacon.targets import ProbeResult, Target
 
 Key = Hashable
 ResultCallback = Callable[[Key, Target, ProbeResult], None]
 ProbeFn = Callable[[Target], Awaitable[ProbeResult]]
-
-
-@dataclass(order=True)
-class _Slot:
-    due: float
-    seq: int
-    key: Key = field(compare=False)
-    token: int = field(compare=False)
+_EARLY = 0.001  # a timer that fires this much before a slot's due time runs it (timers have 1 ms resolution)
 
 
 class Prober:
@@ -43,23 +40,30 @@ class Prober:
         concurrency: int = 64,
         jitter: float = 0.1,
         first_probe_within: float = 1.0,
+        first_probe_burst: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self._probe = probe
         self._on_result = on_result
-        self._sem = asyncio.Semaphore(concurrency)
+        self._limit = concurrency
         self._jitter = jitter
         self._first = first_probe_within
+        self._burst = concurrency if first_probe_burst is None else first_probe_burst
+        self._burst_start = -math.inf
+        self._burst_count = 0
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._targets: dict[Key, tuple[Target, int]] = {}
-        self._heap: list[_Slot] = []
+        self._heap: list[tuple[float, int, Key, int]] = []
+        self._waiting: collections.deque[tuple[Key, int]] = collections.deque()  # due, no concurrency slot yet
+        self._running = 0
         self._seq = 0
         self._tokens = 0
-        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
         self._inflight: set[asyncio.Task[None]] = set()
-        self._waiting_for_slot = 0  # a due probe popped from the heap, waiting on the semaphore
         self.probes_run = 0
 
     # ------------------------------------------------------------------ target set
@@ -70,7 +74,14 @@ class Prober:
             return
         self._tokens += 1
         self._targets[key] = (target, self._tokens)
-        self._push(key, self._tokens, self._clock() + self._rng.uniform(0, min(self._first, target.interval)))
+        now = self._clock()
+        if now - self._burst_start >= self._first:
+            self._burst_start, self._burst_count = now, 0
+        self._burst_count += 1
+        due = now
+        if self._burst_count > self._burst:  # many at once: spread their first probes
+            due += self._rng.uniform(0, min(self._first, target.interval))
+        self._push(key, self._tokens, due)
 
     def remove(self, key: Key) -> None:
         self._targets.pop(key, None)  # its heap slot is skipped when it comes due (token mismatch)
@@ -85,49 +96,79 @@ class Prober:
     def queue_depth(self) -> int:
         """Probes that are due now but not started (waiting for a concurrency slot or the loop)."""
         now = self._clock()
-        return self._waiting_for_slot + sum(1 for slot in self._heap if slot.due <= now and self._live(slot))
-
-    def _live(self, slot: _Slot) -> bool:
-        current = self._targets.get(slot.key)
-        return current is not None and current[1] == slot.token
+        targets = self._targets
+        waiting = sum(1 for key, token in self._waiting if targets.get(key, (None, -1))[1] == token)
+        return waiting + sum(
+            1 for due, _, key, token in self._heap if due <= now and targets.get(key, (None, -1))[1] == token
+        )
 
     def _push(self, key: Key, token: int, due: float) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, _Slot(due=due, seq=self._seq, key=key, token=token))
-        self._wake.set()
+        heapq.heappush(self._heap, (due, self._seq, key, token))
+        if due < self._timer_due:
+            self._arm()
 
-    # ------------------------------------------------------------------ loop
+    def _arm(self) -> None:
+        """Set the one timer to the earliest due time (no timer while nothing is scheduled or not running)."""
+        loop = self._loop
+        if loop is None:
+            return
+        due = self._heap[0][0] if self._heap else math.inf
+        if due == self._timer_due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_due = due
+        if due != math.inf:
+            self._timer = loop.call_later(max(0.0, due - self._clock()), self._fire)
+
+    # ------------------------------------------------------------------ running
     async def run(self) -> None:
+        """Probe until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        self._timer_due = math.inf
+        self._arm()
         try:
-            while True:
-                await self._run_due()
-                timeout = self._heap[0].due - self._clock() if self._heap else None
-                self._wake.clear()
-                if timeout is None or timeout > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout)
+            await self._loop.create_future()  # everything happens in timer and task callbacks
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._loop, self._timer, self._timer_due = None, None, math.inf
             for task in list(self._inflight):
                 task.cancel()
 
-    async def _run_due(self) -> None:
-        now = self._clock()
-        while self._heap and self._heap[0].due <= now:
-            slot = heapq.heappop(self._heap)
-            if not self._live(slot):
-                continue
-            self._waiting_for_slot = 1
-            try:
-                await self._sem.acquire()  # backpressure: due probes wait here, counted by queue_depth
-            finally:
-                self._waiting_for_slot = 0
-            target, token = self._targets.get(slot.key, (None, -1))
-            if target is None or token != slot.token:
-                self._sem.release()
-                continue
-            task = asyncio.create_task(self._one(slot.key, target, token))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+    def _fire(self) -> None:
+        self._timer, self._timer_due = None, math.inf
+        heap, targets = self._heap, self._targets
+        horizon = self._clock() + _EARLY
+        while heap and heap[0][0] <= horizon:
+            _, _, key, token = heapq.heappop(heap)
+            current = targets.get(key)
+            if current is None or current[1] != token:
+                continue  # removed or changed since
+            if self._running < self._limit:
+                self._start(key, current[0], token)
+            else:
+                self._waiting.append((key, token))  # backpressure: counted by queue_depth
+        self._arm()
+
+    def _start(self, key: Key, target: Target, token: int) -> None:
+        assert self._loop is not None
+        self._running += 1
+        task = self._loop.create_task(self._one(key, target, token))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _next(self) -> None:
+        """A concurrency slot came free: start the longest-waiting due probe, if any."""
+        targets = self._targets
+        while self._waiting and self._loop is not None:
+            key, token = self._waiting.popleft()
+            current = targets.get(key)
+            if current is not None and current[1] == token:
+                self._start(key, current[0], token)
+                return
 
     async def _one(self, key: Key, target: Target, token: int) -> None:
         started = self._clock()
@@ -136,7 +177,8 @@ class Prober:
         except Exception as exc:  # a probe function that raises must not drop the target from the schedule
             result = ProbeResult(ok=False, detail=f"probe error: {type(exc).__name__}: {exc}"[:200], seconds=0.0)
         finally:
-            self._sem.release()
+            self._running -= 1
+            self._next()
         self.probes_run += 1
         current = self._targets.get(key)
         if current is None or current[1] != token:

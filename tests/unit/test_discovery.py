@@ -234,3 +234,32 @@ async def test_after_a_failed_reconcile_the_slices_are_listed_again_and_nothing_
     ]
     assert sorted(published) == sorted(addresses[1:] + [f"198.18.2.{i}" for i in range(1, 62)])
     await d.close()
+
+
+async def test_a_result_that_changes_nothing_does_no_bookkeeping() -> None:
+    kube = FakeKube()
+    body = entry("a", "uid-a", ["198.18.0.10"])
+    body["spec"]["healthCheck"]["deregisterAfterSeconds"] = 60
+    kube.entries[("ns", "a")] = body
+    d = _engine(kube)
+    await d.entry_changed(body)
+    key = ("ns", "a", "198.18.0.10")
+    target = d._entries[("ns", "a")].entry.target(d._entries[("ns", "a")].endpoints[0])
+    assert target is not None
+    state = d._entries[("ns", "a")]
+    ok = ProbeResult(ok=True, detail="TCP connect ok", seconds=0.001)
+    d._on_result(key, target, ok)
+    passing = state.health["198.18.0.10"]
+    assert passing.ready
+    for _ in range(5):
+        d._on_result(key, target, ok)
+    assert state.health["198.18.0.10"] is passing  # untouched, not re-created per result
+    fail = ProbeResult(ok=False, detail="timed out after 1s", seconds=1.0)
+    for _ in range(3):
+        d._on_result(key, target, fail)
+    critical = state.health["198.18.0.10"]
+    assert not critical.ready
+    d._on_result(key, target, fail)
+    # CRITICAL with deregisterAfterSeconds: time still matters, so the result is applied
+    assert state.health["198.18.0.10"] is not critical
+    await d.close()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from beacon.health import EndpointHealth, Status, Thresholds, observe, seeded
+from beacon.health import EndpointHealth, Status, Thresholds, observe, seeded, settled
 
 
 def feed(
@@ -172,3 +172,31 @@ def test_status_follows_the_latest_run_once_it_reaches_its_threshold(
     # consecutive transitions always alternate: a transition is a change of status
     statuses = [status for _, status in transitions]
     assert all(a is not b for a, b in itertools.pairwise(statuses))
+
+
+results_strategy = st.lists(st.tuples(st.booleans(), st.sampled_from(["HTTP 200", "HTTP 503", "timed out"])))
+
+
+@given(
+    results=results_strategy,
+    healthy=st.integers(1, 4),
+    unhealthy=st.integers(1, 4),
+    start=st.sampled_from([None, True, False]),
+)
+def test_skipping_settled_results_changes_nothing_that_is_read(
+    results: list[tuple[bool, str]], healthy: int, unhealthy: int, start: bool | None
+) -> None:
+    """Discovery skips the bookkeeping of a result that `settled` says changes nothing: the statuses, their
+    `since`, the details and the transitions stay exactly those of applying every result."""
+    thresholds = Thresholds(healthy=healthy, unhealthy=unhealthy)
+    full = skipping = seeded(ready=start, now=0.0)
+    for index, (ok, detail) in enumerate(results):
+        now = float(index + 1)
+        full, changed = observe(full, ok=ok, detail=detail, now=now, thresholds=thresholds)
+        if settled(skipping, ok=ok, detail=detail):
+            assert not changed
+            continue
+        skipping, changed_too = observe(skipping, ok=ok, detail=detail, now=now, thresholds=thresholds)
+        assert changed_too == changed
+        assert (skipping.status, skipping.since, skipping.detail) == (full.status, full.since, full.detail)
+    assert (skipping.status, skipping.since, skipping.detail) == (full.status, full.since, full.detail)

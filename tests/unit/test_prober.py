@@ -236,3 +236,51 @@ async def test_a_result_callback_that_raises_does_not_stop_the_probes() -> None:
     async with running(prober):
         prober.upsert("a", target(interval=0.05))
         await wait_until(lambda: len(seen) >= 3)
+
+
+async def test_a_new_target_is_probed_at_once() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result)  # first probes may spread over 1 s, but only in bursts
+    async with running(prober):
+        await asyncio.sleep(0.02)
+        added = time.monotonic()
+        prober.upsert("a", target(interval=60.0))
+        await wait_until(lambda: fake.count() == 1)
+    assert fake.starts["198.18.0.1"][0] - added < 0.05
+
+
+async def test_a_target_due_sooner_than_the_armed_timer_is_not_kept_waiting() -> None:
+    """The one timer is armed for the earliest slot; a new earlier slot re-arms it."""
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, jitter=0.0)
+    async with running(prober):
+        prober.upsert("a", target("198.18.0.1", interval=60.0))
+        await wait_until(lambda: fake.count("198.18.0.1") == 1)  # the timer now waits ~60 s for a
+        prober.upsert("b", target("198.18.0.2", interval=60.0))
+        await wait_until(lambda: fake.count("198.18.0.2") == 1, within=0.5)
+
+
+async def test_many_targets_arriving_together_spread_their_first_probes_over_at_most_a_second() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, concurrency=500, first_probe_burst=20)
+    async with running(prober):
+        added = time.monotonic()
+        for i in range(400):
+            prober.upsert(i, target(f"198.18.{i // 250}.{i % 250}", interval=60.0))
+        await wait_until(lambda: len(fake.delivered) == 400, within=3.0)
+    firsts = sorted(starts[0] - added for starts in fake.starts.values())
+    assert all(offset < 0.05 for offset in firsts[:20])  # the first ones of the burst go at once
+    assert firsts[-1] < 1.0 + 0.05  # the rest within the spread
+    assert firsts[-1] > 0.5  # and spread indeed, not all at once
+    assert max(len(s) for s in fake.starts.values()) == 1
+
+
+async def test_first_probes_are_never_spread_beyond_the_interval() -> None:
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, concurrency=200, first_probe_burst=0)
+    async with running(prober):
+        added = time.monotonic()
+        for i in range(100):
+            prober.upsert(i, target(f"198.18.0.{i}", interval=0.2))
+        await wait_until(lambda: len(fake.starts) == 100, within=2.0)
+    assert max(starts[0] for starts in fake.starts.values()) - added < 0.2 + 0.05
