@@ -9,6 +9,8 @@ flight then follows the default route off the machine, to a gateway that has not
   EINVAL/unreachable instead of leaving. `TestNetwork.open()` makes sure it exists; the pytest session, `make run`'s
   demo and `make bench` hold it for their whole run. It is removed only by the process that added it, and only
   when no other live process still has a test network.
+`python -m beacon.netguard run -- CMD` holds the guard route while CMD runs (`make kind-e2e` does).
+
 * **The egress counter** (`python -m beacon.netguard egress-start|egress-count|egress-stop`, used by `make test`
   under CI=true and by `make bench`): an nftables table of its own with a counting DROP rule for the range on the
   interface that carries the default route, the way off the machine. Its own table, hooked at postrouting, sees
@@ -228,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("egress-count", help="print the packets counted so far")
     stop = sub.add_parser("egress-stop", help="print the count, remove what egress-start added; exit 1 if count > 0")
     stop.add_argument("--what", default="this run", help="what the count covers, for the message")
+    run = sub.add_parser("run", help="hold the guard route while a command runs (e.g. the kind e2e)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not command:
+            parser.error("run needs a command")
+        with GuardRoute():
+            return subprocess.call(command)
     counter = EgressCounter()
     try:
         if args.command == "egress-start":

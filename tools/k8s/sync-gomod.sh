@@ -11,6 +11,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=/dev/null
 . "$here/versions.env"
+GOPROXY=$(go env GOPROXY | cut -d, -f1)   # the module proxy only, never `direct`
+export GOPROXY
 
 staging_version="v0.${KUBERNETES_VERSION#v1.}"
 gomod=$(go mod download -json "k8s.io/kubernetes@${KUBERNETES_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
@@ -29,7 +31,11 @@ goversion=$(awk '$1 == "go" {print $2; exit}' "$gomod")
   echo "tool ("
   echo "	k8s.io/kubernetes/cmd/kube-apiserver"
   echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
+  echo "	k8s.io/kubernetes/cmd/kube-proxy"
+  echo "	k8s.io/kubernetes/cmd/kube-scheduler"
+  echo "	k8s.io/kubernetes/cmd/kubeadm"
   echo "	k8s.io/kubernetes/cmd/kubectl"
+  echo "	k8s.io/kubernetes/cmd/kubelet"
   echo ")"
   echo
   echo "require k8s.io/kubernetes ${KUBERNETES_VERSION}"
@@ -44,5 +50,7 @@ rm -f "$here/kube/go.sum"
 (cd "$here/etcd" && rm -f go.sum && printf 'module beacon.dev/tools/k8s/etcd\n\ngo 1.25.0\n' > go.mod \
   && go get "go.etcd.io/etcd/server/v3@${ETCD_VERSION}" && go mod tidy)
 (cd "$here/coredns" && rm -f go.sum && printf 'module beacon.dev/tools/k8s/coredns\n\ngo 1.26.0\n' > go.mod \
+  && go get "github.com/coredns/coredns@${COREDNS_VERSION}" && go mod tidy)
+(cd "$here/coredns-kind" && rm -f go.sum && printf 'module beacon.dev/tools/k8s/coredns-kind\n\ngo 1.26.0\n' > go.mod \
   && go get "github.com/coredns/coredns@${COREDNS_VERSION}" && go mod tidy)
 echo "sync-gomod: kube ${KUBERNETES_VERSION} (staging ${staging_version}), etcd ${ETCD_VERSION}, coredns ${COREDNS_VERSION}"
