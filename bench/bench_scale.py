@@ -119,16 +119,25 @@ class Api:
         return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout)
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.connect()
         data = None if body is None else json.dumps(body)
-        conn.request(method, path, body=data, headers={"Content-Type": content_type})
-        resp = conn.getresponse()
-        raw = resp.read()
-        if resp.status >= 300 and not (method == "DELETE" and resp.status == 404):
+        for attempt in range(2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.connect()
+            try:
+                conn.request(method, path, body=data, headers={"Content-Type": content_type})
+                resp = conn.getresponse()
+                raw = resp.read()
+                break
+            except (OSError, http.client.HTTPException):  # the apiserver closes connections idle for long
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+        ok = resp.status < 300 or (method == "DELETE" and resp.status == 404)
+        if not ok and not (attempt and method == "POST" and resp.status == 409):  # the first try got through
             raise RuntimeError(f"{method} {path}: {resp.status} {raw[:300]!r}")
-        return json.loads(raw) if raw else None
+        return json.loads(raw) if raw and ok else None
 
     def exists(self, path: str) -> bool:
         try:

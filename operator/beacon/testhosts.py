@@ -15,9 +15,9 @@ and the `ip` tool from iproute2)::
     with TestNetwork(loopback=True) as big:   # a /18: up to LOOPBACK_MAX_HOSTS (16,373) test hosts
         hosts = big.add_hosts(10_000)
 
-Layout. Every `TestNetwork` takes one /22 out of 198.18.0.0/16 (reserved for benchmarking, RFC 2544), so up to
-64 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts. For slot N the /22 starts at
-B = 198.18.0.0 + N * 1024 and:
+Layout. Every `TestNetwork` (but a loopback-mode one, below) takes one /22 out of 198.18.0.0/16 (reserved for
+benchmarking, RFC 2544), so up to 64 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts.
+For slot N the /22 starts at B = 198.18.0.0 + N * 1024 and:
 
 * B+1    is the host side of a veth pair (interface `bcn-<pid>-<n>` in the caller's namespace, address B+1/32);
 * B+2    is the namespace side (`veth0` in namespace `bcn-<pid>-<n>`, address B+2/22, default route via B+1);
