@@ -14,6 +14,12 @@ Each listener (HTTP via aiohttp, plain TCP via asyncio, gRPC health via grpc.aio
 binds exactly one address:port, so stopping one test host's server leaves the others untouched. Stopping a
 listener really closes its listening socket and its connections (clients then see "connection refused").
 
+HTTP listeners log every request to their health path in one ring buffer of the process (`PROBE_LOG`: the
+CLOCK_MONOTONIC time the answer was made, the address and the status; one deque append per request, the newest
+`PROBE_LOG_SIZE` kept). The `probe_log` op returns it since a given time, so a benchmark knows exactly when each
+probe reached its server, e.g. the decisive failing one. CLOCK_MONOTONIC is the same clock in every process of
+the machine, so the times compare with the caller's `time.monotonic()`.
+
 The process exits when its stdin reaches EOF, so it never outlives the process that controls it. It ignores
 SIGINT (Ctrl-C reaches the whole foreground process group; the controlling side does the cleanup) and exits
 cleanly on SIGTERM. Heavy imports (aiohttp, grpc) happen here and only here, and gRPC only once a gRPC listener
@@ -29,6 +35,8 @@ import json
 import os
 import signal
 import sys
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +47,10 @@ GRPC_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
 
 # How long a stopping HTTP listener waits for in-flight requests before cancelling them.
 HTTP_SHUTDOWN_TIMEOUT = 0.5
+
+# When each health-path request was answered: (time.monotonic(), address, status), the newest PROBE_LOG_SIZE.
+PROBE_LOG_SIZE = 1_000_000
+PROBE_LOG: deque[tuple[float, str, int]] = deque(maxlen=PROBE_LOG_SIZE)
 
 
 class ControlError(Exception):
@@ -98,6 +110,7 @@ class HttpListener(Listener):
             return web.Response(text=f"{self.address}:{self.port}\n")
         if self.delay > 0:
             await asyncio.sleep(self.delay)
+        PROBE_LOG.append((time.monotonic(), self.address, self.status))
         return web.Response(status=self.status, text=f"{self.status}\n")
 
     async def _start(self) -> None:
@@ -284,6 +297,7 @@ class Controller:
             "configure": self._configure,
             "grpc_status": self._grpc_status,
             "info": self._info,
+            "probe_log": self._probe_log,
             "shutdown": self._shutdown,
         }
         if not isinstance(op, str) or op not in handlers:
@@ -357,6 +371,27 @@ class Controller:
 
     async def _info(self, request: dict[str, Any]) -> dict[str, Any]:
         return self._listener(request).info()
+
+    async def _probe_log(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Health-path requests answered at or after `since` (monotonic seconds), oldest first; `first_only`: only
+        each address's first; `not_status`: leave out answers with this status (e.g. 200, to see only failures)."""
+        since = request.get("since", 0.0)
+        if not isinstance(since, int | float):
+            raise ControlError(f"since must be a number, not {since!r}")
+        first_only = bool(request.get("first_only", False))
+        not_status = request.get("not_status")
+        entries: list[tuple[float, str, int]] = []
+        seen: set[str] = set()
+        for entry in list(PROBE_LOG):  # a snapshot: the listeners append while we look
+            if entry[0] < since or entry[2] == not_status:
+                continue
+            if first_only:
+                if entry[1] in seen:
+                    continue
+                seen.add(entry[1])
+            entries.append(entry)
+        oldest = PROBE_LOG[0][0] if PROBE_LOG else None
+        return {"entries": entries, "oldest": oldest}
 
     async def _shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         self.shutdown_requested = True

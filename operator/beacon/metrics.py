@@ -27,6 +27,12 @@ PROBE_SECONDS = Histogram(
 TRANSITIONS = Counter(
     "beacon_health_transitions_total", "Endpoint health transitions, by new status", ["to"], registry=REGISTRY
 )
+PROBE_LATENESS = Histogram(
+    "beacon_probe_lateness_seconds",
+    "How late probes start: from the time a probe was due to the time it started (scheduler and event-loop lag)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge("beacon_probe_queue_depth", "Probes due but not yet started", registry=REGISTRY)
 TARGETS = Gauge("beacon_probe_targets", "Endpoints being probed", registry=REGISTRY)
 RECONCILES = Counter(

@@ -7,8 +7,9 @@ is probed at once; only when many arrive together (start-up, a burst of applies:
 within `first_probe_within` seconds) are the later ones' first probes spread over at most `first_probe_within`
 seconds. Later probes come every `interval` seconds with +-10% jitter, so thousands of targets do not fire in
 lockstep. At most `concurrency` probes run at once; due probes beyond that wait in a FIFO, counted by
-`queue_depth`. A target's next probe is scheduled only after its current one finished. Results go to a callback;
-this module never calls the API.
+`queue_depth`; how late each probe starts (due -> started) goes to the `beacon_probe_lateness_seconds`
+histogram, one observation per probe. A target's next probe is scheduled only after its current one finished.
+Results go to a callback; this module never calls the API.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
 
+from beacon.metrics import PROBE_LATENESS
 from beacon.targets import ProbeResult, Target
 
 Key = Hashable
 ResultCallback = Callable[[Key, Target, ProbeResult], None]
 ProbeFn = Callable[[Target], Awaitable[ProbeResult]]
+_observe_lateness = PROBE_LATENESS.observe  # bound once: one call per probe, no attribute lookups
 _EARLY = 0.001  # a timer that fires this much before a slot's due time runs it (timers have 1 ms resolution)
 
 
@@ -56,7 +59,7 @@ class Prober:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._targets: dict[Key, tuple[Target, int]] = {}
         self._heap: list[tuple[float, int, Key, int]] = []
-        self._waiting: collections.deque[tuple[Key, int]] = collections.deque()  # due, no concurrency slot yet
+        self._waiting: collections.deque[tuple[Key, int, float]] = collections.deque()  # due, no concurrency slot yet
         self._running = 0
         self._seq = 0
         self._tokens = 0
@@ -97,7 +100,7 @@ class Prober:
         """Probes that are due now but not started (waiting for a concurrency slot or the loop)."""
         now = self._clock()
         targets = self._targets
-        waiting = sum(1 for key, token in self._waiting if targets.get(key, (None, -1))[1] == token)
+        waiting = sum(1 for key, token, _ in self._waiting if targets.get(key, (None, -1))[1] == token)
         return waiting + sum(
             1 for due, _, key, token in self._heap if due <= now and targets.get(key, (None, -1))[1] == token
         )
@@ -143,20 +146,20 @@ class Prober:
         heap, targets = self._heap, self._targets
         horizon = self._clock() + _EARLY
         while heap and heap[0][0] <= horizon:
-            _, _, key, token = heapq.heappop(heap)
+            due, _, key, token = heapq.heappop(heap)
             current = targets.get(key)
             if current is None or current[1] != token:
                 continue  # removed or changed since
             if self._running < self._limit:
-                self._start(key, current[0], token)
+                self._start(key, current[0], token, due)
             else:
-                self._waiting.append((key, token))  # backpressure: counted by queue_depth
+                self._waiting.append((key, token, due))  # backpressure: counted by queue_depth
         self._arm()
 
-    def _start(self, key: Key, target: Target, token: int) -> None:
+    def _start(self, key: Key, target: Target, token: int, due: float) -> None:
         assert self._loop is not None
         self._running += 1
-        task = self._loop.create_task(self._one(key, target, token))
+        task = self._loop.create_task(self._one(key, target, token, due))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
@@ -164,14 +167,15 @@ class Prober:
         """A concurrency slot came free: start the longest-waiting due probe, if any."""
         targets = self._targets
         while self._waiting and self._loop is not None:
-            key, token = self._waiting.popleft()
+            key, token, due = self._waiting.popleft()
             current = targets.get(key)
             if current is not None and current[1] == token:
-                self._start(key, current[0], token)
+                self._start(key, current[0], token, due)
                 return
 
-    async def _one(self, key: Key, target: Target, token: int) -> None:
+    async def _one(self, key: Key, target: Target, token: int, due: float) -> None:
         started = self._clock()
+        _observe_lateness(started - due if started > due else 0.0)
         try:
             result = await self._probe(target)
         except Exception as exc:  # a probe function that raises must not drop the target from the schedule

@@ -12,16 +12,27 @@ and the `ip` tool from iproute2)::
         srv.stop()                            # connection refused
         hosts = net.add_hosts(250)            # one `ip -batch` call
 
-Layout. Every `TestNetwork` takes one /22 out of 198.18.0.0/16 (reserved for benchmarking, RFC 2544), so up to
-64 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts. For slot N the /22 starts at
-B = 198.18.0.0 + N * 1024 and:
+    with TestNetwork(loopback=True) as big:   # a /18: up to LOOPBACK_MAX_HOSTS (16,373) test hosts
+        hosts = big.add_hosts(10_000)
+
+Layout. Every `TestNetwork` (but a loopback-mode one, below) takes one /22 out of 198.18.0.0/16 (reserved for
+benchmarking, RFC 2544), so up to 64 networks can exist at once and each holds up to `MAX_HOSTS` (1013) test hosts.
+For slot N the /22 starts at B = 198.18.0.0 + N * 1024 and:
 
 * B+1    is the host side of a veth pair (interface `bcn-<pid>-<n>` in the caller's namespace, address B+1/32);
 * B+2    is the namespace side (`veth0` in namespace `bcn-<pid>-<n>`, address B+2/22, default route via B+1);
 * B+10 .. B+1022 are test-host addresses, added as /32s on `veth0`.
 
 The host routes the whole /22 *via* B+2 instead of on-link, so however many test hosts there are, the host's
-neighbour (ARP) table only ever holds one entry per network. A slot is free when no address or route of /16 or
+neighbour (ARP) table only ever holds one entry per network.
+
+Loopback mode (`TestNetwork(loopback=True)`, for the benchmarks' 10,000+ endpoints): the network takes a /18
+(`LOOPBACK_PREFIXLEN`; any `prefixlen` from /16 to /22 can be asked for) and its test hosts' /32s go on the
+namespace's `lo` instead of `veth0`. `veth0` then carries only B+2/32, the gateway: the namespace answers for the
+pool's addresses from its local table and never resolves them on a link, and the host reaches the whole pool
+through that one gateway, so each side keeps a single neighbour entry however many thousand addresses there are.
+The same slot rules apply (a /18 is free only when nothing of /16 or longer on the host overlaps it), and the
+network still lies inside 198.18.0.0/16. A slot is free when no address or route of /16 or
 longer on the host overlaps it; the choice is made under an flock (/run/beacon-testhosts.lock) so that parallel
 test runs never collide. IPv6 address generation is off on both veth ends, so the pair carries no IPv6 chatter.
 
@@ -68,6 +79,8 @@ from typing import Any, ClassVar, Final, Literal, Self
 from beacon.netguard import ensure_guard_route
 
 __all__ = [
+    "LOOPBACK_MAX_HOSTS",
+    "LOOPBACK_PREFIXLEN",
     "MAX_HOSTS",
     "MAX_NETWORKS",
     "POOL",
@@ -90,6 +103,8 @@ NETWORK_PREFIXLEN: Final = 22
 MAX_NETWORKS: Final = 2 ** (NETWORK_PREFIXLEN - POOL.prefixlen)  # 64
 FIRST_HOST_OFFSET: Final = 10
 MAX_HOSTS: Final = 2 ** (32 - NETWORK_PREFIXLEN) - 1 - FIRST_HOST_OFFSET  # 1013: B+10 .. B+1022
+LOOPBACK_PREFIXLEN: Final = 18
+LOOPBACK_MAX_HOSTS: Final = 2 ** (32 - LOOPBACK_PREFIXLEN) - 1 - FIRST_HOST_OFFSET  # 16373
 NS_INTERFACE: Final = "veth0"
 NAME_PREFIX: Final = "bcn"
 _NAME_RE: Final = re.compile(rf"^{NAME_PREFIX}-(\d+)-(\d+)$")
@@ -248,12 +263,12 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def _pick_slot() -> ipaddress.IPv4Network:
+def _pick_slot(prefixlen: int = NETWORK_PREFIXLEN) -> ipaddress.IPv4Network:
     used = [net for net in _used_networks() if net.overlaps(POOL)]
-    for candidate in POOL.subnets(new_prefix=NETWORK_PREFIXLEN):
+    for candidate in POOL.subnets(new_prefix=prefixlen):
         if not any(candidate.overlaps(net) for net in used):
             return candidate
-    raise TestHostError(f"no free /{NETWORK_PREFIXLEN} left in {POOL} (all {MAX_NETWORKS} are in use)")
+    raise TestHostError(f"no free /{prefixlen} left in {POOL} (all {2 ** (prefixlen - POOL.prefixlen)} overlap)")
 
 
 def _ipv6_available() -> bool:
@@ -552,13 +567,25 @@ class TestNetwork:
     """A network namespace reachable from this host over a veth pair, holding up to `MAX_HOSTS` test hosts.
 
     Use as a context manager (or call `open()` / `close()` yourself). Nothing touches the system before
-    `open()`. `timeout` bounds every control call to the server process.
+    `open()`. `timeout` bounds every control call to the server process. `loopback=True` puts the test hosts on
+    the namespace's `lo` behind one gateway address and takes a /`prefixlen` (default /18: `LOOPBACK_MAX_HOSTS`).
     """
 
     __test__ = False
 
-    def __init__(self, *, timeout: float = 30.0) -> None:
+    def __init__(self, *, timeout: float = 30.0, loopback: bool = False, prefixlen: int | None = None) -> None:
+        if prefixlen is None:
+            prefixlen = LOOPBACK_PREFIXLEN if loopback else NETWORK_PREFIXLEN
+        if not POOL.prefixlen <= prefixlen <= NETWORK_PREFIXLEN:
+            raise ValueError(f"prefixlen must be in {POOL.prefixlen}..{NETWORK_PREFIXLEN}, not {prefixlen}")
+        if prefixlen != NETWORK_PREFIXLEN and not loopback:
+            raise ValueError(
+                "only a loopback network can be bigger than a /22 (on veth0 every host would need an ARP entry)"
+            )
         self.timeout = timeout
+        self.loopback = loopback
+        self.prefixlen = prefixlen
+        self.max_hosts = 2 ** (32 - prefixlen) - 1 - FIRST_HOST_OFFSET
         self.name = ""
         self.network: ipaddress.IPv4Network | None = None
         self.hosts: list[TestHost] = []
@@ -604,7 +631,7 @@ class TestNetwork:
                 _cleanup_stale_locked()
                 if self.name in _netns_names() or self.name in _link_names():
                     _delete_network_objects(self.name)  # a leftover of ours from a failed close()
-                network = _pick_slot()
+                network = _pick_slot(self.prefixlen)
                 self.network = network
                 _open_networks.add(self)
                 host_ip, ns_ip = network[1], network[2]
@@ -623,8 +650,9 @@ class TestNetwork:
                     batch=[
                         "link set lo up",
                         *([f"link set {NS_INTERFACE} addrgenmode none"] if noipv6 else []),
-                        f"address add {ns_ip}/{network.prefixlen} dev {NS_INTERFACE}",
+                        f"address add {ns_ip}/{32 if self.loopback else network.prefixlen} dev {NS_INTERFACE}",
                         f"link set {NS_INTERFACE} up",
+                        *([f"route add {host_ip} dev {NS_INTERFACE}"] if self.loopback else []),
                         f"route add default via {host_ip} dev {NS_INTERFACE}",
                     ],
                 )
@@ -691,14 +719,15 @@ class TestNetwork:
             network = self._require_open()
             if count < 0:
                 raise ValueError("count must not be negative")
-            if self._next_offset + count - 1 > FIRST_HOST_OFFSET + MAX_HOSTS - 1:
+            if self._next_offset + count - 1 > FIRST_HOST_OFFSET + self.max_hosts - 1:
                 raise TestHostError(
-                    f"a test network holds at most {MAX_HOSTS} hosts; {len(self.hosts)} are allocated already"
+                    f"a test network holds at most {self.max_hosts} hosts; {len(self.hosts)} are allocated already"
                 )
             if count == 0:
                 return []
             addresses = [str(network[self._next_offset + i]) for i in range(count)]
-            _ip(netns=self.name, batch=[f"address add {a}/32 dev {NS_INTERFACE}" for a in addresses])
+            device = "lo" if self.loopback else NS_INTERFACE
+            _ip(netns=self.name, batch=[f"address add {a}/32 dev {device}" for a in addresses])
             self._next_offset += count
             hosts = [TestHost(self, a) for a in addresses]
             self.hosts.extend(hosts)
@@ -743,6 +772,15 @@ class TestNetwork:
             if self._process is None:
                 self._process = _ServerProcess(self.name, timeout=self.timeout)
             return self._process
+
+    def probe_log(
+        self, *, since: float = 0.0, first_only: bool = False, not_status: int | None = None
+    ) -> list[tuple[float, str, int]]:
+        """When this network's HTTP servers answered their health path since `since` (`time.monotonic()` seconds:
+        the same clock here and in the server process): `(time, address, status)`, oldest first. `first_only`:
+        each address's first answer only; `not_status`: leave out answers with that status."""
+        response = self._server().request("probe_log", since=since, first_only=first_only, not_status=not_status)
+        return [(float(t), str(a), int(st)) for t, a, st in response["entries"]]
 
     @property
     def server_pid(self) -> int | None:

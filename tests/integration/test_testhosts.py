@@ -12,6 +12,7 @@ import contextlib
 import errno
 import http.client
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from beacon.netguard import guard_route_present
 from beacon.testhosts import (
+    LOOPBACK_MAX_HOSTS,
     MAX_HOSTS,
     POOL,
     TestHostError,
@@ -279,6 +281,49 @@ def test_max_hosts(net: TestNetwork) -> None:
         pass
     with pytest.raises(TestHostError, match="at most"):
         net.add_host()
+
+
+def neighbours(*, netns: str | None = None, dev: str | None = None) -> list[str]:
+    """The IPv4 neighbour entries (destination addresses) of a namespace or device, failed ones aside."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-4", "-j", "neigh", "show", *(["dev", dev] if dev else [])]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return [n["dst"] for n in json.loads(out.stdout or "[]") if "FAILED" not in n.get("state", [])]
+
+
+def test_loopback_network_reaches_thousands_of_hosts_through_one_neighbour_entry() -> None:
+    with TestNetwork(loopback=True) as net, TestNetwork() as small:
+        assert net.network is not None
+        assert small.network is not None
+        assert net.network.prefixlen == 18
+        assert net.network.subnet_of(POOL)
+        assert not net.network.overlaps(small.network)  # the slot checks still see the other networks
+        hosts = net.add_hosts(2000)  # more than a /22 holds, and more than the default neighbour table's gc_thresh1
+        assert len(set(net.addresses)) == 2000
+        picked = [hosts[0], hosts[1], hosts[999], hosts[1500], hosts[-1]]
+        servers = [h.http(port=8080) for h in picked]
+        for server in servers:
+            assert http_status(server.url) == 200
+        server = servers[-1]
+        server.set_healthy(False)
+        assert http_status(server.url) == 503
+        # the host reached five addresses through one gateway (B+2); the namespace sees only the host's end
+        assert neighbours(dev=net.name) == [str(net.network[2])]
+        assert neighbours(netns=net.name) == [net.host_address]
+        # each answer to the health path is logged with its time and status
+        log = net.probe_log(since=0.0)
+        assert {a for _, a, _ in log} == {s.address for s in servers}
+        assert [st for _, a, st in log if a == server.address] == [200, 503]
+        assert [a for _, a, _ in net.probe_log(since=0.0, not_status=200)] == [server.address]
+        assert len(net.probe_log(since=time.monotonic() + 60)) == 0
+        with pytest.raises(TestHostError, match="at most"):
+            net.add_hosts(LOOPBACK_MAX_HOSTS)
+
+
+def test_only_a_loopback_network_is_bigger_than_a_22() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        TestNetwork(prefixlen=18)
+    with pytest.raises(ValueError, match="prefixlen"):
+        TestNetwork(loopback=True, prefixlen=15)
 
 
 def test_parallel_networks_do_not_collide() -> None:

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field, replace
 
+from beacon.metrics import REGISTRY
 from beacon.prober import Prober
 from beacon.targets import ProbeResult, Target, TcpCheck
 
@@ -122,6 +123,26 @@ async def test_due_probes_waiting_for_a_slot_show_as_queue_depth() -> None:
         fake.gate.set()
         await wait_until(lambda: len(fake.delivered) == 5)
         assert prober.queue_depth == 0
+
+
+def lateness(stat: str) -> float:
+    return REGISTRY.get_sample_value(f"beacon_probe_lateness_seconds_{stat}") or 0.0
+
+
+async def test_every_probe_records_how_late_it_started_once() -> None:
+    count0, sum0 = lateness("count"), lateness("sum")
+    fake = FakeProbe(gate=asyncio.Event())
+    prober = Prober(probe=fake, on_result=fake.on_result, concurrency=1, first_probe_within=0.01)
+    async with running(prober):
+        for i in range(3):
+            prober.upsert(i, target(f"198.18.0.{i}", interval=60.0))
+        await wait_until(lambda: fake.inflight == 1)
+        await asyncio.sleep(0.1)  # two probes are due and wait for the one slot
+        assert fake.gate is not None
+        fake.gate.set()
+        await wait_until(lambda: len(fake.delivered) == 3)
+    assert lateness("count") - count0 == prober.probes_run == 3
+    assert lateness("sum") - sum0 >= 2 * 0.1  # the two that waited for a slot started late by that much
 
 
 async def test_remove_stops_probing() -> None:
