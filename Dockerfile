@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The beacon operator image (`make docker-build`, IMG ?= beacon:dev).
 # Two stages on the same exact base image: the builder installs beacon and its dependencies from pyproject.toml
 # into a virtualenv; the final image gets only that virtualenv (no pip, no sources, no build cache), a numeric
@@ -14,9 +13,15 @@ WORKDIR /src
 RUN python -m venv /opt/beacon
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
-# A regular (not editable) install, byte-compiled here because the final root filesystem is read-only; then the
-# installer itself goes, since nothing installs anything at run time.
-RUN /opt/beacon/bin/python -m pip install . \
+# An optional wheelhouse: hack/kind/operator-image.sh stages wheels/ into its build context (every dependency and
+# the build backend, downloaded on the host), so the build needs no network at all. In a plain checkout `wheels*`
+# matches nothing and only pyproject.toml is copied (listed so that the instruction always has a source).
+COPY pyproject.toml wheels* wheels/
+# A regular (not editable) install, from the wheelhouse alone when there is one (`--no-index`), byte-compiled
+# here because the final root filesystem is read-only; then the installer itself goes, since nothing installs
+# anything at run time.
+RUN if ls wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links wheels; fi \
+    && /opt/beacon/bin/python -m pip install "$@" . \
     && /opt/beacon/bin/python -m compileall -q /opt/beacon/lib \
     && /opt/beacon/bin/python -m pip uninstall -y pip
 

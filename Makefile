@@ -60,10 +60,11 @@ control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, ku
 
 .PHONY: lint
 lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllint, shellcheck, hadolint.
-	$(VENV)/bin/ruff check operator tests bench hack/kind/runc-wrapper
-	$(VENV)/bin/ruff format --check operator tests bench hack/kind/runc-wrapper
+	$(VENV)/bin/ruff check operator tests bench hack/kind/runc-wrapper hack/kind/e2e
+	$(VENV)/bin/ruff format --check operator tests bench hack/kind/runc-wrapper hack/kind/e2e
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict hack/kind/runc-wrapper
+	$(VENV)/bin/mypy --strict hack/kind/e2e
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/yamllint -s crds examples manifests
 	$(VENV)/bin/shellcheck -x hack/*.sh hack/kind/*.sh hack/kind/node/beacon-cni \

@@ -62,7 +62,9 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned() -> None:
     builder, final = _stages(text)
     assert builder[0] == "FROM ${PYTHON_IMAGE} AS builder"
     assert final[0] == "FROM ${PYTHON_IMAGE}"
-    assert any("pip install ." in line for line in builder)
+    assert any('pip install "$@" .' in line for line in builder)  # "$@": --no-index --find-links wheels, if any
+    assert not text.startswith("# syntax="), "a syntax line makes BuildKit fetch a frontend image from a registry"
+    assert "COPY pyproject.toml wheels* wheels/" in builder, "an optional wheelhouse, absent in a plain checkout"
     assert not any("pip install" in line for line in final), "nothing is installed in the final stage"
     (user,) = [line for line in final if line.startswith("USER ")]
     assert re.fullmatch(r"USER [1-9]\d*:[1-9]\d*", user), "numeric, non-root (runAsNonRoot can verify it)"
@@ -72,4 +74,10 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned() -> None:
 def test_build_context_holds_only_the_package_inputs() -> None:
     lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
-    assert {line for line in lines if line.startswith("!")} == {"!pyproject.toml", "!README.md", "!operator/"}
+    # wheels/: the wheelhouse that hack/kind/operator-image.sh stages into its own build context
+    assert {line for line in lines if line.startswith("!")} == {
+        "!pyproject.toml",
+        "!README.md",
+        "!operator/",
+        "!wheels/",
+    }
