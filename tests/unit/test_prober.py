@@ -142,7 +142,8 @@ async def test_every_probe_records_how_late_it_started_once() -> None:
         fake.gate.set()
         await wait_until(lambda: len(fake.delivered) == 3)
     assert lateness("count") - count0 == prober.probes_run == 3
-    assert lateness("sum") - sum0 >= 2 * 0.1  # the two that waited for a slot started late by that much
+    # the two that waited for the slot started late by about 0.1 s each (their due times spread over 0.01 s)
+    assert lateness("sum") - sum0 >= 2 * 0.05
 
 
 async def test_remove_stops_probing() -> None:
