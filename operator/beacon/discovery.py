@@ -80,6 +80,14 @@ class _EntryState:
     members: set[str] = field(default_factory=set)  # names of the pods its selector matches
     pods_listed: bool = True  # False until the pods its (new) selector matches have been listed
     leases_wanted: bool = False  # counted in Discovery._lease_entries
+    # built once per spec (static) and per pod state (selected): a refresh rebuilds only what changed
+    stale: bool = False  # pods changed since the endpoints were last refreshed
+    static: list[Endpoint] | None = None
+    pod_endpoints: dict[str, tuple[_Pod, Endpoint]] = field(default_factory=dict)
+    probed: dict[str, Endpoint] = field(default_factory=dict)  # address -> the endpoint its target was made for
+
+    def spec_changed(self) -> None:
+        self.static, self.pod_endpoints, self.probed = None, {}, {}
 
 
 def _selects(match_labels: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -173,6 +181,8 @@ class Discovery:
             self._entries[entry.key] = state
             self._names[entry.namespace].add(entry.name)
         state.entry, state.body = entry, dict(body)
+        if before is not None and before != entry:
+            state.spec_changed()
         self._index(state, before)
         if not state.seeded or not state.pods_listed or entry.namespace in self._lease_listings:
             try:
@@ -235,11 +245,13 @@ class Discovery:
         return found
 
     def _refresh(self, keys: set[EntryKey]) -> None:
+        """Mark the entries' endpoints stale and schedule them: the reconcile refreshes them (at once when the
+        entry is idle), so a burst of pod events costs one refresh per write, not one per event."""
         for key in keys:
             state = self._entries.get(key)
             # an entry whose pods are being listed is refreshed (and scheduled) once the listing is in
             if state is not None and state.pods_listed:
-                self._refresh_endpoints(state)
+                state.stale = True
                 self._schedule(key)
 
     def _apply_pod(self, namespace: str, pod: _Pod, *, deleted: bool) -> set[EntryKey]:
@@ -253,7 +265,8 @@ class Discovery:
         cached = self._pods.get(namespace, {})
         old = cached.get(pod.name)
         if now:
-            self._pods.setdefault(namespace, {})[pod.name] = pod
+            if old != pod:  # an equal pod keeps its object: the endpoint built from it stays valid
+                self._pods.setdefault(namespace, {})[pod.name] = pod
             self._pod_entries[key] = now
         else:
             cached.pop(pod.name, None)
@@ -455,25 +468,31 @@ class Discovery:
     # ------------------------------------------------------------------ endpoints and seeding
     def _endpoints_of(self, state: _EntryState) -> list[Endpoint]:
         entry = state.entry
-        endpoints = {e.address: e for e in entry.static_endpoints()}
+        if state.static is None:
+            state.static = entry.static_endpoints()
+        endpoints = {e.address: e for e in state.static}
         if entry.spec.selector is not None:
             default_ports = {p.name: p.port for p in entry.spec.ports}
             cached = self._pods.get(entry.namespace, {})
+            built = state.pod_endpoints
+            for name in [n for n in built if n not in state.members]:
+                del built[name]
             for name in sorted(state.members):
                 pod = cached.get(name)
                 if pod is None or not pod.ip:
                     continue
-                endpoints.setdefault(
-                    pod.ip,
-                    Endpoint(
+                hit = built.get(name)
+                if hit is None or hit[0] is not pod:
+                    endpoint = Endpoint(
                         address=pod.ip,
                         ports=default_ports,
                         pod=pod.name,
                         node=pod.node,
                         terminating=pod.terminating,
                         labels={},
-                    ),
-                )
+                    )
+                    hit = built[name] = (pod, endpoint)
+                endpoints.setdefault(pod.ip, hit[1])
         return list(endpoints.values())
 
     async def _observe_slices(self, state: _EntryState) -> dict[str, dict[str, Any]]:
@@ -505,6 +524,7 @@ class Discovery:
 
     def _refresh_endpoints(self, state: _EntryState) -> None:
         entry = state.entry
+        state.stale = False
         new = self._endpoints_of(state)
         old_addresses = {e.address for e in state.endpoints}
         new_addresses = {e.address for e in new}
@@ -514,7 +534,11 @@ class Discovery:
             state.refused.pop(gone, None)
         state.endpoints = new
         now = self._clock()
+        probed, state.probed = state.probed, {}
         for ep in new:
+            state.probed[ep.address] = ep
+            if probed.get(ep.address) is ep:
+                continue  # the same endpoint as at the last refresh: its health and target are in place
             state.health.setdefault(ep.address, EndpointHealth(since=now))
             target = entry.target(ep)
             key = (entry.namespace, entry.name, ep.address)
@@ -619,6 +643,8 @@ class Discovery:
             if not state.seeded or not state.pods_listed:
                 # never publish before knowing what was published (restart safety), nor without the entry's pods
                 await self._catch_up(state)
+                self._refresh_endpoints(state)
+            elif state.stale:
                 self._refresh_endpoints(state)
             entry = state.entry
             now = self._clock()

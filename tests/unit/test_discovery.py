@@ -413,12 +413,15 @@ async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:
     assert len(kube.listed) == listings, "a pod event never lists"
     assert not any(d._queue.is_dirty(k) for k in d._entries)
 
-    # a pod that matches touches exactly its entry, and is cached
+    # a pod that matches touches exactly its entry (refreshed by its reconcile), and is cached
     d.pod_changed("ns", _pod_body("cart-1", "198.18.0.23", {"app": "cart", "extra": "x"}))
-    assert refreshed == [("ns", "cart")]
     assert set(d._pods["ns"]) == {"cart-1"}
+    await _turns()
+    assert refreshed == [("ns", "cart")]
+    assert [e.address for e in d._entries[("ns", "cart")].endpoints] == ["198.18.0.23"]
     # relabelled away from every selector: refreshes the entry it left, and is no longer cached
     d.pod_changed("ns", _pod_body("cart-1", "198.18.0.23", {"app": "other"}))
+    await _turns()
     assert refreshed == [("ns", "cart")] * 2
     assert d._pods == {}
     assert [e.address for e in d._entries[("ns", "cart")].endpoints] == []
@@ -482,4 +485,28 @@ async def test_leases_are_cached_only_where_a_lease_check_needs_them() -> None:
 
     await d.entry_deleted("ns", "beat")
     assert d._leases == {}
+    await d.close()
+
+
+async def test_a_burst_of_pod_events_costs_one_refresh_per_write_not_one_per_event() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+    body = _selector_entry("web", {"app": "web"})
+    kube.entries[("ns", "web")] = body
+    await d.entry_changed(body)
+    await _turns()
+    refreshed: list[tuple[str, str]] = []
+    refresh = d._refresh_endpoints
+
+    def counting(state: Any) -> None:
+        refreshed.append(state.entry.key)
+        refresh(state)
+
+    d._refresh_endpoints = counting  # type: ignore[method-assign]
+    for i in range(200):  # the watch delivers them back to back
+        d.pod_changed("ns", _pod_body(f"web-{i}", f"198.18.1.{i + 1}", {"app": "web"}))
+    await _turns()
+    assert refreshed == [("ns", "web")]
+    assert len(d._entries[("ns", "web")].endpoints) == 200
+    assert len(d.prober) == 200, "every new pod is handed to the prober by that one refresh"
     await d.close()
