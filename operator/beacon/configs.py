@@ -9,6 +9,10 @@ a restart (history, the ConfigMap's hash, the workloads' annotations, so that a 
 nothing), and the timers of the reloads (one worker per workload: a burst of changes within the debounce window
 gives one rollout; at most N rollouts per period; excess changes wait and coalesce, never dropped). Every API
 call goes through `beacon.kube`.
+
+Work per event does not grow with the cluster: entries are indexed by namespace and scope (service, or None for
+namespace-wide), so a change fans out to the entries of its scope only, and a reconcile reads only the layers
+that can apply; opted-in workloads are indexed by the ConfigMaps they read, so a new hash reaches only those.
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class Configs:
         self._clock = clock
         self._wall = wall_clock
         self._entries: dict[EntryKey, _EntryState] = {}
+        self._scopes: dict[str, dict[str | None, set[EntryKey]]] = {}  # namespace -> service (or None) -> entries
         self._queue: WorkQueue[EntryKey] = WorkQueue(
             name="ConfigEntry",
             delay=coalesce_seconds,
@@ -128,6 +133,7 @@ class Configs:
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._hashes: dict[tuple[str, str], str] = {}  # (namespace, ConfigMap name) -> materialised hash
         self._workloads: dict[WorkloadKey, _Workload] = {}
+        self._readers: dict[tuple[str, str], set[WorkloadKey]] = {}  # (namespace, ConfigMap) -> workloads
         self._workload_tasks: dict[WorkloadKey, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._namespaces: tuple[str, ...] = ()
@@ -144,7 +150,8 @@ class Configs:
             if digest:
                 self._hashes[(meta["namespace"], meta["name"])] = str(digest)
         for body in entries:
-            await self.entry_changed(body)
+            # every entry is scheduled on its own: no fan-out, so start-up is O(entries), not O(entries x scope)
+            self._take(body, fan_out=False)
         log.info("configs: %d entries, %d materialised ConfigMaps", len(entries), len(self._hashes))
 
     async def _list(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -191,6 +198,9 @@ class Configs:
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
     async def entry_changed(self, body: Mapping[str, Any]) -> None:
+        self._take(body, fan_out=True)
+
+    def _take(self, body: Mapping[str, Any], *, fan_out: bool) -> None:
         entry = ConfigEntry.from_body(body)
         state = self._entries.get(entry.key)
         if state is not None and state.entry == entry:
@@ -200,14 +210,19 @@ class Configs:
             state = _EntryState(entry=entry, status=dict(body.get("status") or {}) or None)
             state.config_map = (state.status or {}).get("configMapName")
             self._entries[entry.key] = state
+        if before is not None:
+            self._unscope(before)
+        self._scopes.setdefault(entry.namespace, {}).setdefault(entry.service, set()).add(entry.key)
         state.entry = entry
         self._schedule(entry.key)
-        self._schedule_dependents(entry, before)
+        if fan_out:
+            self._schedule_dependents(entry, before)
 
     async def entry_deleted(self, namespace: str, name: str) -> None:
         state = self._entries.pop((namespace, name), None)
         self._queue.cancel((namespace, name))
         if state is not None:
+            self._unscope(state.entry)
             # the garbage collector removes the ConfigMap and the ControllerRevisions (ownerReferences)
             if state.config_map and not state.foreign:
                 self.kube.forget("ConfigMap", namespace, state.config_map)
@@ -219,26 +234,66 @@ class Configs:
         key = (kind, meta.get("namespace", ""), meta.get("name", ""))
         names = reload_names((meta.get("annotations") or {}).get(ANNOTATION_RELOAD))
         if deleted or not names:
-            if self._workloads.pop(key, None) is not None:
+            gone = self._workloads.pop(key, None)
+            if gone is not None:
+                self._index_workload(gone, before=gone.names, after=())
                 task = self._workload_tasks.pop(key, None)
                 if task is not None:
                     task.cancel()
             return
         workload = self._workloads.get(key)
         if workload is None or workload.uid != meta.get("uid"):
-            workload = _Workload(kind, key[1], key[2], meta.get("uid", ""), names, None, None)
+            if workload is not None:
+                self._index_workload(workload, before=workload.names, after=())
+            workload = _Workload(kind, key[1], key[2], meta.get("uid", ""), (), None, None)
             self._workloads[key] = workload
-        _observe(workload, body)
+        self._observe(workload, body)
         self._evaluate(workload)
+
+    def _observe(self, workload: _Workload, body: Mapping[str, Any]) -> None:
+        """`_observe`, keeping the index of which workloads read which ConfigMap in step."""
+        before = workload.names
+        _observe(workload, body)
+        if workload.names != before:
+            self._index_workload(workload, before=before, after=workload.names)
+
+    def _index_workload(self, workload: _Workload, *, before: Sequence[str], after: Sequence[str]) -> None:
+        key = (workload.kind, workload.namespace, workload.name)
+        for name in set(before) - set(after):
+            readers = self._readers.get((workload.namespace, name))
+            if readers is not None:
+                readers.discard(key)
+                if not readers:
+                    del self._readers[(workload.namespace, name)]
+        for name in set(after) - set(before):
+            self._readers.setdefault((workload.namespace, name), set()).add(key)
 
     # ------------------------------------------------------------------ entries: scheduling
     def _schedule_dependents(self, entry: ConfigEntry, before: ConfigEntry | None) -> None:
         """Entries whose content or conflicts may change with `entry`: every entry of the namespace when it is
         (or was) namespace-wide, else the entries of its service (and of its previous service)."""
         scopes = {entry.service} | ({before.service} if before is not None else set())
-        for key, other in list(self._entries.items()):
-            if key[0] == entry.namespace and (None in scopes or other.entry.service in scopes):
+        index = self._scopes.get(entry.namespace, {})
+        for scope in list(index) if None in scopes else scopes:
+            for key in list(index.get(scope, ())):
                 self._schedule(key)
+
+    def _unscope(self, entry: ConfigEntry) -> None:
+        index = self._scopes.get(entry.namespace, {})
+        keys = index.get(entry.service)
+        if keys is not None:
+            keys.discard(entry.key)
+            if not keys:
+                del index[entry.service]
+        if not index:
+            self._scopes.pop(entry.namespace, None)
+
+    def _layers(self, entry: ConfigEntry) -> list[ConfigEntry]:
+        """The entries that can apply to `entry` or conflict with it: namespace-wide ones and those of its
+        service (config_core.applies_to, conflicts), read from the index instead of every entry."""
+        index = self._scopes.get(entry.namespace, {})
+        keys = index.get(None, set()) | index.get(entry.service, set())
+        return [self._entries[key].entry for key in sorted(keys) if key in self._entries]
 
     def _schedule(self, key: EntryKey) -> None:
         """One worker per entry reconciles `coalesce` seconds after a change, and again while changes keep coming:
@@ -260,7 +315,7 @@ class Configs:
             entry = state.entry
             if not state.loaded or state.foreign:
                 await self._load(state)
-            peers = [s.entry for s in self._entries.values() if s.entry.namespace == entry.namespace]
+            peers = self._layers(entry)
             rollback = None
             if entry.rollback_to is not None and entry.rollback_to in state.history:
                 rollback = await self._revision_data(state, entry.rollback_to)
@@ -387,8 +442,9 @@ class Configs:
         if self._hashes.get((namespace, name)) == digest:
             return
         self._hashes[(namespace, name)] = digest
-        for workload in list(self._workloads.values()):
-            if workload.namespace == namespace and name in workload.names:
+        for key in sorted(self._readers.get((namespace, name), ())):
+            workload = self._workloads.get(key)
+            if workload is not None:
                 self._evaluate(workload)
 
     def _desired(self, workload: _Workload) -> dict[str, str]:
@@ -426,7 +482,7 @@ class Configs:
                     return
                 if decision.action == "baseline":
                     baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
-                    _observe(workload, await self._patch(workload, baseline))
+                    self._observe(workload, await self._patch(workload, baseline))
                     continue
                 if not await self._wait_for_rollout(workload, decision.template):
                     continue
@@ -436,7 +492,7 @@ class Configs:
                         "template": {"metadata": {"annotations": {ANNOTATION_TEMPLATE_HASHES: decision.template}}}
                     },
                 }
-                _observe(workload, await self._patch(workload, patch))
+                self._observe(workload, await self._patch(workload, patch))
                 workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
                 workload.first_change = workload.last_change = workload.target = None
                 workload.deferred = False

@@ -1,10 +1,16 @@
 """The discovery engine: keeps ServiceEntries, pods, leases and endpoint health in memory, feeds the prober, and
-turns health transitions into coalesced reconciles that the writer applies only on change.
+turns health transitions into reconciles that the writer applies only on change.
 
 Why it exists: kopf handlers should only translate watch events into calls on this object (thin handlers), and
 the reconcile core should stay pure. Something has to own the state in between, decide *when* to reconcile
-(coalesced per entry, a bounded number of writes per transition) and remember what was published so that a
-restart does not unpublish healthy endpoints. That is this module. It calls the API only through `beacon.kube`.
+(at once when the entry is idle, coalesced while a write is in flight, so a burst costs a bounded number of
+writes) and remember what was published so that a restart does not unpublish healthy endpoints. That is this
+module. It calls the API only through `beacon.kube`.
+
+Work per event does not grow with the cluster: selector entries are indexed by namespace and by one of their
+labels, so a Pod event looks only at the entries that could select it; only pods some entry selects are cached,
+and Leases only in namespaces with a lease check. An entry that appears after its pods (or leases) lists them
+through `beacon.kube`, so filtering before caching misses nothing.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ log = logging.getLogger("beacon.discovery")
 
 EntryKey = tuple[str, str]
 ProbeKey = tuple[str, str, str]  # namespace, entry, address
+Anchor = tuple[str, str] | None  # the label an entry's selector is indexed by (None: it selects every pod)
 
 
 @dataclass
@@ -70,6 +77,33 @@ class _EntryState:
     slices: dict[str, dict[str, Any]] | None = None
     transitions: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
     deregistered: set[str] = field(default_factory=set)
+    members: set[str] = field(default_factory=set)  # names of the pods its selector matches
+    pods_listed: bool = True  # False until the pods its (new) selector matches have been listed
+    leases_wanted: bool = False  # counted in Discovery._lease_entries
+    # built once per spec (static) and per pod state (selected): a refresh rebuilds only what changed
+    stale: bool = False  # pods changed since the endpoints were last refreshed
+    static: list[Endpoint] | None = None
+    pod_endpoints: dict[str, tuple[_Pod, Endpoint]] = field(default_factory=dict)
+    probed: dict[str, Endpoint] = field(default_factory=dict)  # address -> the endpoint its target was made for
+
+    def spec_changed(self) -> None:
+        self.static, self.pod_endpoints, self.probed = None, {}, {}
+
+
+def _selects(match_labels: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in match_labels.items())
+
+
+def _anchor(entry: ServiceEntry) -> Anchor:
+    """One label of the selector (any one will do: a pod it selects carries them all), None when it is empty."""
+    selector = entry.spec.selector
+    assert selector is not None
+    return min(selector.match_labels.items()) if selector.match_labels else None
+
+
+def _wants_leases(entry: ServiceEntry) -> bool:
+    hc = entry.spec.health_check
+    return hc is not None and hc.lease is not None
 
 
 def pod_from_body(body: Mapping[str, Any]) -> _Pod:
@@ -92,25 +126,32 @@ class Discovery:
         kube: Kube,
         probe: Callable[[Target], Any],
         concurrency: int = 64,
-        coalesce_seconds: float = 0.2,
-        registry_coalesce_seconds: float = 0.5,
+        registry_interval_seconds: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
         namespaces: tuple[str, ...] = (),
     ) -> None:
         self.kube = kube
         self._namespaces = set(namespaces)
         self._entries: dict[EntryKey, _EntryState] = {}
-        self._pods: dict[str, dict[str, _Pod]] = defaultdict(dict)
-        self.leases: dict[tuple[str, str], LeaseRecord] = {}
+        self._names: dict[str, set[str]] = defaultdict(set)  # namespace -> names of its entries
+        # selector entries by namespace and anchor label; the pods they select, and which entries select each
+        self._selectors: dict[str, dict[Anchor, set[EntryKey]]] = {}
+        self._pods: dict[str, dict[str, _Pod]] = {}
+        self._pod_entries: dict[tuple[str, str], set[EntryKey]] = {}
+        # leases are cached only in namespaces with a lease-check entry (namespace -> those entries)
+        self._lease_entries: dict[str, set[EntryKey]] = {}
+        self._leases: dict[str, dict[str, LeaseRecord]] = {}
+        # names that watch events touched while a listing of (kind, namespace) was under way: the events win
+        self._listings: dict[tuple[str, str], list[set[str]]] = {}
         self._records: dict[str, dict[str, RegistryRecord]] = defaultdict(dict)
-        self._expected: set[EntryKey] = set()
+        self._expected: dict[str, set[str]] = defaultdict(set)
         # uids seen deleted: a resync list taken just before a deletion must not bring the entry back
         self._deleted_uids: collections.deque[str] = collections.deque(maxlen=4096)
         self._clock = wall_clock
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # at the leading edge: an idle entry is written at once; changes during a write join one follow-up write
         self._queue: WorkQueue[EntryKey] = WorkQueue(
             name="ServiceEntry",
-            delay=coalesce_seconds,
             process=self._reconcile_or_report,
             alive=lambda key: key in self._entries,
             # whatever was written before a failure is unknown now: re-read instead of trusting the cache
@@ -118,11 +159,12 @@ class Discovery:
         )
         self._registry_queue: WorkQueue[str] = WorkQueue(
             name="Registry",
-            delay=registry_coalesce_seconds,
+            min_interval=registry_interval_seconds,  # a namespace's whole catalog: at most one write per interval
             process=self.write_registry,
             on_error=self._forget_registry,
         )
         self._registry_names: dict[str, set[str]] = {}
+        self._lease_listings: dict[str, asyncio.Task[None]] = {}  # a namespace's first lease check: its listing
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
 
@@ -130,31 +172,41 @@ class Discovery:
     async def entry_changed(self, body: Mapping[str, Any]) -> None:
         entry = ServiceEntry.from_body(dict(body))
         state = self._entries.get(entry.key)
-        if state is not None and state.entry == entry and state.seeded:
+        if state is not None and state.entry == entry and state.seeded and state.pods_listed:
             return  # a status-only or metadata-only change (often our own status patch)
+        before = state.entry if state is not None else None
         if state is None:
             state = _EntryState(entry=entry, body=dict(body))
             state.status = dict(body.get("status") or {}) or None
             self._entries[entry.key] = state
+            self._names[entry.namespace].add(entry.name)
         state.entry, state.body = entry, dict(body)
-        if not state.seeded:
+        if before is not None and before != entry:
+            state.spec_changed()
+        self._index(state, before)
+        if not state.seeded or not state.pods_listed or entry.namespace in self._lease_listings:
             try:
-                await self._seed(state)
-            except Exception as exc:  # the API is unreachable: reconcile seeds (and retries) before publishing
-                log.warning("cannot read the published EndpointSlices of %s/%s yet: %s", *entry.key, exc)
+                await self._catch_up(state)
+            except Exception as exc:  # the API is unreachable: reconcile catches up (and retries) before publishing
+                log.warning("cannot read the published EndpointSlices or pods of %s/%s yet: %s", *entry.key, exc)
+        if self._entries.get(entry.key) is not state:
+            return  # deleted while its listings were under way
         self._refresh_endpoints(state)
         self._schedule(entry.key)
 
     def expect(self, keys: set[EntryKey]) -> None:
         """Entries that exist at start-up: a namespace's registry is not rewritten until each has a record, so a
         restart never publishes a registry that lacks services merely not yet seen."""
-        self._expected |= keys
+        for namespace, name in keys:
+            self._expected[namespace].add(name)
 
     async def entry_deleted(self, namespace: str, name: str) -> None:
-        self._expected.discard((namespace, name))
+        self._expected[namespace].discard(name)
         state = self._entries.pop((namespace, name), None)
         if state is not None:
+            self._names[namespace].discard(name)
             self._deleted_uids.append(state.entry.uid)
+            self._unindex(state)
             for ep in state.endpoints:
                 self.prober.remove((namespace, name, ep.address))
             metrics.TARGETS.set(len(self.prober))
@@ -165,36 +217,213 @@ class Discovery:
 
     def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         pod = pod_from_body(body)
-        before = self._pods[namespace].get(pod.name)
-        if deleted:
-            self._pods[namespace].pop(pod.name, None)
-        else:
-            self._pods[namespace][pod.name] = pod
-        for state in list(self._entries.values()):
-            selector = state.entry.spec.selector
-            if state.entry.namespace != namespace or selector is None:
-                continue
-            labels_now = pod.labels if not deleted else {}
-            matches = all(labels_now.get(k) == v for k, v in selector.match_labels.items())
-            matched = before is not None and all(before.labels.get(k) == v for k, v in selector.match_labels.items())
-            if matches or matched:
-                self._refresh_endpoints(state)
-                self._schedule(state.entry.key)
+        for touched in self._listings.get(("Pod", namespace), ()):
+            touched.add(pod.name)
+        self._refresh(self._apply_pod(namespace, pod, deleted=deleted))
 
     def lease_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         name = body["metadata"]["name"]
-        if deleted:
-            self.leases.pop((namespace, name), None)
+        for touched in self._listings.get(("Lease", namespace), ()):
+            touched.add(name)
+        self._apply_lease(namespace, name, body, deleted=deleted)
+
+    def lease_lookup(self, namespace: str, name: str) -> LeaseRecord | None:
+        return self._leases.get(namespace, {}).get(name)
+
+    # ------------------------------------------------------------------ indexes and filtered caches
+    def _selecting(self, namespace: str, labels: Mapping[str, str]) -> set[EntryKey]:
+        """The selector entries that select a pod with `labels`: only those indexed under one of its labels."""
+        index = self._selectors.get(namespace)
+        if not index:
+            return set()
+        found = set(index.get(None, ()))
+        for pair in labels.items():
+            for key in index.get(pair, ()):
+                selector = self._entries[key].entry.spec.selector
+                if selector is not None and _selects(selector.match_labels, labels):
+                    found.add(key)
+        return found
+
+    def _refresh(self, keys: set[EntryKey]) -> None:
+        """Mark the entries' endpoints stale and schedule them: the reconcile refreshes them (at once when the
+        entry is idle), so a burst of pod events costs one refresh per write, not one per event."""
+        for key in keys:
+            state = self._entries.get(key)
+            # an entry whose pods are being listed is refreshed (and scheduled) once the listing is in
+            if state is not None and state.pods_listed:
+                state.stale = True
+                self._schedule(key)
+
+    def _apply_pod(self, namespace: str, pod: _Pod, *, deleted: bool) -> set[EntryKey]:
+        """Cache `pod` only while some entry selects it; returns exactly the entries it joins, leaves or changes
+        (to be refreshed). A pod no entry selects (before or now) costs a lookup in the index and nothing else."""
+        key = (namespace, pod.name)
+        before = self._pod_entries.get(key, set())
+        now = set() if deleted else self._selecting(namespace, pod.labels)
+        if not before and not now:
+            return set()
+        cached = self._pods.get(namespace, {})
+        old = cached.get(pod.name)
+        if now:
+            if old != pod:  # an equal pod keeps its object: the endpoint built from it stays valid
+                self._pods.setdefault(namespace, {})[pod.name] = pod
+            self._pod_entries[key] = now
+        else:
+            cached.pop(pod.name, None)
+            if not cached:
+                self._pods.pop(namespace, None)
+            self._pod_entries.pop(key, None)
+        changed: set[EntryKey] = set()
+        for entry_key in before | now:
+            state = self._entries.get(entry_key)
+            if state is None:
+                continue
+            if entry_key in now:
+                if entry_key in before and old == pod:
+                    continue  # nothing this entry publishes changed
+                state.members.add(pod.name)
+            else:
+                state.members.discard(pod.name)
+            changed.add(entry_key)
+        return changed
+
+    def _apply_lease(self, namespace: str, name: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        if deleted or not self._lease_entries.get(namespace):
+            cached = self._leases.get(namespace)
+            if cached is not None:
+                cached.pop(name, None)
             return
         spec = body.get("spec") or {}
         duration = spec.get("leaseDurationSeconds")
-        self.leases[(namespace, name)] = LeaseRecord(
+        self._leases.setdefault(namespace, {})[name] = LeaseRecord(
             renew_time=parse_micro_time(spec.get("renewTime") or spec.get("acquireTime")),
             duration=float(duration) if duration is not None else None,
         )
 
-    def lease_lookup(self, namespace: str, name: str) -> LeaseRecord | None:
-        return self.leases.get((namespace, name))
+    def _index(self, state: _EntryState, before: ServiceEntry | None) -> None:
+        """Keep the selector index and the lease namespaces in step with the entry's spec; a new or changed
+        selector (or the namespace's first lease check) needs a listing, done by `_catch_up`."""
+        entry, key = state.entry, state.entry.key
+        old_selector = before.spec.selector if before is not None else None
+        if entry.spec.selector != old_selector:
+            if before is not None and old_selector is not None:
+                self._drop_selector(state, before)
+            if entry.spec.selector is not None:
+                self._selectors.setdefault(entry.namespace, {}).setdefault(_anchor(entry), set()).add(key)
+                state.pods_listed = False
+        wants = _wants_leases(entry)
+        if wants and not state.leases_wanted:
+            entries = self._lease_entries.setdefault(entry.namespace, set())
+            if not entries:
+                self._leases[entry.namespace] = {}
+                self._schedule_lease_listing(entry.namespace)
+            entries.add(key)
+        elif not wants and state.leases_wanted:
+            self._drop_lease_entry(key)
+        state.leases_wanted = wants
+
+    def _unindex(self, state: _EntryState) -> None:
+        if state.entry.spec.selector is not None:
+            self._drop_selector(state, state.entry)
+        if state.leases_wanted:
+            self._drop_lease_entry(state.entry.key)
+            state.leases_wanted = False
+
+    def _drop_selector(self, state: _EntryState, entry: ServiceEntry) -> None:
+        """Take `entry`'s (old) selector out of the index, and uncache the pods no other entry selects."""
+        key, namespace = state.entry.key, entry.namespace
+        index = self._selectors.get(namespace, {})
+        anchor = _anchor(entry)
+        index.get(anchor, set()).discard(key)
+        if not index.get(anchor, True):
+            index.pop(anchor, None)
+        if not index:
+            self._selectors.pop(namespace, None)
+        members = state.members
+        for name in list(members):
+            selected_by = self._pod_entries.get((namespace, name), set())
+            selected_by.discard(key)
+            if not selected_by:
+                self._pod_entries.pop((namespace, name), None)
+                cached = self._pods.get(namespace, {})
+                cached.pop(name, None)
+                if not cached:
+                    self._pods.pop(namespace, None)
+        members.clear()
+
+    def _drop_lease_entry(self, key: EntryKey) -> None:
+        entries = self._lease_entries.get(key[0], set())
+        entries.discard(key)
+        if not entries:
+            self._lease_entries.pop(key[0], None)
+            self._leases.pop(key[0], None)
+
+    def _schedule_lease_listing(self, namespace: str) -> None:
+        task = asyncio.ensure_future(self._list_leases(namespace))
+        self._lease_listings[namespace] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._lease_listings.get(namespace) is task:
+                del self._lease_listings[namespace]
+
+        task.add_done_callback(done)
+
+    async def _list_leases(self, namespace: str) -> None:
+        """The namespace's first lease check: cache its leases (kept current by the watch from now on). A
+        failure is repaired by the next resync; until then the lease check reads "not found", never a stale
+        "valid"."""
+        try:
+            await self._listed("Lease", namespace, None, apply=self._apply_listed_lease)
+        except Exception as exc:
+            log.warning("cannot list the leases of namespace %s yet: %s", namespace, exc)
+
+    def _apply_listed_lease(self, namespace: str, item: Mapping[str, Any]) -> set[EntryKey]:
+        self._apply_lease(namespace, item["metadata"]["name"], item, deleted=False)
+        return set()
+
+    def _apply_listed_pod(self, namespace: str, item: Mapping[str, Any]) -> set[EntryKey]:
+        return self._apply_pod(namespace, pod_from_body(item), deleted=False)
+
+    async def _listed(
+        self,
+        kind: str,
+        namespace: str,
+        label_selector: str | None,
+        *,
+        apply: Callable[[str, Mapping[str, Any]], set[EntryKey]],
+    ) -> tuple[set[str], set[EntryKey]]:
+        """List `kind` in `namespace` and apply each item as if it were a watch event, except the items that
+        watch events touched meanwhile (those events are at least as new). Returns the names listed (and
+        touched), and the entries to refresh: once per listing, not once per item."""
+        touched: set[str] = set()
+        self._listings.setdefault((kind, namespace), []).append(touched)
+        try:
+            items = await self.kube.list(kind, namespace, label_selector=label_selector)
+        finally:
+            listings = self._listings[(kind, namespace)]
+            listings.remove(touched)
+            if not listings:
+                del self._listings[(kind, namespace)]
+        changed: set[EntryKey] = set()
+        for item in items:
+            if item["metadata"]["name"] not in touched:
+                changed |= apply(namespace, item)
+        return {item["metadata"]["name"] for item in items} | touched, changed
+
+    async def _catch_up(self, state: _EntryState) -> None:
+        """Read what the entry needs before it is published: its EndpointSlices (restart safety), the pods its
+        selector matches and the leases of its namespace (not cached while no entry needed them)."""
+        listing = self._lease_listings.get(state.entry.namespace) if state.leases_wanted else None
+        if listing is not None:
+            await asyncio.shield(listing)  # never fails: a failed listing is repaired by the resync
+        if not state.seeded:
+            await self._seed(state)
+        selector = state.entry.spec.selector
+        if not state.pods_listed and selector is not None:
+            label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.match_labels.items())) or None
+            _, changed = await self._listed("Pod", state.entry.namespace, label_selector, apply=self._apply_listed_pod)
+            self._refresh(changed - {state.entry.key})  # the entry itself is refreshed by the caller
+        state.pods_listed = True
 
     # ------------------------------------------------------------------ periodic resync
     async def resync(self) -> None:
@@ -222,50 +451,48 @@ class Discovery:
             if key not in self._entries and body["metadata"]["uid"] not in self._deleted_uids:
                 log.info("resync: %s/%s was not seen yet", *key)
                 await self.entry_changed(body)
-        selector_namespaces = {k[0] for k, st in self._entries.items() if st.entry.spec.selector is not None}
-        for namespace in sorted(selector_namespaces):
-            pods = await self.kube.list("Pod", namespace)
-            fresh = {p["metadata"]["name"]: pod_from_body(p) for p in pods}
-            if fresh != self._pods[namespace]:
-                self._pods[namespace] = fresh
-                for state in self._entries.values():
-                    if state.entry.namespace == namespace and state.entry.spec.selector is not None:
-                        self._refresh_endpoints(state)
-                        self._schedule(state.entry.key)
-        lease_namespaces = {
-            k[0] for k, st in self._entries.items() if st.entry.spec.health_check and st.entry.spec.health_check.lease
-        }
-        for namespace in sorted(lease_namespaces):
-            leases = await self.kube.list("Lease", namespace)
-            names = {item["metadata"]["name"] for item in leases}
-            for item in leases:
-                self.lease_changed(namespace, item)
-            for ns, name in [k for k in self.leases if k[0] == namespace and k[1] not in names]:
-                self.lease_changed(ns, {"metadata": {"name": name}}, deleted=True)
+        for namespace in sorted(self._selectors):
+            names, changed = await self._listed("Pod", namespace, None, apply=self._apply_listed_pod)
+            for name, pod in list(self._pods.get(namespace, {}).items()):
+                if name not in names:
+                    changed |= self._apply_pod(namespace, pod, deleted=True)
+            self._refresh(changed)
+        for namespace in sorted(self._lease_entries):
+            names, _ = await self._listed("Lease", namespace, None, apply=self._apply_listed_lease)
+            for name in [n for n in self._leases.get(namespace, {}) if n not in names]:
+                self._apply_lease(namespace, name, {}, deleted=True)
 
     async def resync_forever(self, *, every: float) -> None:
         await repeat(every=every, action=self.resync, what="resync")
 
     # ------------------------------------------------------------------ endpoints and seeding
-    def _endpoints_of(self, entry: ServiceEntry) -> list[Endpoint]:
-        endpoints = {e.address: e for e in entry.static_endpoints()}
-        selector = entry.spec.selector
-        if selector is not None:
+    def _endpoints_of(self, state: _EntryState) -> list[Endpoint]:
+        entry = state.entry
+        if state.static is None:
+            state.static = entry.static_endpoints()
+        endpoints = {e.address: e for e in state.static}
+        if entry.spec.selector is not None:
             default_ports = {p.name: p.port for p in entry.spec.ports}
-            for pod in sorted(self._pods[entry.namespace].values(), key=lambda p: p.name):
-                if not pod.ip or not all(pod.labels.get(k) == v for k, v in selector.match_labels.items()):
+            cached = self._pods.get(entry.namespace, {})
+            built = state.pod_endpoints
+            for name in [n for n in built if n not in state.members]:
+                del built[name]
+            for name in sorted(state.members):
+                pod = cached.get(name)
+                if pod is None or not pod.ip:
                     continue
-                endpoints.setdefault(
-                    pod.ip,
-                    Endpoint(
+                hit = built.get(name)
+                if hit is None or hit[0] is not pod:
+                    endpoint = Endpoint(
                         address=pod.ip,
                         ports=default_ports,
                         pod=pod.name,
                         node=pod.node,
                         terminating=pod.terminating,
                         labels={},
-                    ),
-                )
+                    )
+                    hit = built[name] = (pod, endpoint)
+                endpoints.setdefault(pod.ip, hit[1])
         return list(endpoints.values())
 
     async def _observe_slices(self, state: _EntryState) -> dict[str, dict[str, Any]]:
@@ -297,7 +524,8 @@ class Discovery:
 
     def _refresh_endpoints(self, state: _EntryState) -> None:
         entry = state.entry
-        new = self._endpoints_of(entry)
+        state.stale = False
+        new = self._endpoints_of(state)
         old_addresses = {e.address for e in state.endpoints}
         new_addresses = {e.address for e in new}
         for gone in old_addresses - new_addresses:
@@ -306,7 +534,11 @@ class Discovery:
             state.refused.pop(gone, None)
         state.endpoints = new
         now = self._clock()
+        probed, state.probed = state.probed, {}
         for ep in new:
+            state.probed[ep.address] = ep
+            if probed.get(ep.address) is ep:
+                continue  # the same endpoint as at the last refresh: its health and target are in place
             state.health.setdefault(ep.address, EndpointHealth(since=now))
             target = entry.target(ep)
             key = (entry.namespace, entry.name, ep.address)
@@ -408,8 +640,12 @@ class Discovery:
             state = self._entries.get(key)
             if state is None:
                 return
-            if not state.seeded:  # never publish before knowing what was published (restart safety)
-                await self._seed(state)
+            if not state.seeded or not state.pods_listed:
+                # never publish before knowing what was published (restart safety), nor without the entry's pods
+                await self._catch_up(state)
+                self._refresh_endpoints(state)
+            elif state.stale:
+                self._refresh_endpoints(state)
             entry = state.entry
             now = self._clock()
             views = visible(entry, state.endpoints, state.health, state.refused, now=now)
@@ -467,8 +703,8 @@ class Discovery:
 
     async def write_registry(self, namespace: str) -> None:
         async with self._registry_locks[namespace]:
-            known = {k for k in self._expected | set(self._entries) if k[0] == namespace}
-            if any(name not in self._records[namespace] for _, name in known):
+            known = self._expected[namespace] | self._names[namespace]
+            if any(name not in self._records[namespace] for name in known):
                 return  # an entry not reconciled yet; its reconcile schedules the registry again
             records = list(self._records[namespace].values())
             has_entries = bool(known)
@@ -492,6 +728,8 @@ class Discovery:
         self._schedule_registry(namespace)
 
     async def close(self) -> None:
+        for task in list(self._lease_listings.values()):
+            task.cancel()
         await self._queue.close()
         await self._registry_queue.close()
 

@@ -1,10 +1,17 @@
-"""A keyed, coalescing work queue: one worker per key, run after a quiet delay, retried with capped backoff.
+"""A keyed, coalescing work queue: one worker per key, run at the leading edge, retried with capped backoff.
 
 Why it exists: ServiceEntries, namespace registries and ConfigEntries all need the same discipline (client-go's
-workqueue gives it to controllers written in Go): changes to one key arriving in a burst cost one round of
-writes; the same key is never reconciled twice at once; a failure of any kind (the apiserver gone, a 409, a
-client library error) is retried with backoff instead of silently killing the worker; a key that disappears
-stops being retried.
+workqueue gives it to controllers written in Go): changes to one key arriving in a burst cost a bounded number
+of rounds of writes; the same key is never reconciled twice at once; a failure of any kind (the apiserver gone,
+a 409, a client library error) is retried with backoff instead of silently killing the worker; a key that
+disappears stops being retried.
+
+When to run is the queue's one policy knob. An idle key runs at once (the leading edge: a decisive probe is
+published without waiting for a timer), and only changes that arrive while its run is in flight are coalesced
+into one follow-up run. `min_interval` adds a throttle for outputs that are costly to rewrite (a namespace's
+registry): a key runs at most once per interval, still at once when it has been quiet that long. `delay` keeps
+the older trailing-edge debounce for engines that want a burst of edits to become one result (ConfigEntry
+revisions).
 """
 
 from __future__ import annotations
@@ -24,22 +31,25 @@ log = logging.getLogger("beacon.workqueue")
 
 
 class WorkQueue(Generic[K]):
-    """`schedule(key)` marks a key dirty; its worker runs `process(key)` after `delay` seconds and again while it
-    was marked dirty meanwhile. Exceptions from `process` are logged, passed to `on_error` (to drop caches) and
+    """`schedule(key)` marks a key dirty; its worker runs `process(key)` at once (after `delay` seconds when set)
+    and again, once, if the key was marked dirty during the run (no sooner than `min_interval` seconds after the
+    previous run started). Exceptions from `process` are logged, passed to `on_error` (to drop caches) and
     retried after 1, 2, 4 ... up to `MAX_BACKOFF` seconds, for as long as `alive(key)` holds."""
 
     def __init__(
         self,
         *,
         name: str,
-        delay: float,
         process: Callable[[K], Awaitable[None]],
         alive: Callable[[K], bool] = lambda _: True,
         on_error: Callable[[K, Exception], None] = lambda _key, _exc: None,
         max_backoff: float = MAX_BACKOFF,
+        delay: float = 0.0,
+        min_interval: float = 0.0,
     ) -> None:
         self._name = name
         self._delay = delay
+        self._min_interval = min_interval
         self._process = process
         self._alive = alive
         self._on_error = on_error
@@ -75,13 +85,19 @@ class WorkQueue(Generic[K]):
 
     async def _work(self, key: K) -> None:
         backoff = min(1.0, self._max_backoff)
-        await asyncio.sleep(self._delay)
+        if self._delay > 0:
+            await asyncio.sleep(self._delay)
+        loop = asyncio.get_running_loop()
         while key in self._dirty and self._alive(key):
             self._dirty.discard(key)
+            started = loop.time()
             try:
                 await self._process(key)
                 metrics.RECONCILES.labels(kind=self._name, outcome="ok").inc()
                 backoff = min(1.0, self._max_backoff)
+                if self._min_interval > 0:
+                    # the worker lingers for the rest of the interval: changes meanwhile join the next run
+                    await asyncio.sleep(max(0.0, started + self._min_interval - loop.time()))
             except Exception as exc:  # anything: retry, never let the worker die silently
                 metrics.RECONCILES.labels(kind=self._name, outcome="error").inc()
                 log.warning("%s %s failed, retrying in %.0fs: %s", self._name, key, backoff, exc)

@@ -305,7 +305,7 @@ def test_selector_pods_are_probed_published_terminated_and_removed(
         return False
 
     eventually(terminating, timeout=15, what="terminating pod marked terminating and not ready")
-    # the registry follows the slices after its coalescing window (0.5 s), so it is awaited, not asserted at once
+    # the registry is written after the slices (at most once per 0.5 s), so it is awaited, not asserted at once
     eventually(
         lambda: registry_healthy(cluster, namespace, "cart") == {h1.address},
         timeout=10,
@@ -549,7 +549,7 @@ def test_one_endpoint_of_a_10000_endpoint_entry_costs_one_slice_write(
         start = time.time()
         change()
         eventually(lambda: done(slice_readiness(cluster, namespace, "big")), timeout=30, interval=0.5, what=what)
-        time.sleep(2)  # anything else the change would cause (coalescing is 200 ms)
+        time.sleep(2)  # anything else the change would cause (a follow-up write, the registry)
         writes = audit.writes(since=start, namespace=namespace)
         return [
             f"{w['verb']} {w['objectRef'].get('name')}"

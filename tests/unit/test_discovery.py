@@ -79,7 +79,7 @@ async def _ok(target: Target) -> ProbeResult:
 
 
 def _engine(kube: FakeKube) -> Discovery:
-    return Discovery(kube=kube, probe=_ok, coalesce_seconds=0.01, registry_coalesce_seconds=0.01)  # type: ignore[arg-type]
+    return Discovery(kube=kube, probe=_ok, registry_interval_seconds=0.01)  # type: ignore[arg-type]
 
 
 def _registry_services(kube: FakeKube) -> set[str]:
@@ -262,4 +262,251 @@ async def test_a_result_that_changes_nothing_does_no_bookkeeping() -> None:
     d._on_result(key, target, fail)
     # CRITICAL with deregisterAfterSeconds: time still matters, so the result is applied
     assert state.health["198.18.0.10"] is not critical
+    await d.close()
+
+
+# ---------------------------------------------------------------------------------------------- leading edge
+def _readiness(kube: FakeKube, name: str) -> dict[str, bool]:
+    return {
+        address: bool(ep["conditions"]["ready"])
+        for (kind, _, _), obj in kube.objects.items()
+        if kind == "EndpointSlice" and obj["metadata"]["labels"]["kubernetes.io/service-name"] == name
+        for ep in obj["endpoints"]
+        for address in ep["addresses"]
+    }
+
+
+async def _turns(n: int = 10) -> None:
+    """Let the event loop run a few rounds without letting any time pass for timers."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _fail(d: Discovery, name: str, address: str, times: int) -> None:
+    state = d._entries[("ns", name)]
+    endpoint = next(e for e in state.endpoints if e.address == address)
+    target = state.entry.target(endpoint)
+    assert target is not None
+    for _ in range(times):
+        d._on_result(("ns", name, address), target, ProbeResult(ok=False, detail="connection refused", seconds=0.0))
+
+
+async def test_the_decisive_probe_of_an_idle_entry_is_written_at_once() -> None:
+    kube = FakeKube()
+    addresses = ["198.18.0.10", "198.18.0.11"]
+    kube.entries[("ns", "a")] = entry("a", "uid-a", addresses)
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 0.5)
+    assert _readiness(kube, "a") == dict.fromkeys(addresses, True)
+    settled = len(kube.writes)
+    _fail(d, "a", "198.18.0.10", 2)  # below unhealthyThreshold (3): no transition, nothing to write
+    await _turns()
+    assert kube.writes[settled:] == []
+    _fail(d, "a", "198.18.0.10", 1)  # the decisive one
+    await _turns()  # no timer may run: a coalescing delay of any length would leave the slice as it was
+    assert _readiness(kube, "a") == {"198.18.0.10": False, "198.18.0.11": True}
+    assert ("apply", "EndpointSlice", "a-ipv4-0") in kube.writes[settled:]
+    await d.close()
+
+
+class GatedKube(FakeKube):
+    """Holds every EndpointSlice write while `gate` is closed: a write in flight, for as long as a test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.reconciles = 0
+
+    async def ensure(self, obj: dict[str, Any]) -> bool:
+        if obj["kind"] == "Service":
+            self.reconciles += 1  # every reconcile ensures the Service first
+        if obj["kind"] == "EndpointSlice":
+            await self.gate.wait()
+        return await super().ensure(obj)
+
+
+async def test_transitions_during_an_in_flight_write_coalesce_into_exactly_one_follow_up_write() -> None:
+    kube = GatedKube()
+    addresses = ["198.18.0.10", "198.18.0.11", "198.18.0.12"]
+    kube.entries[("ns", "a")] = entry("a", "uid-a", addresses)
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 0.5)
+    assert _readiness(kube, "a") == dict.fromkeys(addresses, True)
+    reconciles, settled = kube.reconciles, len(kube.writes)
+
+    kube.gate.clear()
+    _fail(d, "a", addresses[0], 3)
+    await _turns()
+    assert kube.reconciles == reconciles + 1, "the first transition started a write at once"
+    _fail(d, "a", addresses[1], 3)  # both arrive while that write is in flight
+    await _turns()
+    _fail(d, "a", addresses[2], 3)
+    await _turns()
+    assert kube.reconciles == reconciles + 1, "no second write while the first is in flight"
+    kube.gate.set()
+    await _turns(50)
+    assert kube.reconciles == reconciles + 2, "exactly one follow-up write"
+    slice_writes = [w for w in kube.writes[settled:] if w[1] == "EndpointSlice"]
+    assert slice_writes == [("apply", "EndpointSlice", "a-ipv4-0")] * 2
+    assert _readiness(kube, "a") == dict.fromkeys(addresses, False)
+    await asyncio.sleep(0.1)  # and nothing more afterwards
+    assert kube.reconciles == reconciles + 2
+    await d.close()
+
+
+# ---------------------------------------------------------------------------------------------- filtered caches
+def _selector_entry(name: str, labels: dict[str, str], *, namespace: str = "ns") -> dict[str, Any]:
+    body = entry(name, f"uid-{name}", [])
+    body["metadata"]["namespace"] = namespace
+    body["spec"]["selector"] = {"matchLabels": labels}
+    return body
+
+
+def _pod_body(name: str, ip: str, labels: dict[str, str], *, namespace: str = "ns") -> dict[str, Any]:
+    return {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"nodeName": "node-1"},
+        "status": {"podIP": ip},
+    }
+
+
+class CountingKube(FakeKube):
+    """Counts the listings, by kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed: list[str] = []
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        self.listed.append(kind)
+        return await super().list(kind, namespace, label_selector=label_selector)
+
+
+async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+    for name, labels in (("cart", {"app": "cart"}), ("shop", {"app": "shop", "tier": "web"})):
+        kube.entries[("ns", name)] = _selector_entry(name, labels)
+        await d.entry_changed(kube.entries[("ns", name)])
+    await _turns()  # their first reconciles
+    refreshed: list[tuple[str, str]] = []
+    refresh = d._refresh_endpoints
+
+    def counting(state: Any) -> None:
+        refreshed.append(state.entry.key)
+        refresh(state)
+
+    d._refresh_endpoints = counting  # type: ignore[method-assign]
+    listings = len(kube.listed)
+
+    d.pod_changed("elsewhere", _pod_body("cart-1", "198.18.0.20", {"app": "cart"}, namespace="elsewhere"))
+    d.pod_changed("ns", _pod_body("other-1", "198.18.0.21", {"app": "other"}))
+    d.pod_changed("ns", _pod_body("shop-x", "198.18.0.22", {"app": "shop", "tier": "db"}))  # one label of two
+    d.pod_changed("ns", _pod_body("other-1", "198.18.0.21", {"app": "other"}), deleted=True)
+    assert refreshed == []
+    assert d._pods == {}
+    assert d._pod_entries == {}
+    assert len(kube.listed) == listings, "a pod event never lists"
+    assert not any(d._queue.is_dirty(k) for k in d._entries)
+
+    # a pod that matches touches exactly its entry (refreshed by its reconcile), and is cached
+    d.pod_changed("ns", _pod_body("cart-1", "198.18.0.23", {"app": "cart", "extra": "x"}))
+    assert set(d._pods["ns"]) == {"cart-1"}
+    await _turns()
+    assert refreshed == [("ns", "cart")]
+    assert [e.address for e in d._entries[("ns", "cart")].endpoints] == ["198.18.0.23"]
+    # relabelled away from every selector: refreshes the entry it left, and is no longer cached
+    d.pod_changed("ns", _pod_body("cart-1", "198.18.0.23", {"app": "other"}))
+    await _turns()
+    assert refreshed == [("ns", "cart")] * 2
+    assert d._pods == {}
+    assert [e.address for e in d._entries[("ns", "cart")].endpoints] == []
+    await d.close()
+
+
+async def test_an_entry_created_after_its_pods_still_finds_them() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+    pods = {
+        "cart-1": _pod_body("cart-1", "198.18.0.30", {"app": "cart"}),
+        "cart-2": _pod_body("cart-2", "198.18.0.31", {"app": "cart", "version": "2"}),
+        "other": _pod_body("other", "198.18.0.32", {"app": "other"}),
+    }
+    for name, body in pods.items():
+        kube.objects[("Pod", "ns", name)] = body
+        d.pod_changed("ns", body)  # the watch delivered them before the entry existed: none is cached
+    assert d._pods == {}
+
+    body = _selector_entry("cart", {"app": "cart"})
+    kube.entries[("ns", "cart")] = body
+    await d.entry_changed(body)
+    assert sorted(e.address for e in d._entries[("ns", "cart")].endpoints) == ["198.18.0.30", "198.18.0.31"]
+    assert set(d._pods["ns"]) == {"cart-1", "cart-2"}, "only the selected pods are cached"
+    await _settle(d, 0.5)
+    assert _readiness(kube, "cart") == {"198.18.0.30": True, "198.18.0.31": True}
+
+    # the entry goes: its pods are no longer cached
+    await d.entry_deleted("ns", "cart")
+    assert d._pods == {}
+    assert d._pod_entries == {}
+    await d.close()
+
+
+async def test_leases_are_cached_only_where_a_lease_check_needs_them() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+
+    def lease(name: str, namespace: str = "ns") -> dict[str, Any]:
+        return {
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"renewTime": "2026-01-01T00:00:00.000000Z", "leaseDurationSeconds": 3600},
+        }
+
+    kube.objects[("Lease", "ns", "beat-198.18.0.40")] = lease("beat-198.18.0.40")
+    d.lease_changed("ns", lease("beat-198.18.0.40"))
+    d.lease_changed("ns", lease("kube-scheduler"))
+    assert d._leases == {}, "no lease check in the namespace: nothing cached"
+
+    body = entry("beat", "uid-beat", ["198.18.0.40"])
+    body["spec"]["healthCheck"] = {"lease": {}, "intervalSeconds": 2, "timeoutSeconds": 1}
+    kube.entries[("ns", "beat")] = body
+    await d.entry_changed(body)
+    record = d.lease_lookup("ns", "beat-198.18.0.40")
+    assert record is not None, "the lease created before its entry was listed"
+    assert record.duration == 3600
+    d.lease_changed("elsewhere", lease("beat-198.18.0.40", namespace="elsewhere"))
+    assert d.lease_lookup("elsewhere", "beat-198.18.0.40") is None
+    assert set(d._leases) == {"ns"}
+
+    await d.entry_deleted("ns", "beat")
+    assert d._leases == {}
+    await d.close()
+
+
+async def test_a_burst_of_pod_events_costs_one_refresh_per_write_not_one_per_event() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+    body = _selector_entry("web", {"app": "web"})
+    kube.entries[("ns", "web")] = body
+    await d.entry_changed(body)
+    await _turns()
+    refreshed: list[tuple[str, str]] = []
+    refresh = d._refresh_endpoints
+
+    def counting(state: Any) -> None:
+        refreshed.append(state.entry.key)
+        refresh(state)
+
+    d._refresh_endpoints = counting  # type: ignore[method-assign]
+    for i in range(200):  # the watch delivers them back to back
+        d.pod_changed("ns", _pod_body(f"web-{i}", f"198.18.1.{i + 1}", {"app": "web"}))
+    await _turns()
+    assert refreshed == [("ns", "web")]
+    assert len(d._entries[("ns", "web")].endpoints) == 200
+    assert len(d.prober) == 200, "every new pod is handed to the prober by that one refresh"
     await d.close()

@@ -93,3 +93,70 @@ async def test_keys_that_are_gone_or_cancelled_stop() -> None:
     await asyncio.sleep(0.05)
     assert attempts == stopped_at
     await queue.close()
+
+
+async def _turns(n: int = 5) -> None:
+    """Let the event loop run a few rounds without letting any time pass for timers."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_an_idle_key_runs_at_the_leading_edge_without_a_timer() -> None:
+    calls: list[str] = []
+
+    async def process(key: str) -> None:
+        calls.append(key)
+
+    queue: WorkQueue[str] = WorkQueue(name="t", process=process)
+    queue.schedule("a")
+    await _turns()  # no sleep with a duration: a delay of any length would leave `calls` empty here
+    assert calls == ["a"]
+    queue.schedule("a")  # idle again: again at once
+    await _turns()
+    assert calls == ["a", "a"]
+    await queue.close()
+
+
+async def test_changes_during_an_in_flight_run_coalesce_into_exactly_one_follow_up() -> None:
+    calls = 0
+    gate = asyncio.Event()
+
+    async def process(key: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await gate.wait()  # the first write is in flight until the gate opens
+
+    queue: WorkQueue[str] = WorkQueue(name="t", process=process)
+    queue.schedule("a")
+    await _turns()
+    assert calls == 1
+    for _ in range(5):
+        queue.schedule("a")
+        await _turns()
+    assert calls == 1, "a change during the run started a concurrent one"
+    gate.set()
+    await _turns(10)
+    assert calls == 2
+    assert not queue.is_dirty("a")
+    await queue.close()
+
+
+async def test_min_interval_throttles_a_key_and_coalesces_what_comes_meanwhile() -> None:
+    starts: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def process(key: str) -> None:
+        starts.append(loop.time())
+
+    queue: WorkQueue[str] = WorkQueue(name="t", process=process, min_interval=0.1)
+    queue.schedule("a")
+    await _turns()
+    assert len(starts) == 1, "the first run is at the leading edge"
+    for _ in range(5):
+        queue.schedule("a")
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.3)
+    assert len(starts) == 2, "the changes within the interval made one more run"
+    assert starts[1] - starts[0] >= 0.1 - 1e-3
+    await queue.close()
