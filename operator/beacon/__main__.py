@@ -21,6 +21,7 @@ from pathlib import Path
 
 from beacon.devcluster import ControlPlaneError, DevCluster, Ports, find_bin_dir
 from beacon.devcluster.cluster import State
+from beacon.netguard import pid_alive
 
 
 def _dev_dir(arg: str | None) -> Path:
@@ -35,16 +36,6 @@ def _load_state(workdir: Path) -> State | None:
     if not path.exists():
         return None
     return State(**json.loads(path.read_text()))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 CRD_NAMES = ("crd/serviceentries.beacon.dev", "crd/configentries.beacon.dev")
@@ -69,7 +60,7 @@ def _print_usage_line(kubeconfig: str | None) -> None:
 def cmd_dev_up(args: argparse.Namespace) -> int:
     workdir = _dev_dir(args.dir)
     state = _load_state(workdir)
-    if state and any(_alive(pid) for pid in state.pids.values()):
+    if state and any(pid_alive(pid) for pid in state.pids.values()):
         print(f"[beacon] a dev cluster already runs from {workdir}; `python -m beacon dev down` stops it")
         return 1
     if workdir.exists():
@@ -117,11 +108,11 @@ def cmd_dev_down(args: argparse.Namespace) -> int:
         print(f"[beacon] no dev cluster state in {workdir}")
         return 0
     for name, pid in reversed(list(state.pids.items())):
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
             for _ in range(100):
-                if not _alive(pid):
+                if not pid_alive(pid):
                     break
                 time.sleep(0.1)
             else:
@@ -140,7 +131,7 @@ def cmd_dev_status(args: argparse.Namespace) -> int:
         return 1
     up = True
     for name, pid in state.pids.items():
-        alive = _alive(pid)
+        alive = pid_alive(pid)
         up = up and alive
         print(f"{name:<26} pid {pid:<8} {'running' if alive else 'gone'}")
     print(f"kubeconfig                 {state.kubeconfig}")
@@ -167,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return demo.run_external(kubeconfig=kubeconfig, kubectl=kubectl, crds=args.crds, kubectl_crds=_install_crds)
     workdir = _dev_dir(args.dir)
     state = _load_state(workdir)
-    if state and any(_alive(pid) for pid in state.pids.values()):
+    if state and any(pid_alive(pid) for pid in state.pids.values()):
         print(f"[beacon] a dev cluster already runs from {workdir}; `python -m beacon dev down` stops it")
         return 1
     shutil.rmtree(workdir, ignore_errors=True)

@@ -41,6 +41,7 @@ __all__ = [
     "GuardRoute",
     "ensure_guard_route",
     "guard_route_present",
+    "pid_alive",
 ]
 
 GUARDED: Final = ipaddress.IPv4Network("198.18.0.0/15")
@@ -75,7 +76,8 @@ def guard_route_present() -> bool:
     return bool(out) and bool(json.loads(out))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` alive (root or not)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +94,7 @@ def _other_live_test_networks() -> list[str]:
     live = []
     for name in names:
         match = _TESTNET_NAME.match(name)
-        if match and int(match.group(1)) != os.getpid() and _pid_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and pid_alive(int(match.group(1))):
             live.append(name)
     return live
 

@@ -76,7 +76,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Final, Literal, Self
 
-from beacon.netguard import ensure_guard_route
+from beacon.netguard import ensure_guard_route, pid_alive
 
 __all__ = [
     "LOOPBACK_MAX_HOSTS",
@@ -175,16 +175,6 @@ def _link_names() -> list[str]:
     return [str(link["ifname"]) for link in _ip_json("link", "show") if "ifname" in link]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_netns_processes(name: str) -> None:
     """SIGKILL every process still inside namespace `name` and wait (briefly) for them to go."""
     for _ in range(50):
@@ -227,7 +217,7 @@ def _cleanup_stale_locked() -> list[str]:
     stale: set[str] = set()
     for name in _netns_names() + _link_names():
         match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             stale.add(name)
     for name in sorted(stale):
         _delete_network_objects(name)
