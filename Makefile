@@ -19,6 +19,9 @@ BENCH_SCALE_ARGS ?=
 IMG ?= beacon:dev
 # kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
 KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$$(bash tools/k8s/build.sh)/kubectl")
+# kubectl for the kind e2e: the pinned one `make control-plane` builds, the cluster's own version (a kubectl on PATH
+# may be several minor versions away from it); E2E_KUBECTL=kubectl uses yours
+E2E_KUBECTL ?= $$(cat $(BIN_DIR_FILE))/kubectl
 # beacon's CRDs and kopf's peering CRDs (manifests/crd), which must be Established before the peering object
 DEPLOY_CRDS := crd/serviceentries.beacon.dev crd/configentries.beacon.dev crd/clusterkopfpeerings.kopf.dev \
   crd/kopfpeerings.kopf.dev
@@ -146,4 +149,4 @@ kind-image: deps control-plane ## Build the offline kind node image + every imag
 
 .PHONY: kind-e2e
 kind-e2e: deps control-plane ## End to end on kind: cluster, image, deploy, DNS, failover, real-pod race, config reload.
-	IMG=$(IMG) KUBECTL=$(KUBECTL) $(GUARD) run -- bash hack/kind/with-docker.sh bash hack/kind-e2e.sh
+	IMG=$(IMG) KUBECTL=$(E2E_KUBECTL) $(GUARD) run -- bash hack/kind/with-docker.sh bash hack/kind-e2e.sh

@@ -22,9 +22,10 @@
 #
 # Environment: IMG (beacon:dev), KIND_CLUSTER (beacon-e2e), KIND_NODES (1), KIND_CONFIG, KIND_NODE_IMAGE,
 # KIND_OFFLINE (1 = no registry; implied by BEACON_DOCKER_PRIVATE=1, which hack/kind/docker.sh sets for its
-# private engine), KUBECTL (kubectl on PATH, else the local control plane's), E2E_PYTHON (.venv/bin/python, needs
-# the kubernetes package: `make deps`), E2E_TIMEOUT (180 s per wait), E2E_RACE_RUNS (5), KEEP_CLUSTER=1 keeps a
-# cluster this script created. The Docker engine itself is hack/kind/with-docker.sh's job (`make kind-e2e`).
+# private engine), KUBECTL (`make kind-e2e` passes the pinned one; else kubectl on PATH, else the local control
+# plane's), E2E_PYTHON (.venv/bin/python, needs the kubernetes package: `make deps`), E2E_TIMEOUT (180 s per
+# wait), E2E_RACE_RUNS (5), KEEP_CLUSTER=1 keeps a cluster this script created. The Docker engine itself is
+# hack/kind/with-docker.sh's job (`make kind-e2e`).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
