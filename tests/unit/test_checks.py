@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.heal
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from beacon.checks import MAX_BODY, Checker
+from beacon.devcluster.cluster import free_port
 from beacon.policy import ProbePolicy
 from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck
 
@@ -82,13 +82,6 @@ async def checker(
     table = leases or {}
     async with Checker(policy=policy, leases=lambda ns, name: table.get((ns, name)), wall_clock=lambda: now) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # ------------------------------------------------------------------------------------------------ HTTP

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beacon.checks import Checker
+from beacon.devcluster.cluster import free_port
 from beacon.httpprobe import MAX_BODY, HttpProbeClient, ProbeError, Request, _Connection
 from beacon.policy import ProbePolicy
 from beacon.targets import HttpCheck, ProbeResult, Target
@@ -88,13 +89,6 @@ def target(port: int, *, timeout: float = 2.0, **kw: Any) -> Target:
 async def checker(*, native: bool = True) -> AsyncIterator[Checker]:
     async with Checker(policy=LOOPBACK_ALLOWED, leases=lambda ns, name: None, native_http=native) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
