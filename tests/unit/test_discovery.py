@@ -386,13 +386,8 @@ class CountingKube(FakeKube):
         return await super().list(kind, namespace, label_selector=label_selector)
 
 
-async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:
-    kube = CountingKube()
-    d = _engine(kube)
-    for name, labels in (("cart", {"app": "cart"}), ("shop", {"app": "shop", "tier": "web"})):
-        kube.entries[("ns", name)] = _selector_entry(name, labels)
-        await d.entry_changed(kube.entries[("ns", name)])
-    await _turns()  # their first reconciles
+def _count_refreshes(d: Any) -> list[tuple[str, str]]:
+    """Spy on the engine's endpoint refreshes: the keys of the entries refreshed, in order, from now on."""
     refreshed: list[tuple[str, str]] = []
     refresh = d._refresh_endpoints
 
@@ -400,7 +395,18 @@ async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:
         refreshed.append(state.entry.key)
         refresh(state)
 
-    d._refresh_endpoints = counting  # type: ignore[method-assign]
+    d._refresh_endpoints = counting
+    return refreshed
+
+
+async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+    for name, labels in (("cart", {"app": "cart"}), ("shop", {"app": "shop", "tier": "web"})):
+        kube.entries[("ns", name)] = _selector_entry(name, labels)
+        await d.entry_changed(kube.entries[("ns", name)])
+    await _turns()  # their first reconciles
+    refreshed = _count_refreshes(d)
     listings = len(kube.listed)
 
     d.pod_changed("elsewhere", _pod_body("cart-1", "198.18.0.20", {"app": "cart"}, namespace="elsewhere"))
@@ -495,14 +501,7 @@ async def test_a_burst_of_pod_events_costs_one_refresh_per_write_not_one_per_eve
     kube.entries[("ns", "web")] = body
     await d.entry_changed(body)
     await _turns()
-    refreshed: list[tuple[str, str]] = []
-    refresh = d._refresh_endpoints
-
-    def counting(state: Any) -> None:
-        refreshed.append(state.entry.key)
-        refresh(state)
-
-    d._refresh_endpoints = counting  # type: ignore[method-assign]
+    refreshed = _count_refreshes(d)
     for i in range(200):  # the watch delivers them back to back
         d.pod_changed("ns", _pod_body(f"web-{i}", f"198.18.1.{i + 1}", {"app": "web"}))
     await _turns()
