@@ -23,7 +23,7 @@ from kubernetes import client, config, watch
 from beacon.devcluster import DevCluster
 from beacon.netguard import GuardRoute
 from beacon.testhosts import TestNetwork
-from beacon.testing import Audit, OperatorProcess
+from beacon.testing import Audit, OperatorProcess, http_service_entry
 
 BENCH_USER = "beacon-bench-operator"
 NS = "bench"
@@ -129,21 +129,7 @@ def run(*, entries: int, per_entry: int, interval: int, threshold: int, failures
         for i in range(entries):
             name = f"svc-{i:04d}"
             block = hosts[i * per_entry : (i + 1) * per_entry]
-            body = {
-                "apiVersion": "beacon.dev/v1alpha1",
-                "kind": "ServiceEntry",
-                "metadata": {"name": name, "namespace": NS},
-                "spec": {
-                    "ports": [{"name": "http", "port": 8080}],
-                    "endpoints": [{"address": h.address} for h in block],
-                    "healthCheck": {
-                        "http": {"path": "/healthz", "port": "http"},
-                        "intervalSeconds": interval,
-                        "timeoutSeconds": 1,
-                        "unhealthyThreshold": threshold,
-                    },
-                },
-            }
+            body = http_service_entry(name, NS, [h.address for h in block], interval=interval, threshold=threshold)
             sw.expected[name] = per_entry
             custom.create_namespaced_custom_object("beacon.dev", "v1alpha1", NS, "serviceentries", body)
             applied_at[name] = time.monotonic()

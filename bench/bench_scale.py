@@ -42,7 +42,7 @@ from benchlib import RESULTS, markdown_table, pct, save
 from beacon.devcluster import DevCluster
 from beacon.netguard import GuardRoute
 from beacon.testhosts import TestHost, TestNetwork
-from beacon.testing import Audit, OperatorProcess, eventually
+from beacon.testing import Audit, OperatorProcess, eventually, http_service_entry
 
 BENCH_USER = "beacon-bench-operator"
 NS = "bench"  # the burst's entries
@@ -251,21 +251,7 @@ class SliceWatch:
 
 
 def service_entry(name: str, namespace: str, hosts: list[TestHost], *, interval: int, threshold: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "beacon.dev/v1alpha1",
-        "kind": "ServiceEntry",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"address": h.address} for h in hosts],
-            "healthCheck": {
-                "http": {"path": "/healthz", "port": "http"},
-                "intervalSeconds": interval,
-                "timeoutSeconds": 1,
-                "unhealthyThreshold": threshold,
-            },
-        },
-    }
+    return http_service_entry(name, namespace, [h.address for h in hosts], interval=interval, threshold=threshold)
 
 
 def entries_path(namespace: str) -> str:

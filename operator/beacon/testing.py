@@ -279,6 +279,27 @@ def resolver_for(cluster: DevCluster) -> Callable[[str], set[str]]:
     return answer
 
 
+def http_service_entry(
+    name: str, namespace: str, addresses: Sequence[str], *, interval: int, threshold: int, timeout: int = 1
+) -> dict[str, Any]:
+    """A ServiceEntry body: one `http` port 8080, these static endpoints, an HTTP /healthz check."""
+    return {
+        "apiVersion": "beacon.dev/v1alpha1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"address": a} for a in addresses],
+            "healthCheck": {
+                "http": {"path": "/healthz", "port": "http"},
+                "intervalSeconds": interval,
+                "timeoutSeconds": timeout,
+                "unhealthyThreshold": threshold,
+            },
+        },
+    }
+
+
 def config_entry(name: str, namespace: str, data: dict[str, str], **spec: Any) -> dict[str, Any]:
     """A ConfigEntry body (spec fields such as service, priority, target, rollbackTo as keyword arguments)."""
     return {
