@@ -7,10 +7,12 @@ the reconcile core should stay pure. Something has to own the state in between, 
 writes) and remember what was published so that a restart does not unpublish healthy endpoints. That is this
 module. It calls the API only through `beacon.kube`.
 
-Work per event does not grow with the cluster: selector entries are indexed by namespace and by one of their
-labels, so a Pod event looks only at the entries that could select it; only pods some entry selects are cached,
-and Leases only in namespaces with a lease check. An entry that appears after its pods (or leases) lists them
-through `beacon.kube`, so filtering before caching misses nothing.
+Work per event does not grow with the cluster: Pods are watched only in namespaces where some entry has a
+selector, and Leases only where some entry has a lease check (`Kube.watch`, one watch per such namespace, started
+with the first such entry and stopped with the last), so 10,000 pods elsewhere cost nothing, not even parsing.
+Selector entries are indexed by namespace and by one of their labels, so a Pod event looks only at the entries
+that could select it; only pods some entry selects are cached. An entry that appears after its pods (or leases)
+lists them through `beacon.kube`, so filtering before caching misses nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ from beacon.workqueue import WorkQueue, repeat
 
 log = logging.getLogger("beacon.discovery")
 
+# a new entry's first write waits at most this long (plus its check's timeout) for its endpoints' first probes: the
+# prober spreads a burst's first probes over at most 1 s
+FIRST_VERDICT_WAIT = 1.5
+
 EntryKey = tuple[str, str]
 ProbeKey = tuple[str, str, str]  # namespace, entry, address
 Anchor = tuple[str, str] | None  # the label an entry's selector is indexed by (None: it selects every pod)
@@ -85,6 +91,12 @@ class _EntryState:
     static: list[Endpoint] | None = None
     pod_endpoints: dict[str, tuple[_Pod, Endpoint]] = field(default_factory=dict)
     probed: dict[str, Endpoint] = field(default_factory=dict)  # address -> the endpoint its target was made for
+    # until the entry is first published: endpoints whose first probe has not answered yet, and until when the
+    # first write waits for them (so it carries their verdicts instead of "not ready" and a second write)
+    published: bool = False
+    unprobed: set[str] = field(default_factory=set)
+    first_deadline: float = 0.0
+    first_timer: asyncio.TimerHandle | None = None
 
     def spec_changed(self) -> None:
         self.static, self.pod_endpoints, self.probed = None, {}, {}
@@ -115,6 +127,57 @@ def pod_from_body(body: Mapping[str, Any]) -> _Pod:
         terminating=bool(meta.get("deletionTimestamp")),
         node=(body.get("spec") or {}).get("nodeName"),
     )
+
+
+class _SliceListings:
+    """The published EndpointSlices of entries, listed in batches: one LIST per namespace at a time, and every entry
+    that asks while one is under way joins the next. A lone entry's LIST selects its own slices; a batch's selects
+    every slice beacon manages in the namespace. 1,000 entries applied at once (or found at start-up) cost a
+    handful of LISTs instead of 1,000, and each listing still starts after its entries asked, so none misses a
+    slice that existed when it asked."""
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+        self._next: dict[str, dict[str, asyncio.Future[list[dict[str, Any]]]]] = {}  # namespace -> entry -> answer
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def of(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        batch = self._next.get(namespace)
+        if batch is None:
+            batch = self._next[namespace] = {}
+            task = asyncio.ensure_future(self._list(namespace))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        answer = batch.get(name)
+        if answer is None:
+            answer = batch[name] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(answer)
+
+    async def _list(self, namespace: str) -> None:
+        async with self._locks[namespace]:
+            batch = self._next.pop(namespace)  # from here on, whoever asks joins the next listing
+            selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+            if len(batch) == 1:
+                selector = f"{LABEL_SERVICE_NAME}={next(iter(batch))},{selector}"
+            try:
+                items = await self._kube.list("EndpointSlice", namespace, label_selector=selector)
+            except Exception as exc:
+                for answer in batch.values():
+                    if not answer.done():
+                        answer.set_exception(exc)
+                        answer.exception()  # retrieved: a caller cancelled meanwhile leaves no warning behind
+                return
+        by_entry: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for item in items:
+            by_entry[(item["metadata"].get("labels") or {}).get(LABEL_SERVICE_NAME, "")].append(item)
+        for name, answer in batch.items():
+            if not answer.done():
+                answer.set_result(by_entry.get(name, []))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
 
 class Discovery:
@@ -167,6 +230,8 @@ class Discovery:
         self._lease_listings: dict[str, asyncio.Task[None]] = {}  # a namespace's first lease check: its listing
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
+        self._slice_listings = _SliceListings(kube)
+        self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}  # (kind, namespace) -> its watch
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
     async def entry_changed(self, body: Mapping[str, Any]) -> None:
@@ -321,6 +386,7 @@ class Discovery:
         elif not wants and state.leases_wanted:
             self._drop_lease_entry(key)
         state.leases_wanted = wants
+        self._sync_watches(entry.namespace)
 
     def _unindex(self, state: _EntryState) -> None:
         if state.entry.spec.selector is not None:
@@ -328,6 +394,7 @@ class Discovery:
         if state.leases_wanted:
             self._drop_lease_entry(state.entry.key)
             state.leases_wanted = False
+        self._sync_watches(state.entry.namespace)
 
     def _drop_selector(self, state: _EntryState, entry: ServiceEntry) -> None:
         """Take `entry`'s (old) selector out of the index, and uncache the pods no other entry selects."""
@@ -357,6 +424,24 @@ class Discovery:
         if not entries:
             self._lease_entries.pop(key[0], None)
             self._leases.pop(key[0], None)
+
+    def _sync_watches(self, namespace: str) -> None:
+        """Watch the namespace's pods while a selector entry is in it, its leases while a lease check is."""
+        wanted: list[tuple[str, bool, Callable[..., None]]] = [
+            ("Pod", namespace in self._selectors, self.pod_changed),
+            ("Lease", bool(self._lease_entries.get(namespace)), self.lease_changed),
+        ]
+        for kind, want, apply in wanted:
+            task = self._watches.get((kind, namespace))
+            if want and task is None:
+                self._watches[(kind, namespace)] = asyncio.ensure_future(self._follow(kind, namespace, apply))
+            elif not want and task is not None:
+                del self._watches[(kind, namespace)]
+                task.cancel()
+
+    async def _follow(self, kind: str, namespace: str, apply: Callable[..., None]) -> None:
+        async for type_, body in self.kube.watch(kind, namespace):
+            apply(namespace, body, deleted=type_ == "DELETED")
 
     def _schedule_lease_listing(self, namespace: str) -> None:
         task = asyncio.ensure_future(self._list_leases(namespace))
@@ -497,9 +582,7 @@ class Discovery:
 
     async def _observe_slices(self, state: _EntryState) -> dict[str, dict[str, Any]]:
         """List the entry's EndpointSlices: where each endpoint is published now."""
-        entry = state.entry
-        selector = f"{LABEL_SERVICE_NAME}={entry.name},{LABEL_MANAGED_BY}={MANAGED_BY}"
-        items = await self.kube.list("EndpointSlice", entry.namespace, label_selector=selector)
+        items = await self._slice_listings.of(*state.entry.key)
         state.slices = {item["metadata"]["name"]: item for item in items}
         return state.slices
 
@@ -521,6 +604,7 @@ class Discovery:
                 for address in ep.get("addresses") or []:
                     state.health[address] = seeded(ready=ready, now=now)
         state.seeded = True
+        state.published = state.published or bool(slices)
 
     def _refresh_endpoints(self, state: _EntryState) -> None:
         entry = state.entry
@@ -539,6 +623,7 @@ class Discovery:
             state.probed[ep.address] = ep
             if probed.get(ep.address) is ep:
                 continue  # the same endpoint as at the last refresh: its health and target are in place
+            fresh = ep.address not in state.health
             state.health.setdefault(ep.address, EndpointHealth(since=now))
             target = entry.target(ep)
             key = (entry.namespace, entry.name, ep.address)
@@ -546,6 +631,10 @@ class Discovery:
                 self.prober.remove(key)
             else:
                 self.prober.upsert(key, target)
+                if fresh and not state.published:
+                    if not state.unprobed:
+                        state.first_deadline = time.monotonic() + FIRST_VERDICT_WAIT + target.timeout
+                    state.unprobed.add(ep.address)
         for address in list(state.health):
             if address not in new_addresses:
                 state.health.pop(address, None)
@@ -559,6 +648,10 @@ class Discovery:
         hc = state.entry.spec.health_check if state is not None else None
         if state is None or hc is None:
             return
+        if address in state.unprobed:  # a first verdict before the first write: the write waits for the last one
+            state.unprobed.discard(address)
+            if not state.unprobed:
+                self._schedule(state.entry.key)
         before = state.health.get(address)
         if (  # the result changes nothing: no bookkeeping (the common case by far)
             before is not None
@@ -593,7 +686,9 @@ class Discovery:
 
     async def _post_transitions(self, state: _EntryState) -> None:
         """One Event per direction per reconcile, naming every endpoint that moved (with the probe's detail):
-        a burst of transitions (a new entry, a rack going down) costs one or two writes, not one per endpoint."""
+        a burst of transitions (a new entry, a rack going down) costs one or two writes, not one per endpoint.
+        A new endpoint passing its first checks (unknown -> passing) is logged but is not news worth an Event
+        (Kubernetes posts none when a Pod becomes Ready): 1,000 new entries do not cost 1,000 Events."""
         pending, state.transitions = state.transitions, []
         entry = state.entry
         involved = {
@@ -610,6 +705,8 @@ class Discovery:
                 parts.append(f"and {len(moved) - 10} more")
             # transitions are what an operator's log is for (one line per direction per reconcile, like the Event)
             log.info("%s/%s: %s", entry.namespace, entry.name, "; ".join(parts))
+            if healthy and all(before.status is Status.UNKNOWN for _, before, _ in moved):
+                continue
             try:
                 await self.kube.event(
                     involved=involved,
@@ -647,6 +744,8 @@ class Discovery:
             elif state.stale:
                 self._refresh_endpoints(state)
             entry = state.entry
+            if not state.published and state.unprobed and self._await_first_verdicts(state):
+                return
             now = self._clock()
             views = visible(entry, state.endpoints, state.health, state.refused, now=now)
             tags = dict((state.body.get("metadata") or {}).get("labels") or {})
@@ -658,19 +757,39 @@ class Discovery:
             observed = state.slices if state.slices is not None else await self._observe_slices(state)
             slices = desired_slices(entry, views, observed)
             for item in slices:
-                await self.kube.ensure(item)
+                await self.kube.ensure(item, absent=item["metadata"]["name"] not in observed)
             wanted = {item["metadata"]["name"]: item for item in slices}
             for stale in sorted(set(observed) - set(wanted)):
                 await self.kube.delete("EndpointSlice", entry.namespace, stale)
             state.slices = wanted
-            await self.kube.ensure(desired_endpoints(entry, views))
+            # an entry never published (no slices when it was seeded) has no Endpoints object either
+            await self.kube.ensure(desired_endpoints(entry, views), absent=not state.published)
             previous = (state.status or {}).get("conditions") or []
             status = desired_status(entry, views, previous_conditions=previous, now=now)
             if status_changed(state.status, status):
                 await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
                 state.status = status
+            state.published = True
+            state.unprobed.clear()
             if state.transitions:
                 await self._post_transitions(state)
+
+    def _await_first_verdicts(self, state: _EntryState) -> bool:
+        """Whether the entry's first write should wait: some endpoints' first probes have not answered and the
+        deadline is still ahead. The last first verdict (or the deadline) schedules the entry again."""
+        left = state.first_deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if state.first_timer is None:
+            key = state.entry.key
+
+            def due() -> None:
+                state.first_timer = None
+                if self._entries.get(key) is state:
+                    self._schedule(key)
+
+            state.first_timer = asyncio.get_running_loop().call_later(left, due)
+        return True
 
     async def _report_conflict(self, key: EntryKey, message: str) -> None:
         state = self._entries.get(key)
@@ -730,6 +849,10 @@ class Discovery:
     async def close(self) -> None:
         for task in list(self._lease_listings.values()):
             task.cancel()
+        await self._slice_listings.close()
+        for task in self._watches.values():
+            task.cancel()
+        self._watches.clear()
         await self._queue.close()
         await self._registry_queue.close()
 

@@ -64,14 +64,8 @@ async def serviceentry_event(type: str, body: kopf.Body, memo: Any, **_: Any) ->
         await discovery.entry_changed(dict(body))
 
 
-@kopf.on.event("", "v1", "pods")
-async def pod_event(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
-    (await _active(memo)).discovery.pod_changed(body["metadata"]["namespace"], dict(body), deleted=type == "DELETED")
-
-
-@kopf.on.event("coordination.k8s.io", "v1", "leases")
-async def lease_event(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
-    (await _active(memo)).discovery.lease_changed(body["metadata"]["namespace"], dict(body), deleted=type == "DELETED")
+# Pods and Leases are not watched through kopf: kopf would watch (and parse) every one in the cluster. The discovery
+# engine watches them itself, and only in namespaces where an entry needs them (see beacon.discovery).
 
 
 @kopf.on.event("beacon.dev", "v1alpha1", "configentries")

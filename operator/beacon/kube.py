@@ -1,10 +1,15 @@
-"""The only module that calls the Kubernetes API: reads, server-side apply on change, status patches, events.
+"""The only module that calls the Kubernetes API: reads, watches, server-side apply on change, status patches,
+events.
 
 Why it exists: "write only on change" is a property of one place, not a habit spread over handlers. Every write
 goes through `ensure()`, which compares the desired object with what beacon last applied (or, after a restart,
 with what the API holds) and skips the write when nothing beacon owns differs. Steady state therefore costs zero
 writes. The kubernetes client is blocking, so every call runs in a small thread pool, never on the event loop.
 Counts of writes by verb and kind are exported as metrics (and asserted by the tests through the audit log).
+
+Watches that beacon scopes itself (a namespace's pods, only while an entry selects pods there) run on aiohttp in
+the event loop instead: a watch is one long response read line by line, so it would hold a thread for its whole
+life. The credentials are the kubernetes client's (its TLS files and its bearer token, refreshed per connection).
 """
 
 from __future__ import annotations
@@ -12,16 +17,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
+import ssl
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import aiohttp
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from beacon import metrics
 
+log = logging.getLogger("beacon.kube")
+
 FIELD_MANAGER = "beacon"
+WATCH_SECONDS = 300  # the server ends each watch request after this long; it is resumed from the last version
+THREADS = 16  # concurrent API requests (the kubernetes client blocks: one thread each)
 Obj = dict[str, Any]
 
 _PATHS = {
@@ -82,10 +94,11 @@ def _key(kind: str, namespace: str, name: str) -> tuple[str, str, str]:
 class Kube:
     """Async facade over the blocking kubernetes client, with an applied-object cache for write-on-change."""
 
-    def __init__(self, api: k8s.ApiClient, *, threads: int = 16) -> None:
+    def __init__(self, api: k8s.ApiClient, *, threads: int = THREADS) -> None:
         self._api = api
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._applied: dict[tuple[str, str, str], Obj] = {}
+        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -95,11 +108,21 @@ class Kube:
             k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
             k8s_config.load_kube_config(client_configuration=configuration)
-        return cls(k8s.ApiClient(configuration))
+        # one kept-alive connection per thread: the client's default pool (5 per CPU) is smaller than the thread
+        # pool, and every request beyond it opened a new TLS connection and threw it away afterwards
+        configuration.connection_pool_maxsize = THREADS
+        return cls(k8s.ApiClient(configuration), threads=THREADS)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._api.close()
+
+    async def aclose(self) -> None:
+        """Close the watch connections, then everything `close()` closes."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self.close()
 
     # ------------------------------------------------------------------ raw requests
     def _request_sync(
@@ -172,13 +195,87 @@ class Kube:
         result = await self.request("GET", self.path(kind, namespace), query=query)
         return list((result or {}).get("items") or [])
 
+    # ------------------------------------------------------------------ watches
+    def _watch_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            cfg = self._api.configuration
+            context: ssl.SSLContext | bool = False
+            if cfg.host.startswith("https"):
+                context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+                if not cfg.verify_ssl:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                if cfg.cert_file:
+                    context.load_cert_chain(cfg.cert_file, cfg.key_file)
+            # a watch event is one line: allow objects far bigger than aiohttp's 64 KiB default read buffer
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), read_bufsize=1 << 22)
+        return self._session
+
+    async def watch(
+        self, kind: str, namespace: str, *, label_selector: str | None = None
+    ) -> AsyncIterator[tuple[str, Obj]]:
+        """Events of `kind` in `namespace`, forever: ("ADDED" | "MODIFIED" | "DELETED", object).
+
+        It starts without a resource version, so the server first sends a synthetic ADDED event per existing
+        object (the listing, streamed: memory stays one object deep). Each request ends after `WATCH_SECONDS`
+        and the next resumes from the last version seen (bookmarks keep it fresh); a version the server no longer
+        has (410 Gone) starts over with a new listing. Deletions missed in such a gap are the resync's to find.
+        Errors are logged and retried with backoff; only cancellation ends it.
+        """
+        version: str | None = None
+        backoff = 1.0
+        path = self.path(kind, namespace)
+        while True:
+            query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS)}
+            if version:
+                query["resourceVersion"] = version
+            if label_selector:
+                query["labelSelector"] = label_selector
+            _, url, headers, _, _ = self._api.param_serialize(
+                method="GET",
+                resource_path=path,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+            )
+            try:
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=WATCH_SECONDS + 30)
+                async with self._watch_session().get(url, params=query, headers=headers, timeout=timeout) as resp:
+                    if resp.status == 410:
+                        version = None
+                        continue
+                    if resp.status >= 400:
+                        raise ApiError(resp.status, resp.reason or "", await resp.text())
+                    async for line in resp.content:
+                        event = json.loads(line)
+                        type_, obj = event["type"], event["object"]
+                        if type_ == "ERROR":
+                            if obj.get("code") == 410:
+                                version = None
+                                break
+                            raise ApiError(int(obj.get("code", 500)), obj.get("reason", ""), obj.get("message", ""))
+                        version = obj.get("metadata", {}).get("resourceVersion") or version
+                        backoff = 1.0
+                        if type_ != "BOOKMARK":
+                            yield type_, obj
+            except (aiohttp.ClientError, TimeoutError, ApiError, ValueError) as exc:
+                log.warning("watching %s in %s failed, retrying in %.0fs: %s", kind, namespace, backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
     # ------------------------------------------------------------------ writes
-    async def ensure(self, obj: Obj) -> bool:
+    async def ensure(self, obj: Obj, *, absent: bool = False) -> bool:
         """Server-side apply `obj` unless the API already holds it. Returns whether a write was made.
 
         An existing object is taken over only if it is already beacon's: owned by the same controller (the
         ownerReference uid in `obj`) or, for objects without an owner, carrying the same labels. Anything else
         raises NotOursError, so a user's own Service or ConfigMap of the same name is never overwritten.
+
+        `absent`: the caller knows beacon never published this object (a new entry's EndpointSlice or Endpoints),
+        so it is created with a POST instead of being read first: one request instead of two, and still never
+        over someone else's object (a POST fails with 409 when the name is taken; then the usual read-and-compare
+        path runs). Only for kinds whose lists are atomic (EndpointSlice, Endpoints): the creating POST leaves its
+        fields co-owned by an Update entry of beacon's field manager, which a later apply would not prune from a
+        keyed list (a Service's ports).
         """
         kind, meta = obj["kind"], obj["metadata"]
         key = _key(kind, meta["namespace"], meta["name"])
@@ -186,6 +283,21 @@ class Kube:
         cached = self._applied.get(key)
         if cached is not None and cached == desired:
             return False
+        if cached is None and absent:
+            try:
+                await self.request(
+                    "POST",
+                    self.path(kind, meta["namespace"]),
+                    body=obj,
+                    query=[("fieldManager", FIELD_MANAGER)],
+                    kind=kind,
+                )
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+            else:
+                self._applied[key] = desired
+                return True
         if cached is None:
             actual = await self.get(kind, meta["namespace"], meta["name"])
             if actual is not None:

@@ -210,7 +210,7 @@ class Runtime:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         if self._kube is not None:
-            self._kube.close()
+            await self._kube.aclose()
 
 
 class HandlerSuccessAtDebug(logging.Filter):

@@ -3,12 +3,14 @@
 Why it exists: a kopf timer per object does not scale to 10,000 endpoints and puts API traffic on every tick.
 Here a single heap of plain tuples `(due, seq, key, token)` orders all targets by due time, and one
 `loop.call_later` timer is armed for the earliest: no task wakes up unless a probe is due. A new or changed target
-is probed at once; only when many arrive together (start-up, a burst of applies: more than `first_probe_burst`
-within `first_probe_within` seconds) are the later ones' first probes spread over at most `first_probe_within`
-seconds. Later probes come every `interval` seconds with +-10% jitter, so thousands of targets do not fire in
-lockstep. At most `concurrency` probes run at once; due probes beyond that wait in a FIFO, counted by
-`queue_depth`; how late each probe starts (due -> started) goes to the `beacon_probe_lateness_seconds`
-histogram, one observation per probe. A target's next probe is scheduled only after its current one finished.
+is probed at once; only when many arrive together (start-up, a burst of applies) are the later ones' first probes
+spread over at most `first_probe_within` seconds. "Many" is a token bucket: `first_probe_burst` tokens, refilled
+at ten times that per second, one per immediate first probe; so entries applied one after another (a few
+endpoints each, even several per second) are never delayed, and 10,000 targets at start-up are spread. Later
+probes come every `interval` seconds with +-10% jitter, so thousands of targets do not fire in lockstep. At most
+`concurrency` probes run at once; due probes beyond that wait in a FIFO, counted by `queue_depth`; how late each
+probe starts (due -> started) goes to the `beacon_probe_lateness_seconds` histogram, one observation per probe.
+A target's next probe is scheduled only after its current one finished.
 Results go to a callback; this module never calls the API.
 """
 
@@ -53,8 +55,9 @@ class Prober:
         self._jitter = jitter
         self._first = first_probe_within
         self._burst = concurrency if first_probe_burst is None else first_probe_burst
-        self._burst_start = -math.inf
-        self._burst_count = 0
+        self._refill = self._burst * 10.0  # tokens per second
+        self._bucket = float(self._burst)
+        self._bucket_at = -math.inf
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._targets: dict[Key, tuple[Target, int]] = {}
@@ -78,11 +81,12 @@ class Prober:
         self._tokens += 1
         self._targets[key] = (target, self._tokens)
         now = self._clock()
-        if now - self._burst_start >= self._first:
-            self._burst_start, self._burst_count = now, 0
-        self._burst_count += 1
+        self._bucket = min(float(self._burst), self._bucket + (now - self._bucket_at) * self._refill)
+        self._bucket_at = now
         due = now
-        if self._burst_count > self._burst:  # many at once: spread their first probes
+        if self._bucket >= 1.0:
+            self._bucket -= 1.0
+        else:  # many at once: spread their first probes
             due += self._rng.uniform(0, min(self._first, target.interval))
         self._push(key, self._tokens, due)
 

@@ -36,11 +36,15 @@ network still lies inside 198.18.0.0/16. A slot is free when no address or route
 longer on the host overlaps it; the choice is made under an flock (/run/beacon-testhosts.lock) so that parallel
 test runs never collide. IPv6 address generation is off on both veth ends, so the pair carries no IPv6 chatter.
 
-Servers run inside the namespace, in one helper process per network (`beacon._testhost_server`, started lazily
-with the first server) that manages any number of HTTP / TCP / gRPC-health listeners, each bound to exactly one
-test host's address. This side talks to it with blocking request/response calls over its stdin/stdout; that
-process exits by itself if this one dies. On exit from the `with` block (also on exceptions and Ctrl-C) the
-helper process and anything else left in the namespace is killed and the veth pair and namespace are deleted.
+Servers run inside the namespace, in helper processes (`beacon._testhost_server`, started lazily with the first
+server) that manage any number of HTTP / TCP / gRPC-health listeners, each bound to exactly one test host's
+address. Each helper serves at most `HOSTS_PER_SERVER_PROCESS` hosts: a host costs its helper a listening socket
+plus a connection per client, and a process cannot hold more descriptors than its hard limit (often 20,000, and
+only CAP_SYS_RESOURCE raises it). At that limit accept() fails with EMFILE and asyncio stops accepting on the
+socket for a second, so probes would time out for reasons that have nothing to do with the endpoint. This side
+talks to them with blocking request/response calls over their stdin/stdout; a helper exits by itself if this
+process dies. On exit from the `with` block (also on exceptions and Ctrl-C) the helpers and anything else left
+in the namespace are killed and the veth pair and namespace are deleted.
 
 Nothing leaves the machine. A test host's routes vanish with its veth, so `open()` first makes sure the guard route
 (`beacon.netguard`: a blackhole for 198.18.0.0/15 with a high metric) exists: a probe still in flight towards a
@@ -104,6 +108,8 @@ MAX_NETWORKS: Final = 2 ** (NETWORK_PREFIXLEN - POOL.prefixlen)  # 64
 FIRST_HOST_OFFSET: Final = 10
 MAX_HOSTS: Final = 2 ** (32 - NETWORK_PREFIXLEN) - 1 - FIRST_HOST_OFFSET  # 1013: B+10 .. B+1022
 LOOPBACK_PREFIXLEN: Final = 18
+# hosts per server process: a listener and (say) two connections each stays far below a 20,000-descriptor limit
+HOSTS_PER_SERVER_PROCESS: Final = 4000
 LOOPBACK_MAX_HOSTS: Final = 2 ** (32 - LOOPBACK_PREFIXLEN) - 1 - FIRST_HOST_OFFSET  # 16373
 NS_INTERFACE: Final = "veth0"
 NAME_PREFIX: Final = "bcn"
@@ -410,7 +416,7 @@ class TestServer:
         return self._running
 
     def _request(self, op: str, **fields: Any) -> dict[str, Any]:
-        return self.host.network._server().request(op, listener=self._listener, **fields)
+        return self.host.network._server(self.host.shard).request(op, listener=self._listener, **fields)
 
     def start(self) -> None:
         """Listen again (on the same port); a no-op if running."""
@@ -505,13 +511,15 @@ class TestHost:
 
     __test__ = False
 
-    def __init__(self, network: TestNetwork, address: str) -> None:
+    def __init__(self, network: TestNetwork, address: str, index: int) -> None:
         self.network = network
         self.address = address
+        self.shard = index // HOSTS_PER_SERVER_PROCESS  # which of the network's server processes serves it
         self.servers: list[TestServer] = []
 
     def _create(self, kind: str, port: int, **fields: Any) -> tuple[int, int]:
-        response = self.network._server().request("create", kind=kind, address=self.address, port=port, **fields)
+        server = self.network._server(self.shard)
+        response = server.request("create", kind=kind, address=self.address, port=port, **fields)
         return int(response["listener"]), int(response["port"])
 
     def http(self, *, port: int = 8080, path: str = "/healthz", status: int = 200) -> HttpServer:
@@ -582,7 +590,7 @@ class TestNetwork:
         self._n: int | None = None
         self._next_offset = FIRST_HOST_OFFSET
         self._lock = threading.RLock()
-        self._process: _ServerProcess | None = None
+        self._processes: dict[int, _ServerProcess] = {}  # by shard: hosts [shard * HOSTS_PER_SERVER_PROCESS, ...)
         self._closed = False
         self._blocked: set[str] = set()
 
@@ -661,12 +669,12 @@ class TestNetwork:
             self._closed = True
             _open_networks.discard(self)
             errors: list[str] = []
-            if self._process is not None:
+            for process in self._processes.values():
                 try:
-                    self._process.close()
+                    process.close()
                 except Exception as exc:
-                    errors.append(f"stopping the server process: {exc}")
-                self._process = None
+                    errors.append(f"stopping a server process: {exc}")
+            self._processes.clear()
             if self.name:
                 try:
                     _delete_network_objects(self.name)
@@ -719,7 +727,8 @@ class TestNetwork:
             device = "lo" if self.loopback else NS_INTERFACE
             _ip(netns=self.name, batch=[f"address add {a}/32 dev {device}" for a in addresses])
             self._next_offset += count
-            hosts = [TestHost(self, a) for a in addresses]
+            first = self._next_offset - count - FIRST_HOST_OFFSET
+            hosts = [TestHost(self, a, first + i) for i, a in enumerate(addresses)]
             self.hosts.extend(hosts)
             return hosts
 
@@ -756,12 +765,13 @@ class TestNetwork:
 
     # -- the server process
 
-    def _server(self) -> _ServerProcess:
+    def _server(self, shard: int = 0) -> _ServerProcess:
         with self._lock:
             self._require_open()
-            if self._process is None:
-                self._process = _ServerProcess(self.name, timeout=self.timeout)
-            return self._process
+            process = self._processes.get(shard)
+            if process is None:
+                process = self._processes[shard] = _ServerProcess(self.name, timeout=self.timeout)
+            return process
 
     def probe_log(
         self, *, since: float = 0.0, first_only: bool = False, not_status: int | None = None
@@ -769,13 +779,20 @@ class TestNetwork:
         """When this network's HTTP servers answered their health path since `since` (`time.monotonic()` seconds:
         the same clock here and in the server process): `(time, address, status)`, oldest first. `first_only`:
         each address's first answer only; `not_status`: leave out answers with that status."""
-        response = self._server().request("probe_log", since=since, first_only=first_only, not_status=not_status)
-        return [(float(t), str(a), int(st)) for t, a, st in response["entries"]]
+        with self._lock:
+            processes = list(self._processes.values())
+        processes = processes or [self._server()]
+        entries: list[tuple[float, str, int]] = []
+        for process in processes:  # an address lives in one process: its first answer is in that one's log
+            response = process.request("probe_log", since=since, first_only=first_only, not_status=not_status)
+            entries += [(float(t), str(a), int(st)) for t, a, st in response["entries"]]
+        return sorted(entries)
 
     @property
     def server_pid(self) -> int | None:
-        """The pid of the process serving this network's test hosts (None until the first server exists)."""
-        return self._process.proc.pid if self._process is not None else None
+        """The pid of the process serving this network's first test hosts (None until their first server exists)."""
+        process = self._processes.get(0)
+        return process.proc.pid if process is not None else None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self.network is not None else "new")

@@ -359,6 +359,48 @@ def test_delete_removes_outputs_and_registry_entry(
     eventually(lambda: registry(cluster, namespace) is None, timeout=15, what="registry removed with the last entry")
 
 
+def test_someone_elses_slice_and_endpoints_of_the_same_names_are_never_overwritten(
+    cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess
+) -> None:
+    """A new entry's EndpointSlice and Endpoints are created without being read first (a POST, which fails when the
+    name is taken); objects of those names that are not beacon's stay as they are, and the entry says why."""
+    host, theirs = net.add_hosts(2)
+    their_slice = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "clash-ipv4-0", "namespace": namespace, "labels": {"owner": "them"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [theirs.address]}],
+        "ports": [{"name": "web", "port": 9999, "protocol": "TCP"}],
+    }
+    their_endpoints = {
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": "other", "namespace": namespace, "labels": {"owner": "them"}},
+        "subsets": [{"addresses": [{"ip": theirs.address}], "ports": [{"name": "web", "port": 9999}]}],
+    }
+    apply(cluster, their_slice)
+    apply(cluster, their_endpoints)
+    apply(cluster, entry("clash", namespace, [host.address], None))
+    apply(cluster, entry("other", namespace, [host.address], None))
+    for name, kind in (("clash", "EndpointSlice"), ("other", "Endpoints")):
+
+        def conflict(name: str = name) -> dict[str, Any] | None:
+            ready = condition(status(cluster, namespace, name), "Ready")
+            return ready if ready.get("reason") == "OutputConflict" else None
+
+        message = eventually(conflict, timeout=30, what=f"{name}: OutputConflict")["message"]
+        assert kind in message
+        assert "not managed by beacon" in message
+    kept_slice = get_json(cluster, "endpointslice", "-n", namespace, "clash-ipv4-0")
+    assert [e["addresses"] for e in kept_slice["endpoints"]] == [[theirs.address]]
+    assert kept_slice["ports"][0]["port"] == 9999
+    assert "ownerReferences" not in kept_slice["metadata"]
+    kept_endpoints = get_json(cluster, "endpoints", "-n", namespace, "other")
+    assert kept_endpoints["subsets"][0]["addresses"] == [{"ip": theirs.address}]
+    assert "ownerReferences" not in kept_endpoints["metadata"]
+
+
 def test_steady_state_makes_zero_writes(
     cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess, audit: Audit
 ) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
+from beacon import discovery
 from beacon.discovery import Discovery
 from beacon.kube import covers
 from beacon.targets import ProbeResult, Target
@@ -21,6 +23,15 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.entries: dict[tuple[str, str], dict[str, Any]] = {}
         self.writes: list[tuple[str, str, str]] = []
+        self.watching: list[tuple[str, str]] = []  # (kind, namespace) of every watch running now
+
+    async def watch(self, kind: str, namespace: str, **_: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        self.watching.append((kind, namespace))
+        try:
+            await asyncio.Event().wait()  # no events: the tests deliver them by calling the engine
+            yield "ADDED", {}
+        finally:
+            self.watching.remove((kind, namespace))
 
     async def request(self, method: str, path: str, **_: Any) -> dict[str, Any] | None:
         assert method == "GET"
@@ -35,7 +46,7 @@ class FakeKube:
             items = [o for o in items if covers(o["metadata"].get("labels") or {}, wanted)]
         return [copy.deepcopy(o) for o in items]
 
-    async def ensure(self, obj: dict[str, Any]) -> bool:
+    async def ensure(self, obj: dict[str, Any], *, absent: bool = False) -> bool:
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         if self.objects.get(key) == obj:
             return False
@@ -182,6 +193,55 @@ async def test_one_new_endpoint_writes_one_slice_and_transitions_are_logged_at_i
     await d.close()
 
 
+async def test_a_new_entry_is_first_written_with_its_first_verdicts_and_no_event() -> None:
+    """One write per output, endpoints already ready; passing the first checks is not news (no Event)."""
+    kube = FakeKube()
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.10", "198.18.0.11", "198.18.0.12"])
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 0.5)
+    slice_writes = [w for w in kube.writes if w[1] == "EndpointSlice"]
+    assert slice_writes == [("apply", "EndpointSlice", "a-ipv4-0")]
+    published = kube.objects[("EndpointSlice", "ns", "a-ipv4-0")]
+    assert [e["conditions"]["ready"] for e in published["endpoints"]] == [True, True, True]
+    assert [w for w in kube.writes if w[0] in ("status", "event")] == [("status", "ServiceEntry", "a")]
+    await d.close()
+
+
+async def test_a_new_entry_whose_first_probes_hang_is_published_by_the_deadline(monkeypatch: Any) -> None:
+    monkeypatch.setattr(discovery, "FIRST_VERDICT_WAIT", 0.1)  # + the check's 1 s timeout
+
+    async def hang(target: Target) -> ProbeResult:
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+    kube = FakeKube()
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.10"])
+    d = Discovery(kube=kube, probe=hang, registry_interval_seconds=0.01)  # type: ignore[arg-type]
+    runner = asyncio.create_task(d.prober.run())
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await asyncio.sleep(0.6)
+    assert ("EndpointSlice", "ns", "a-ipv4-0") not in kube.objects  # still waiting for a first verdict
+    await asyncio.sleep(1.0)
+    published = kube.objects[("EndpointSlice", "ns", "a-ipv4-0")]
+    assert published["endpoints"][0]["conditions"]["ready"] is False  # not probed yet: published not ready
+    runner.cancel()
+    await d.close()
+
+
+async def test_entries_that_arrive_together_share_one_listing_of_their_published_slices() -> None:
+    kube = FlakyKube()
+    bodies = [entry(f"e{i}", f"uid-{i}", [f"198.18.1.{i + 1}"]) for i in range(30)]
+    for body in bodies:
+        kube.entries[("ns", body["metadata"]["name"])] = body
+    d = _engine(kube)
+    await asyncio.gather(*(d.entry_changed(body) for body in bodies))
+    assert kube.lists <= 2  # the first entry's own listing, and one for everyone who asked meanwhile
+    await _settle(d, 0.5)
+    assert {name for kind, _, name in kube.objects if kind == "EndpointSlice"} == {f"e{i}-ipv4-0" for i in range(30)}
+    await d.close()
+
+
 class FlakyKube(FakeKube):
     """Writes the first slice of a reconcile, then fails the second one once (a write lost mid-reconcile)."""
 
@@ -194,8 +254,8 @@ class FlakyKube(FakeKube):
         self.lists += kind == "EndpointSlice"
         return await super().list(kind, namespace, label_selector=label_selector)
 
-    async def ensure(self, obj: dict[str, Any]) -> bool:
-        wrote = await super().ensure(obj)
+    async def ensure(self, obj: dict[str, Any], *, absent: bool = False) -> bool:
+        wrote = await super().ensure(obj, absent=absent)
         if wrote and obj["kind"] == "EndpointSlice" and self.fail_after is not None:
             self.fail_after -= 1
             if self.fail_after < 0:
@@ -319,12 +379,12 @@ class GatedKube(FakeKube):
         self.gate.set()
         self.reconciles = 0
 
-    async def ensure(self, obj: dict[str, Any]) -> bool:
+    async def ensure(self, obj: dict[str, Any], *, absent: bool = False) -> bool:
         if obj["kind"] == "Service":
             self.reconciles += 1  # every reconcile ensures the Service first
         if obj["kind"] == "EndpointSlice":
             await self.gate.wait()
-        return await super().ensure(obj)
+        return await super().ensure(obj, absent=absent)
 
 
 async def test_transitions_during_an_in_flight_write_coalesce_into_exactly_one_follow_up_write() -> None:
@@ -397,6 +457,32 @@ def _count_refreshes(d: Any) -> list[tuple[str, str]]:
 
     d._refresh_endpoints = counting
     return refreshed
+
+
+async def test_pods_and_leases_are_watched_only_where_an_entry_needs_them() -> None:
+    kube = CountingKube()
+    d = _engine(kube)
+    kube.entries[("ns", "static")] = entry("static", "uid-s", ["198.18.0.10"])
+    await d.entry_changed(kube.entries[("ns", "static")])
+    await _turns()
+    assert kube.watching == []  # static endpoints need no pods, a TCP check no leases
+    for name in ("cart", "shop"):
+        kube.entries[("ns", name)] = _selector_entry(name, {"app": name})
+        await d.entry_changed(kube.entries[("ns", name)])
+    leased = entry("leased", "uid-l", ["198.18.0.11"])
+    leased["metadata"]["namespace"] = "other"
+    leased["spec"]["healthCheck"] = {"lease": {}, "intervalSeconds": 2, "timeoutSeconds": 1}
+    await d.entry_changed(leased)
+    await _turns()
+    assert sorted(kube.watching) == [("Lease", "other"), ("Pod", "ns")]  # one watch per namespace and kind
+    await d.entry_deleted("ns", "cart")
+    await _turns()
+    assert sorted(kube.watching) == [("Lease", "other"), ("Pod", "ns")]  # shop still selects pods in ns
+    await d.entry_deleted("ns", "shop")
+    await d.entry_deleted("other", "leased")
+    await _turns()
+    assert kube.watching == []
+    await d.close()
 
 
 async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:

@@ -70,7 +70,7 @@ def test_owned_view_drops_status_and_server_managed_metadata() -> None:
 
 # ------------------------------------------------------------------------------------------------ ensure
 class FakeApiserver:
-    """Objects by path; GET and server-side-apply PATCH only; every request recorded as (method, path)."""
+    """Objects by path; GET, POST (create) and server-side-apply PATCH only; each request kept as (method, path)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
@@ -90,6 +90,14 @@ class FakeApiserver:
             stored = {**body, "metadata": {**body["metadata"], "uid": "server-uid", "resourceVersion": "1"}}
             self.objects[request.path] = stored
             return web.json_response(stored)
+        if request.method == "POST":
+            assert request.query["fieldManager"] == "beacon"
+            body = json.loads(await request.read())
+            path = f"{request.path}/{body['metadata']['name']}"
+            if path in self.objects:
+                return web.json_response({"kind": "Status", "code": 409, "reason": "AlreadyExists"}, status=409)
+            self.objects[path] = {**body, "metadata": {**body["metadata"], "uid": "server-uid"}}
+            return web.json_response(self.objects[path], status=201)
         return web.json_response({}, status=405)
 
     def writes(self) -> list[tuple[str, str]]:
@@ -167,6 +175,28 @@ async def test_ensure_never_overwrites_an_object_owned_by_someone_else() -> None
         with pytest.raises(NotOursError):
             await kube.ensure(service())
         assert fake.writes() == []
+
+
+async def test_ensure_of_an_object_known_absent_creates_it_without_reading_first() -> None:
+    async with fake_kube() as (kube, fake):
+        assert await kube.ensure(service(), absent=True)
+        assert fake.requests == [("POST", "/api/v1/namespaces/shop/services")]
+        assert fake.objects[SVC_PATH]["spec"]["ports"] == [{"name": "http", "port": 8080}]
+        assert not await kube.ensure(service(), absent=True)  # cached now: no request at all
+        assert len(fake.requests) == 1
+
+
+async def test_ensure_of_an_object_known_absent_still_never_overwrites_someone_elses() -> None:
+    """The name was taken after all: the POST fails with 409 and the usual read-and-compare path decides."""
+    async with fake_kube() as (kube, fake):
+        fake.objects[SVC_PATH] = service(owner_uid="someone-else")
+        with pytest.raises(NotOursError, match="not managed by beacon"):
+            await kube.ensure(service(), absent=True)
+        assert fake.requests == [("POST", "/api/v1/namespaces/shop/services"), ("GET", SVC_PATH)]
+        assert fake.objects[SVC_PATH]["metadata"]["ownerReferences"][0]["uid"] == "someone-else"
+        fake.objects[SVC_PATH] = service()  # ours (an earlier run of beacon wrote it): compared, then applied
+        assert await kube.ensure(service(port=9090), absent=True)
+        assert fake.writes()[-1] == ("PATCH", SVC_PATH)
 
 
 async def test_forget_makes_ensure_read_the_api_again() -> None:

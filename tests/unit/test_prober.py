@@ -297,6 +297,22 @@ async def test_many_targets_arriving_together_spread_their_first_probes_over_at_
     assert max(len(s) for s in fake.starts.values()) == 1
 
 
+async def test_targets_arriving_one_entry_after_another_are_probed_at_once() -> None:
+    """Entries applied one after another (10 endpoints every 50 ms, 200 a second) are not a burst: no spreading."""
+    fake = FakeProbe()
+    prober = Prober(probe=fake, on_result=fake.on_result, concurrency=500, first_probe_burst=20)
+    added: dict[str, float] = {}
+    async with running(prober):
+        for entry in range(20):
+            for i in range(10):
+                address = f"198.18.{entry}.{i}"
+                added[address] = time.monotonic()
+                prober.upsert(address, target(address, interval=60.0))
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: len(fake.starts) == 200, within=2.0)
+    assert max(fake.starts[a][0] - t for a, t in added.items()) < 0.05
+
+
 async def test_first_probes_are_never_spread_beyond_the_interval() -> None:
     fake = FakeProbe()
     prober = Prober(probe=fake, on_result=fake.on_result, concurrency=200, first_probe_burst=0)
