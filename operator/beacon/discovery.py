@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,24 +129,33 @@ def pod_from_body(body: Mapping[str, Any]) -> _Pod:
     )
 
 
-class _SliceListings:
-    """The published EndpointSlices of entries, listed in batches: one LIST per namespace at a time, and every entry
-    that asks while one is under way joins the next. A lone entry's LIST selects its own slices; a batch's selects
-    every slice beacon manages in the namespace. 1,000 entries applied at once (or found at start-up) cost a
-    handful of LISTs instead of 1,000, and each listing still starts after its entries asked, so none misses a
-    slice that existed when it asked."""
+Items = list[dict[str, Any]]
 
-    def __init__(self, kube: Kube) -> None:
-        self._kube = kube
-        self._next: dict[str, dict[str, asyncio.Future[list[dict[str, Any]]]]] = {}  # namespace -> entry -> answer
+
+class _BatchedReads:
+    """Reads of one kind of object per entry, batched: one read per namespace at a time, and every entry that asks
+    while one is under way joins the next. A lone entry's read asks for its own objects (`read_one`); a batch's
+    lists the namespace (`read_all`), and `owner_of` tells whose each item is. 1,000 entries applied at once (or
+    found at start-up) cost a handful of LISTs instead of 1,000 reads, and each read still starts after its
+    entries asked, so none misses an object that existed when it asked."""
+
+    def __init__(
+        self,
+        *,
+        read_one: Callable[[str, str], Awaitable[Items]],
+        read_all: Callable[[str], Awaitable[Items]],
+        owner_of: Callable[[dict[str, Any]], str],
+    ) -> None:
+        self._read_one, self._read_all, self._owner_of = read_one, read_all, owner_of
+        self._next: dict[str, dict[str, asyncio.Future[Items]]] = {}  # namespace -> entry -> its answer
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def of(self, namespace: str, name: str) -> list[dict[str, Any]]:
+    async def of(self, namespace: str, name: str) -> Items:
         batch = self._next.get(namespace)
         if batch is None:
             batch = self._next[namespace] = {}
-            task = asyncio.ensure_future(self._list(namespace))
+            task = asyncio.ensure_future(self._read(namespace))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         answer = batch.get(name)
@@ -154,26 +163,26 @@ class _SliceListings:
             answer = batch[name] = asyncio.get_running_loop().create_future()
         return await asyncio.shield(answer)
 
-    async def _list(self, namespace: str) -> None:
+    async def _read(self, namespace: str) -> None:
         async with self._locks[namespace]:
-            batch = self._next.pop(namespace)  # from here on, whoever asks joins the next listing
-            selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-            if len(batch) == 1:
-                selector = f"{LABEL_SERVICE_NAME}={next(iter(batch))},{selector}"
+            batch = self._next.pop(namespace)  # from here on, whoever asks joins the next read
             try:
-                items = await self._kube.list("EndpointSlice", namespace, label_selector=selector)
+                if len(batch) == 1:
+                    items = await self._read_one(namespace, next(iter(batch)))
+                else:
+                    items = await self._read_all(namespace)
             except Exception as exc:
                 for answer in batch.values():
                     if not answer.done():
                         answer.set_exception(exc)
                         answer.exception()  # retrieved: a caller cancelled meanwhile leaves no warning behind
                 return
-        by_entry: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        by_owner: dict[str, Items] = defaultdict(list)
         for item in items:
-            by_entry[(item["metadata"].get("labels") or {}).get(LABEL_SERVICE_NAME, "")].append(item)
+            by_owner[self._owner_of(item)].append(item)
         for name, answer in batch.items():
             if not answer.done():
-                answer.set_result(by_entry.get(name, []))
+                answer.set_result(by_owner.get(name, []))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -230,7 +239,20 @@ class Discovery:
         self._lease_listings: dict[str, asyncio.Task[None]] = {}  # a namespace's first lease check: its listing
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
-        self._slice_listings = _SliceListings(kube)
+        managed = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        # where a new (or restarted) entry's outputs stand: its published slices, and any Service of its name
+        self._slice_reads = _BatchedReads(
+            read_one=lambda ns, name: kube.list(
+                "EndpointSlice", ns, label_selector=f"{LABEL_SERVICE_NAME}={name},{managed}"
+            ),
+            read_all=lambda ns: kube.list("EndpointSlice", ns, label_selector=managed),
+            owner_of=lambda item: (item["metadata"].get("labels") or {}).get(LABEL_SERVICE_NAME, ""),
+        )
+        self._service_reads = _BatchedReads(
+            read_one=self._get_service,
+            read_all=lambda ns: kube.list("Service", ns),
+            owner_of=lambda item: str(item["metadata"]["name"]),
+        )
         self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}  # (kind, namespace) -> its watch
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
@@ -582,9 +604,13 @@ class Discovery:
 
     async def _observe_slices(self, state: _EntryState) -> dict[str, dict[str, Any]]:
         """List the entry's EndpointSlices: where each endpoint is published now."""
-        items = await self._slice_listings.of(*state.entry.key)
+        items = await self._slice_reads.of(*state.entry.key)
         state.slices = {item["metadata"]["name"]: item for item in items}
         return state.slices
+
+    async def _get_service(self, namespace: str, name: str) -> Items:
+        found = await self.kube.get("Service", namespace, name)
+        return [] if found is None else [found]
 
     def _forget_written(self, key: EntryKey, _exc: Exception) -> None:
         """After a failed reconcile, whatever was written is unknown: re-read instead of trusting memory."""
@@ -753,7 +779,11 @@ class Discovery:
             if self._records[entry.namespace].get(entry.name) != record:
                 self._records[entry.namespace][entry.name] = record
                 self._schedule_registry(entry.namespace)
-            await self.kube.ensure(desired_service(entry))
+            service = desired_service(entry)
+            if self.kube.cached(service):
+                await self.kube.ensure(service)
+            else:  # not written by this process yet: what stands there is read in a batch with other entries'
+                await self.kube.ensure(service, observed=next(iter(await self._service_reads.of(*key)), None))
             observed = state.slices if state.slices is not None else await self._observe_slices(state)
             slices = desired_slices(entry, views, observed)
             for item in slices:
@@ -849,7 +879,8 @@ class Discovery:
     async def close(self) -> None:
         for task in list(self._lease_listings.values()):
             task.cancel()
-        await self._slice_listings.close()
+        await self._slice_reads.close()
+        await self._service_reads.close()
         for task in self._watches.values():
             task.cancel()
         self._watches.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import json
 import logging
 import ssl
@@ -51,6 +52,13 @@ _PATHS = {
     "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
     "DaemonSet": "/apis/apps/v1/namespaces/{ns}/daemonsets",
 }
+
+
+class _Unread(enum.Enum):
+    UNREAD = "unread"
+
+
+UNREAD = _Unread.UNREAD  # `ensure(observed=...)` not given: read the object first
 
 
 class NotOursError(RuntimeError):
@@ -188,12 +196,12 @@ class Kube:
         """List `kind` in every namespace."""
         query = [("labelSelector", label_selector)] if label_selector else []
         result = await self.request("GET", _PATHS[kind].replace("/namespaces/{ns}", ""), query=query)
-        return list((result or {}).get("items") or [])
+        return _items(result)
 
     async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[Obj]:
         query = [("labelSelector", label_selector)] if label_selector else []
         result = await self.request("GET", self.path(kind, namespace), query=query)
-        return list((result or {}).get("items") or [])
+        return _items(result)
 
     # ------------------------------------------------------------------ watches
     def _watch_session(self) -> aiohttp.ClientSession:
@@ -263,7 +271,12 @@ class Kube:
                 backoff = min(backoff * 2, 30.0)
 
     # ------------------------------------------------------------------ writes
-    async def ensure(self, obj: Obj, *, absent: bool = False) -> bool:
+    def cached(self, obj: Obj) -> bool:
+        """Whether `ensure(obj)` can compare with what beacon wrote (or read) before, without reading the API."""
+        meta = obj["metadata"]
+        return _key(obj["kind"], meta["namespace"], meta["name"]) in self._applied
+
+    async def ensure(self, obj: Obj, *, absent: bool = False, observed: Obj | _Unread | None = UNREAD) -> bool:
         """Server-side apply `obj` unless the API already holds it. Returns whether a write was made.
 
         An existing object is taken over only if it is already beacon's: owned by the same controller (the
@@ -276,6 +289,9 @@ class Kube:
         path runs). Only for kinds whose lists are atomic (EndpointSlice, Endpoints): the creating POST leaves its
         fields co-owned by an Update entry of beacon's field manager, which a later apply would not prune from a
         keyed list (a Service's ports).
+
+        `observed`: the object as the caller has just read it (None: not there), to compare with instead of
+        reading it here; a batch of entries can read their Services with one LIST.
         """
         kind, meta = obj["kind"], obj["metadata"]
         key = _key(kind, meta["namespace"], meta["name"])
@@ -299,7 +315,7 @@ class Kube:
                 self._applied[key] = desired
                 return True
         if cached is None:
-            actual = await self.get(kind, meta["namespace"], meta["name"])
+            actual = await self.get(kind, meta["namespace"], meta["name"]) if observed is UNREAD else observed
             if actual is not None:
                 if not _ours(actual, obj):
                     raise NotOursError(
@@ -399,6 +415,21 @@ class Kube:
             "count": 1,
         }
         await self.request("POST", self.path("Event", meta["namespace"]), body=body, kind="Event")
+
+
+def _items(listed: Obj | None) -> list[Obj]:
+    """A list response's items as whole objects: the server leaves out each item's kind and apiVersion, which the
+    list states once ("ServiceList", "v1"); without them a listed object never covers a desired one."""
+    listed = listed or {}
+    kind = str(listed.get("kind") or "").removesuffix("List")
+    api_version = listed.get("apiVersion")
+    items = list(listed.get("items") or [])
+    for item in items:
+        if kind:
+            item.setdefault("kind", kind)
+        if api_version:
+            item.setdefault("apiVersion", api_version)
+    return items
 
 
 def _ours(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:

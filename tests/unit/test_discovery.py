@@ -46,7 +46,13 @@ class FakeKube:
             items = [o for o in items if covers(o["metadata"].get("labels") or {}, wanted)]
         return [copy.deepcopy(o) for o in items]
 
-    async def ensure(self, obj: dict[str, Any], *, absent: bool = False) -> bool:
+    def cached(self, obj: dict[str, Any]) -> bool:
+        return (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) in self.objects
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get((kind, namespace, name)))
+
+    async def ensure(self, obj: dict[str, Any], **options: Any) -> bool:
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         if self.objects.get(key) == obj:
             return False
@@ -239,6 +245,11 @@ async def test_entries_that_arrive_together_share_one_listing_of_their_published
     assert kube.lists <= 2  # the first entry's own listing, and one for everyone who asked meanwhile
     await _settle(d, 0.5)
     assert {name for kind, _, name in kube.objects if kind == "EndpointSlice"} == {f"e{i}-ipv4-0" for i in range(30)}
+    assert kube.service_reads <= 3  # whether a Service of each name stands there: read in batches too
+    settled = kube.service_reads
+    await d.resync()
+    await _settle(d, 0.3)
+    assert kube.service_reads == settled  # written once, then compared with what was written: no more reads
     await d.close()
 
 
@@ -249,13 +260,19 @@ class FlakyKube(FakeKube):
         super().__init__()
         self.fail_after: int | None = None
         self.lists = 0
+        self.service_reads = 0
 
     async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
         self.lists += kind == "EndpointSlice"
+        self.service_reads += kind == "Service"
         return await super().list(kind, namespace, label_selector=label_selector)
 
-    async def ensure(self, obj: dict[str, Any], *, absent: bool = False) -> bool:
-        wrote = await super().ensure(obj, absent=absent)
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.service_reads += kind == "Service"
+        return await super().get(kind, namespace, name)
+
+    async def ensure(self, obj: dict[str, Any], **options: Any) -> bool:
+        wrote = await super().ensure(obj, **options)
         if wrote and obj["kind"] == "EndpointSlice" and self.fail_after is not None:
             self.fail_after -= 1
             if self.fail_after < 0:
@@ -379,12 +396,12 @@ class GatedKube(FakeKube):
         self.gate.set()
         self.reconciles = 0
 
-    async def ensure(self, obj: dict[str, Any], *, absent: bool = False) -> bool:
+    async def ensure(self, obj: dict[str, Any], **options: Any) -> bool:
         if obj["kind"] == "Service":
             self.reconciles += 1  # every reconcile ensures the Service first
         if obj["kind"] == "EndpointSlice":
             await self.gate.wait()
-        return await super().ensure(obj, absent=absent)
+        return await super().ensure(obj, **options)
 
 
 async def test_transitions_during_an_in_flight_write_coalesce_into_exactly_one_follow_up_write() -> None:

@@ -79,6 +79,10 @@ class FakeApiserver:
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path))
         if request.method == "GET":
+            listed = [o for path, o in self.objects.items() if path.rsplit("/", 1)[0] == request.path]
+            if listed:  # a collection: like the apiserver, no kind or apiVersion on the items
+                items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in listed]
+                return web.json_response({"kind": "ServiceList", "apiVersion": "v1", "items": items})
             obj = self.objects.get(request.path)
             if obj is None:
                 return web.json_response({"kind": "Status", "code": 404}, status=404)
@@ -197,6 +201,17 @@ async def test_ensure_of_an_object_known_absent_still_never_overwrites_someone_e
         fake.objects[SVC_PATH] = service()  # ours (an earlier run of beacon wrote it): compared, then applied
         assert await kube.ensure(service(port=9090), absent=True)
         assert fake.writes()[-1] == ("PATCH", SVC_PATH)
+
+
+async def test_a_listed_object_compares_like_a_read_one() -> None:
+    """List items come without kind and apiVersion; `list` restores them, so `ensure(observed=item)` of an unchanged
+    object (restart: Services read in a batch) writes nothing."""
+    async with fake_kube() as (kube, fake):
+        fake.objects[SVC_PATH] = service()
+        (item,) = await kube.list("Service", "shop")
+        assert (item["kind"], item["apiVersion"]) == ("Service", "v1")
+        assert not await kube.ensure(service(), observed=item)
+        assert fake.writes() == []
 
 
 async def test_forget_makes_ensure_read_the_api_again() -> None:
