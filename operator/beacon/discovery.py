@@ -72,7 +72,7 @@ class _Pod:
 @dataclass
 class _EntryState:
     entry: ServiceEntry
-    body: dict[str, Any]
+    labels: dict[str, str]  # the entry's own labels: the registry's tags (the rest of its body is not kept)
     endpoints: list[Endpoint] = field(default_factory=list)
     health: dict[str, EndpointHealth] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
@@ -258,16 +258,20 @@ class Discovery:
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
     async def entry_changed(self, body: Mapping[str, Any]) -> None:
         entry = ServiceEntry.from_body(dict(body))
+        labels = dict((body.get("metadata") or {}).get("labels") or {})
         state = self._entries.get(entry.key)
         if state is not None and state.entry == entry and state.seeded and state.pods_listed:
+            if labels != state.labels:  # a label-only edit: the registry's tags follow it
+                state.labels = labels
+                self._schedule(entry.key)
             return  # a status-only or metadata-only change (often our own status patch)
         before = state.entry if state is not None else None
         if state is None:
-            state = _EntryState(entry=entry, body=dict(body))
+            state = _EntryState(entry=entry, labels=labels)
             state.status = dict(body.get("status") or {}) or None
             self._entries[entry.key] = state
             self._names[entry.namespace].add(entry.name)
-        state.entry, state.body = entry, dict(body)
+        state.entry, state.labels = entry, labels
         if before is not None and before != entry:
             state.spec_changed()
         self._index(state, before)
@@ -774,7 +778,7 @@ class Discovery:
                 return
             now = self._clock()
             views = visible(entry, state.endpoints, state.health, state.refused, now=now)
-            tags = dict((state.body.get("metadata") or {}).get("labels") or {})
+            tags = dict(state.labels)
             record = registry_record(entry, views, tags=tags)
             if self._records[entry.namespace].get(entry.name) != record:
                 self._records[entry.namespace][entry.name] = record

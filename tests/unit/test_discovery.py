@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -148,6 +149,22 @@ async def test_unchanged_resync_and_repeated_events_write_nothing() -> None:
         await d.entry_changed(kube.entries[("ns", "a")])  # e.g. our own status patch coming back
     await _settle(d, 0.5)
     assert kube.writes[settled:] == []
+    await d.close()
+
+
+async def test_a_label_only_edit_of_an_entry_reaches_the_registry_tags() -> None:
+    kube = FakeKube()
+    body = entry("a", "uid-a", ["198.18.0.10"])
+    kube.entries[("ns", "a")] = body
+    d = _engine(kube)
+    await d.entry_changed(body)
+    await _settle(d, 0.5)
+    relabelled = copy.deepcopy(body)
+    relabelled["metadata"]["labels"] = {"team": "payments"}  # the spec is unchanged
+    await d.entry_changed(relabelled)
+    await _settle(d, 0.5)
+    cm = kube.objects[("ConfigMap", "ns", "beacon-registry")]
+    assert json.loads(cm["data"]["registry.json"])["services"]["a"]["tags"] == {"team": "payments"}
     await d.close()
 
 
