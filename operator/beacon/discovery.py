@@ -304,7 +304,15 @@ class Discovery:
         self.kube.forget_namespace_entry(namespace, name)
         self._records[namespace].pop(name, None)
         self._queue.cancel((namespace, name))
+        self._drop_lock(self._locks, (namespace, name))
         self._registry_queue.schedule(namespace)
+
+    @staticmethod
+    def _drop_lock(locks: dict[Any, asyncio.Lock], key: Any) -> None:
+        """Forget a gone key's lock (unless a holder is still finishing: it drops it when done)."""
+        lock = locks.get(key)
+        if lock is not None and not lock.locked():
+            del locks[key]
 
     def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         pod = pod_from_body(body)
@@ -757,12 +765,21 @@ class Discovery:
             await self.reconcile(key)
         except NotOursError as exc:  # not retried: the entry reports the conflict until someone resolves it
             metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
-            log.error("%s/%s: %s", key[0], key[1], exc)
+            state = self._entries.get(key)
+            if state is not None:  # nothing was published: these transitions are nobody's news
+                state.transitions.clear()
             self._forget_written(key, exc)
             await self._report_conflict(key, str(exc))
 
     # ------------------------------------------------------------------ reconcile
     async def reconcile(self, key: EntryKey) -> None:
+        try:
+            await self._reconcile(key)
+        finally:
+            if key not in self._entries:  # deleted meanwhile: its lock goes with it
+                self._drop_lock(self._locks, key)
+
+    async def _reconcile(self, key: EntryKey) -> None:
         async with self._locks[key]:
             state = self._entries.get(key)
             if state is None:
@@ -842,9 +859,13 @@ class Discovery:
             now=self._clock(),
         )
         status = {"observedGeneration": entry.generation, "conditions": conditions}
+        merged = {**(state.status or {}), **status}
+        if not status_changed(state.status, merged):
+            return  # reported already: health flips meanwhile cost no writes
+        log.error("%s/%s: %s", entry.namespace, entry.name, message)
         with contextlib.suppress(ApiError):
             await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
-            state.status = {**(state.status or {}), **status}
+            state.status = merged
 
     # ------------------------------------------------------------------ registry
     def _schedule_registry(self, namespace: str) -> None:
@@ -855,10 +876,15 @@ class Discovery:
             self.kube.forget("ConfigMap", namespace, item)
 
     async def write_registry(self, namespace: str) -> None:
+        if await self._write_registry(namespace):
+            self._forget_namespace(namespace)
+
+    async def _write_registry(self, namespace: str) -> bool:
+        """Write the namespace's registry; True when it has no entries left (and no registry now)."""
         async with self._registry_locks[namespace]:
             known = self._expected[namespace] | self._names[namespace]
             if any(name not in self._records[namespace] for name in known):
-                return  # an entry not reconciled yet; its reconcile schedules the registry again
+                return False  # an entry not reconciled yet; its reconcile schedules the registry again
             records = list(self._records[namespace].values())
             has_entries = bool(known)
             existing = await self.kube.list("ConfigMap", namespace, label_selector=f"{LABEL_REGISTRY}=true")
@@ -866,7 +892,7 @@ class Discovery:
             if not has_entries:
                 for name in sorted(existing_names):
                     await self.kube.delete("ConfigMap", namespace, name)
-                return
+                return True
             head = next((i for i in existing if i["metadata"]["name"] == REGISTRY_NAME), None)
             previous = (head or {}).get("metadata", {}).get("annotations") if head else None
             shards = desired_registry(namespace, records, previous=previous)
@@ -875,6 +901,16 @@ class Discovery:
                 await self.kube.ensure(shard)
             for stale in sorted(existing_names - {s["metadata"]["name"] for s in shards}):
                 await self.kube.delete("ConfigMap", namespace, stale)
+            return False
+
+    def _forget_namespace(self, namespace: str) -> None:
+        """The namespace's last entry is gone and so is its registry: keep nothing for it (unless an entry came
+        meanwhile, while the registry was being deleted)."""
+        if self._names.get(namespace) or self._expected.get(namespace) or self._records.get(namespace):
+            return
+        for table in (self._names, self._records, self._expected, self._registry_names):
+            table.pop(namespace, None)
+        self._drop_lock(self._registry_locks, namespace)
 
     async def registry_resync(self, namespace: str) -> None:
         """After start-up listing: rewrite (only if different) the registry of a namespace."""

@@ -36,6 +36,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await runtime_of(memo).stop()
 
 
+@kopf.on.probe(id="beacon")
+async def liveness(memo: kopf.Memo, **_: Any) -> str:
+    """Part of kopf's liveness endpoint: it fails (HTTP 500) once a task beacon needs forever has stopped."""
+    failure = runtime_of(memo).failure()
+    if failure is not None:
+        raise kopf.PermanentError(failure)
+    return "ok"
+
+
 async def _active(memo: Any) -> Runtime:
     """The runtime, activated first (a no-op after the first event): with --peering, kopf delivers events only to
     the active replica, so an event here means this replica may write (see Runtime.activate)."""

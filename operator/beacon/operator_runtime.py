@@ -91,6 +91,21 @@ class Runtime:
             raise kopf.TemporaryError("the operator is still starting", delay=1)
         return self._configs
 
+    def failure(self) -> str | None:
+        """Why the operator cannot do its job any more (a task that must run forever has ended), else None. The
+        liveness endpoint fails with this, so Kubernetes restarts the pod instead of keeping a beacon that no
+        longer probes anything."""
+        for task in self._tasks:  # all of them run until stop(): the prober, the gauges, the resyncs
+            if not task.done():
+                continue
+            if task.cancelled():
+                why = "cancelled"
+            else:
+                exc = task.exception()
+                why = f"{type(exc).__name__}: {exc}" if exc is not None else "returned"
+            return f"task {task.get_name()} stopped ({why})"
+        return None
+
     async def start(self) -> None:
         self._kube = Kube.from_environment()
         policy = ProbePolicy.with_allowed(self.options.allow_probe_cidrs)

@@ -13,7 +13,7 @@ from typing import Any
 
 from beacon import discovery
 from beacon.discovery import Discovery
-from beacon.kube import covers
+from beacon.kube import NotOursError, covers
 from beacon.targets import ProbeResult, Target
 
 
@@ -165,6 +165,57 @@ async def test_a_label_only_edit_of_an_entry_reaches_the_registry_tags() -> None
     await _settle(d, 0.5)
     cm = kube.objects[("ConfigMap", "ns", "beacon-registry")]
     assert json.loads(cm["data"]["registry.json"])["services"]["a"]["tags"] == {"team": "payments"}
+    await d.close()
+
+
+class TheirServiceKube(FakeKube):
+    """A Service of the entry's name exists and is someone else's: every reconcile meets the conflict."""
+
+    async def ensure(self, obj: dict[str, Any], **options: Any) -> bool:
+        if obj["kind"] == "Service":
+            raise NotOursError("Service ns/a exists and is not managed by beacon")
+        return await super().ensure(obj, **options)
+
+
+async def test_an_entry_in_output_conflict_reports_it_once_however_often_its_health_flips() -> None:
+    kube = TheirServiceKube()
+    kube.entries[("ns", "a")] = entry("a", "uid-a", ["198.18.0.10"])
+    kube.entries[("ns", "a")]["spec"]["healthCheck"]["unhealthyThreshold"] = 1
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 0.5)
+    assert [w for w in kube.writes if w[0] == "status"] == [("status", "ServiceEntry", "a")]
+    assert kube.entries[("ns", "a")]["status"]["conditions"][0]["reason"] == "OutputConflict"
+    state = d._entries[("ns", "a")]
+    target = d.prober._targets[("ns", "a", "198.18.0.10")][0]
+    for i in range(50):  # 50 health flips while the conflict lasts
+        ok = i % 2 == 0
+        d._on_result(("ns", "a", "198.18.0.10"), target, ProbeResult(ok=ok, detail=f"flip {ok}", seconds=0.0))
+        await _turns()
+    assert [w for w in kube.writes if w[0] == "status"] == [("status", "ServiceEntry", "a")]  # no more writes
+    assert len(state.transitions) <= 1  # nothing piles up (at most the flip of the last reconcile)
+    await d.close()
+
+
+async def test_deleted_entries_leave_no_locks_or_namespace_state_behind() -> None:
+    kube = FakeKube()
+    d = _engine(kube)
+    bodies = [entry(f"e{i}", f"uid-{i}", [f"198.18.3.{i + 1}"]) for i in range(20)]
+    for i, body in enumerate(bodies):
+        body["metadata"]["namespace"] = f"ns{i % 4}"
+        kube.entries[(f"ns{i % 4}", f"e{i}")] = body
+        await d.entry_changed(body)
+    await _settle(d, 0.5)
+    assert d._locks
+    for body in bodies:
+        await d.entry_deleted(body["metadata"]["namespace"], body["metadata"]["name"])
+    await _settle(d, 0.5)
+    assert not d._locks
+    assert not d._registry_locks
+    assert not any(d._names.values())
+    assert not d._records
+    assert not d._expected
+    assert not [k for k in kube.objects if k[0] == "ConfigMap"]  # the registries went with their last entries
     await d.close()
 
 
