@@ -201,7 +201,11 @@ class Configs:
         self._take(body, fan_out=True)
 
     def _take(self, body: Mapping[str, Any], *, fan_out: bool) -> None:
-        entry = ConfigEntry.from_body(body)
+        try:
+            entry = ConfigEntry.from_body(body)
+        except (KeyError, TypeError, ValueError) as exc:  # past the schema somehow: this entry only is refused
+            self._refuse(body, exc)
+            return
         state = self._entries.get(entry.key)
         if state is not None and state.entry == entry:
             return  # a status-only or metadata-only change (often our own status patch)
@@ -559,6 +563,34 @@ class Configs:
                 await self.kube.event(involved=involved, type_=type_, reason=reason, message=message, now_iso=now_iso)
 
         task: asyncio.Task[None] = asyncio.ensure_future(post())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, body: Mapping[str, Any], exc: Exception) -> None:
+        """An entry beacon cannot read (its schema was bypassed, or an older CRD let it in): say so in its status
+        and go on with the others. It must never stop start-up or the other entries."""
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        message = f"cannot read this ConfigEntry: {type(exc).__name__}: {exc}"[:1024]
+        reported = [c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"]
+        if reported and reported[0].get("reason") == "InvalidSpec" and reported[0].get("message") == message:
+            return  # said already (this event is likely that status patch coming back)
+        log.error("ConfigEntry %s/%s: %s", namespace, name, message)
+        now_iso = dt.datetime.fromtimestamp(self._wall(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        condition = {
+            "type": "Ready",
+            "status": "False",
+            "reason": "InvalidSpec",
+            "message": message,
+            "lastTransitionTime": now_iso,
+        }
+        status = {"observedGeneration": meta.get("generation", 1), "conditions": [condition]}
+
+        async def report() -> None:
+            with contextlib.suppress(ApiError, OSError):
+                await self.kube.patch_status("ConfigEntry", namespace, name, status)
+
+        task: asyncio.Task[None] = asyncio.ensure_future(report())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

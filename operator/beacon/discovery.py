@@ -33,6 +33,7 @@ from beacon.kube import ApiError, Kube, NotOursError
 from beacon.models import Endpoint, ServiceEntry
 from beacon.prober import Prober
 from beacon.reconcile import (
+    LABEL_ENTRY,
     LABEL_MANAGED_BY,
     LABEL_SERVICE_NAME,
     MANAGED_BY,
@@ -82,6 +83,9 @@ class _EntryState:
     # that desired_slices keeps stable; None when unknown (after a failed write), so reconcile lists them first
     slices: dict[str, dict[str, Any]] | None = None
     transitions: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
+    # the transitions the reconcile in flight publishes (announced once it succeeds); later ones wait in
+    # `transitions` for the next reconcile, so an Event never names a change that is not published yet
+    in_flight: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
     deregistered: set[str] = field(default_factory=set)
     members: set[str] = field(default_factory=set)  # names of the pods its selector matches
     pods_listed: bool = True  # False until the pods its (new) selector matches have been listed
@@ -473,6 +477,51 @@ class Discovery:
                 del self._watches[(kind, namespace)]
                 task.cancel()
 
+    def watch_outputs(self) -> None:
+        """Repair what beacon owns: watch its Services, EndpointSlices, Endpoints (labelled with their entry) and
+        registry ConfigMaps in every namespace. An object deleted or edited by hand (a field beacon owns no longer
+        holds what it applied) re-queues its owner, whose reconcile reads it and writes it back. The echo of
+        beacon's own writes costs a comparison and nothing else. Called once this replica is the active one."""
+        outputs = [(kind, LABEL_ENTRY) for kind in ("Service", "EndpointSlice", "Endpoints")]
+        for kind, label in [*outputs, ("ConfigMap", f"{LABEL_REGISTRY}=true")]:
+            if (kind, "") not in self._watches:
+                self._watches[(kind, "")] = asyncio.ensure_future(self._follow_outputs(kind, label))
+
+    async def _follow_outputs(self, kind: str, label_selector: str) -> None:
+        async for type_, body in self.kube.watch(kind, None, label_selector=label_selector):
+            self._output_changed(type_, body)
+
+    def _output_changed(self, type_: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        namespace = meta["namespace"]
+        if self._namespaces and namespace not in self._namespaces:
+            return
+        if type_ == "DELETED" and self.kube.cached(body):
+            log.info("%s %s/%s was deleted by someone else: writing it again", body["kind"], namespace, meta["name"])
+        elif type_ == "DELETED" or not self.kube.drifted(body):
+            return  # beacon's own deletion, or its own write coming back
+        else:
+            log.info("%s %s/%s was changed by someone else: writing it back", body["kind"], namespace, meta["name"])
+        self.kube.forget(body["kind"], namespace, meta["name"])
+        if body["kind"] == "ConfigMap":
+            self._registry_queue.schedule(namespace)
+            return
+        state = self._owner_of(namespace, meta)
+        if state is not None:
+            key = state.entry.key
+            if body["kind"] == "EndpointSlice":
+                state.slices = None  # read them again: what stands there now is not what was written
+            self._schedule(key)
+
+    def _owner_of(self, namespace: str, meta: Mapping[str, Any]) -> _EntryState | None:
+        """The entry an output belongs to: by its ownerReference (labels may be what someone edited)."""
+        uids = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+        for name in self._names.get(namespace, ()):
+            state = self._entries.get((namespace, name))
+            if state is not None and state.entry.uid in uids:
+                return state
+        return None
+
     async def _follow(self, kind: str, namespace: str, apply: Callable[..., None]) -> None:
         async for type_, body in self.kube.watch(kind, namespace):
             apply(namespace, body, deleted=type_ == "DELETED")
@@ -630,6 +679,7 @@ class Discovery:
         state = self._entries.get(key)
         if state is not None:
             state.slices = None
+            state.transitions[:0], state.in_flight = state.in_flight, []  # not published: the retry announces them
 
     async def _seed(self, state: _EntryState) -> None:
         """Restore last published readiness from the entry's EndpointSlices (restart safety)."""
@@ -722,12 +772,13 @@ class Discovery:
         if dirty:
             self._schedule(state.entry.key)
 
-    async def _post_transitions(self, state: _EntryState) -> None:
+    async def _post_transitions(
+        self, state: _EntryState, pending: list[tuple[str, EndpointHealth, EndpointHealth]]
+    ) -> None:
         """One Event per direction per reconcile, naming every endpoint that moved (with the probe's detail):
         a burst of transitions (a new entry, a rack going down) costs one or two writes, not one per endpoint.
         A new endpoint passing its first checks (unknown -> passing) is logged but is not news worth an Event
         (Kubernetes posts none when a Pod becomes Ready): 1,000 new entries do not cost 1,000 Events."""
-        pending, state.transitions = state.transitions, []
         entry = state.entry
         involved = {
             "apiVersion": "beacon.dev/v1alpha1",
@@ -765,10 +816,10 @@ class Discovery:
             await self.reconcile(key)
         except NotOursError as exc:  # not retried: the entry reports the conflict until someone resolves it
             metrics.RECONCILES.labels(kind="ServiceEntry", outcome="conflict").inc()
+            self._forget_written(key, exc)
             state = self._entries.get(key)
             if state is not None:  # nothing was published: these transitions are nobody's news
                 state.transitions.clear()
-            self._forget_written(key, exc)
             await self._report_conflict(key, str(exc))
 
     # ------------------------------------------------------------------ reconcile
@@ -795,6 +846,8 @@ class Discovery:
                 return
             now = self._clock()
             views = visible(entry, state.endpoints, state.health, state.refused, now=now)
+            state.in_flight += state.transitions  # what these views publish
+            state.transitions = []
             tags = dict(state.labels)
             record = registry_record(entry, views, tags=tags)
             if self._records[entry.namespace].get(entry.name) != record:
@@ -822,8 +875,9 @@ class Discovery:
                 state.status = status
             state.published = True
             state.unprobed.clear()
-            if state.transitions:
-                await self._post_transitions(state)
+            pending, state.in_flight = state.in_flight, []
+            if pending:
+                await self._post_transitions(state, pending)
 
     def _await_first_verdicts(self, state: _EntryState) -> bool:
         """Whether the entry's first write should wait: some endpoints' first probes have not answered and the

@@ -106,6 +106,7 @@ class Kube:
         self._api = api
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._applied: dict[tuple[str, str, str], Obj] = {}
+        self._versions: dict[tuple[str, str, str], str] = {}  # the resourceVersion of beacon's last write or read
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -220,9 +221,10 @@ class Kube:
         return self._session
 
     async def watch(
-        self, kind: str, namespace: str, *, label_selector: str | None = None
+        self, kind: str, namespace: str | None, *, label_selector: str | None = None
     ) -> AsyncIterator[tuple[str, Obj]]:
-        """Events of `kind` in `namespace`, forever: ("ADDED" | "MODIFIED" | "DELETED", object).
+        """Events of `kind` in `namespace` (None: every namespace), forever: ("ADDED" | "MODIFIED" | "DELETED",
+        object).
 
         It starts without a resource version, so the server first sends a synthetic ADDED event per existing
         object (the listing, streamed: memory stays one object deep). Each request ends after `WATCH_SECONDS`
@@ -232,7 +234,7 @@ class Kube:
         """
         version: str | None = None
         backoff = 1.0
-        path = self.path(kind, namespace)
+        path = self.path(kind, namespace) if namespace is not None else _PATHS[kind].replace("/namespaces/{ns}", "")
         while True:
             query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS)}
             if version:
@@ -271,6 +273,28 @@ class Kube:
                 backoff = min(backoff * 2, 30.0)
 
     # ------------------------------------------------------------------ writes
+    def _remember(self, key: tuple[str, str, str], desired: Obj, actual: Obj | None) -> None:
+        """What beacon wants of an object, and the version of it that beacon last wrote (or read and found in
+        order): the watch's echo of that version is no news."""
+        self._applied[key] = desired
+        version = ((actual or {}).get("metadata") or {}).get("resourceVersion")
+        if version:
+            self._versions[key] = str(version)
+        else:
+            self._versions.pop(key, None)
+
+    def drifted(self, obj: Obj) -> bool:
+        """Whether `obj`, as a watch delivered it, no longer holds what beacon last applied: someone edited a field
+        beacon owns. False for objects beacon has not written or read (nothing to compare with), and for the
+        version beacon wrote itself, even if that version does not look like what beacon asked for (another
+        field manager keeps an item of a keyed list: comparing again would only write again, forever)."""
+        meta = obj["metadata"]
+        key = _key(obj["kind"], meta["namespace"], meta["name"])
+        cached = self._applied.get(key)
+        if cached is None or meta.get("resourceVersion") == self._versions.get(key):
+            return False
+        return not covers(_owned_view(obj), cached)
+
     def cached(self, obj: Obj) -> bool:
         """Whether `ensure(obj)` can compare with what beacon wrote (or read) before, without reading the API."""
         meta = obj["metadata"]
@@ -301,7 +325,7 @@ class Kube:
             return False
         if cached is None and absent:
             try:
-                await self.request(
+                written = await self.request(
                     "POST",
                     self.path(kind, meta["namespace"]),
                     body=obj,
@@ -312,7 +336,7 @@ class Kube:
                 if exc.status != 409:
                     raise
             else:
-                self._applied[key] = desired
+                self._remember(key, desired, written)
                 return True
         if cached is None:
             actual = await self.get(kind, meta["namespace"], meta["name"]) if observed is UNREAD else observed
@@ -323,9 +347,9 @@ class Kube:
                         "rename the entry or delete that object"
                     )
                 if covers(_owned_view(actual), desired):
-                    self._applied[key] = desired
+                    self._remember(key, desired, actual)
                     return False
-        await self.request(
+        written = await self.request(
             "PATCH",
             self.path(kind, meta["namespace"], meta["name"]),
             body=obj,
@@ -333,7 +357,7 @@ class Kube:
             content_type="application/apply-patch+yaml",
             kind=kind,
         )
-        self._applied[key] = desired
+        self._remember(key, desired, written)
         return True
 
     async def create(self, obj: Obj) -> bool:
@@ -367,10 +391,12 @@ class Kube:
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """Drop the cached copy, so the next `ensure` re-reads the API (after a conflict or an outside edit)."""
         self._applied.pop(_key(kind, namespace, name), None)
+        self._versions.pop(_key(kind, namespace, name), None)
 
     def forget_namespace_entry(self, namespace: str, label_value: str) -> None:
         for key in [k for k, v in self._applied.items() if k[1] == namespace and _entry_label(v) == label_value]:
             self._applied.pop(key, None)
+            self._versions.pop(key, None)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         self.forget(kind, namespace, name)

@@ -180,6 +180,7 @@ class Runtime:
                         self._discovery.resync_forever(every=self.options.resync_seconds), name="beacon-resync"
                     )
                 )
+            self._discovery.watch_outputs()
             self._active = True
             log.info("beacon is active")
 

@@ -359,6 +359,67 @@ def test_delete_removes_outputs_and_registry_entry(
     eventually(lambda: registry(cluster, namespace) is None, timeout=15, what="registry removed with the last entry")
 
 
+def test_entries_applied_together_are_each_published_with_one_write_per_output(
+    cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess, audit: Audit
+) -> None:
+    """A burst of applies, with the shipped RBAC: the entries share their reads (one LIST of the namespace's slices,
+    one of its Services), nothing is refused or retried, and each output is written once, with its verdicts."""
+    hosts = net.add_hosts(20)
+    for h in hosts:
+        h.http(port=8080, path="/healthz")
+    since = time.time()
+    log_before = len(operator_running.logs())
+    burst = {"apiVersion": "v1", "kind": "List", "items": []}
+    for i, h in enumerate(hosts):
+        burst["items"].append(entry(f"burst-{i:02d}", namespace, [h.address], HTTP_CHECK))
+    apply(cluster, burst)
+    for i in range(20):
+        eventually(lambda i=i: status(cluster, namespace, f"burst-{i:02d}").get("readySummary") == "1/1", timeout=30)
+    writes = [(w["verb"], w["objectRef"]["resource"]) for w in audit.writes(since=since, namespace=namespace)]
+    for resource in ("services", "endpointslices", "endpoints"):
+        assert sum(1 for _, r in writes if r == resource) == 20, (resource, writes)
+    assert sum(1 for _, r in writes if r == "serviceentries") == 20  # one status patch each
+    assert ("create", "events") not in writes  # passing the first checks is not news
+    new_logs = operator_running.logs()[log_before:]
+    assert "retrying" not in new_logs
+    assert "Forbidden" not in new_logs
+
+
+def test_outputs_deleted_or_edited_by_hand_are_written_back(
+    cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess
+) -> None:
+    """beacon watches what it owns: a deleted or edited Service, EndpointSlice, Endpoints or registry ConfigMap is
+    written back at once (the periodic resync only reads; it repairs nothing of this)."""
+    host = net.add_host()
+    host.http(port=8080, path="/healthz")
+    apply(cluster, entry("owned", namespace, [host.address], HTTP_CHECK))
+    eventually(lambda: status(cluster, namespace, "owned").get("readySummary") == "1/1", what="READY 1/1")
+    eventually(lambda: registry_healthy(cluster, namespace, "owned") == {host.address}, what="registry")
+
+    def service_intact() -> bool:
+        svc = get_json(cluster, "service", "-n", namespace, "owned")
+        return svc is not None and svc["metadata"]["labels"].get("beacon.dev/service-entry") == "owned"
+
+    outputs: list[tuple[str, str, Callable[[], bool]]] = [
+        ("service", "owned", service_intact),
+        ("endpointslice", "owned-ipv4-0", lambda: slice_readiness(cluster, namespace, "owned") == {host.address: True}),
+        ("endpoints", "owned", lambda: endpoints_split(cluster, namespace, "owned") == ({host.address}, set())),
+        ("configmap", "beacon-registry", lambda: registry_healthy(cluster, namespace, "owned") == {host.address}),
+    ]
+    for kind, name, intact in outputs:
+        cluster.kubectl("delete", kind, name, "-n", namespace)
+        eventually(intact, timeout=10, interval=0.1, what=f"{kind} {name} written back after a deletion")
+    edits = [
+        ("service", "owned", '{"metadata": {"labels": {"beacon.dev/service-entry": "someone-elses"}}}'),
+        ("endpointslice", "owned-ipv4-0", '{"endpoints": [{"addresses": ["%s"], "conditions": {"ready": false}}]}'),
+        ("endpoints", "owned", '{"subsets": null}'),
+        ("configmap", "beacon-registry", '{"data": {"registry.json": "{\\"services\\": {}}"}}'),
+    ]
+    for (kind, name, patch), (_, _, intact) in zip(edits, outputs, strict=True):
+        cluster.kubectl("patch", kind, name, "-n", namespace, "--type=merge", "-p", patch.replace("%s", host.address))
+        eventually(intact, timeout=10, interval=0.1, what=f"{kind} {name} written back after an edit")
+
+
 def test_someone_elses_slice_and_endpoints_of_the_same_names_are_never_overwritten(
     cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess
 ) -> None:

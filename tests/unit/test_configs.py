@@ -4,6 +4,7 @@ reaches only the workloads that read that ConfigMap, and start-up schedules each
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from beacon.configs import Configs
@@ -105,4 +106,43 @@ async def test_start_up_schedules_each_entry_once_without_fan_out() -> None:
     configs._list = listing  # type: ignore[method-assign]
     await configs.start()
     assert sorted(scheduled) == sorted({(b["metadata"]["namespace"], b["metadata"]["name"]) for b in bodies})
+    await configs.close()
+
+
+class StatusKube:
+    """Records status patches; nothing else may reach the API."""
+
+    def __init__(self) -> None:
+        self.statuses: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.statuses.append((namespace, name, status))
+
+
+async def test_an_entry_that_cannot_be_read_is_refused_alone_and_never_blocks_start_up() -> None:
+    kube = StatusKube()
+    configs = Configs(kube=kube)  # type: ignore[arg-type]
+    scheduled: list[tuple[str, str]] = []
+    configs._schedule = scheduled.append  # type: ignore[method-assign]
+    broken = config_entry("broken")
+    broken["spec"]["priority"] = "high"  # an integer by schema; a bypassed schema let it in
+    bodies = [config_entry("good"), broken, config_entry("also-good")]
+
+    async def listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return bodies, []
+
+    configs._list = listing  # type: ignore[method-assign]
+    await configs.start()
+    assert sorted(scheduled) == [("ns", "also-good"), ("ns", "good")]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    ((namespace, name, status),) = kube.statuses
+    assert (namespace, name) == ("ns", "broken")
+    ready = status["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "InvalidSpec")
+    assert "high" in ready["message"]
+    broken["status"] = status  # the status patch comes back as a watch event: nothing more to say
+    await configs.entry_changed(broken)
+    await asyncio.sleep(0)
+    assert len(kube.statuses) == 1
     await configs.close()

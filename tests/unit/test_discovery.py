@@ -502,6 +502,40 @@ async def test_transitions_during_an_in_flight_write_coalesce_into_exactly_one_f
     await d.close()
 
 
+class GatedEventsKube(GatedKube):
+    """A GatedKube that keeps each Event's message, and the readiness published when it was posted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, dict[str, bool]]] = []
+
+    async def event(self, **fields: Any) -> None:
+        self.events.append((fields["message"], _readiness(self, "a")))
+
+
+async def test_an_event_names_only_transitions_that_are_published() -> None:
+    """A transition that arrives while a write is in flight is announced with the write that publishes it."""
+    kube = GatedEventsKube()
+    addresses = ["198.18.0.10", "198.18.0.11"]
+    kube.entries[("ns", "a")] = entry("a", "uid-a", addresses)
+    d = _engine(kube)
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 0.5)
+    kube.gate.clear()
+    _fail(d, "a", addresses[0], 3)
+    await _turns()  # its write is in flight now
+    _fail(d, "a", addresses[1], 3)
+    await _turns()
+    kube.gate.set()
+    await _turns(50)
+    assert len(kube.events) == 2
+    for message, published in kube.events:
+        named = [a for a in addresses if f"endpoint {a}:" in message]
+        assert named, message
+        assert all(published[a] is False for a in named), (message, published)  # announced once published
+    await d.close()
+
+
 # ---------------------------------------------------------------------------------------------- filtered caches
 def _selector_entry(name: str, labels: dict[str, str], *, namespace: str = "ns") -> dict[str, Any]:
     body = entry(name, f"uid-{name}", [])
