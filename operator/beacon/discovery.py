@@ -181,6 +181,9 @@ class _BatchedReads:
                         answer.set_exception(exc)
                         answer.exception()  # retrieved: a caller cancelled meanwhile leaves no warning behind
                 return
+            finally:
+                if namespace not in self._next:  # nobody waits for a next read: no lock to keep for it
+                    self._locks.pop(namespace, None)
         by_owner: dict[str, Items] = defaultdict(list)
         for item in items:
             by_owner[self._owner_of(item)].append(item)

@@ -380,8 +380,11 @@ def test_use_after_close_is_an_error() -> None:
 
 _CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from beacon.testhosts import TestNetwork
+    # Ctrl-C as at a terminal, even when this test runs under something that ignores SIGINT (a job started in
+    # the background by a non-interactive shell, nohup): an ignored SIGINT is inherited and Python keeps it so
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with TestNetwork() as net:
         net.add_host().http(port=8080)
         print(net.name, net.server_pid, flush=True)
