@@ -482,37 +482,39 @@ class Discovery:
 
     def watch_outputs(self) -> None:
         """Repair what beacon owns: watch its Services, EndpointSlices, Endpoints (labelled with their entry) and
-        registry ConfigMaps in every namespace. An object deleted or edited by hand (a field beacon owns no longer
-        holds what it applied) re-queues its owner, whose reconcile reads it and writes it back. The echo of
-        beacon's own writes costs a comparison and nothing else. Called once this replica is the active one."""
+        registry ConfigMaps in every namespace, metadata only. An object deleted, or written by anyone but beacon,
+        re-queues its owner, whose reconcile reads it, compares it with what beacon wants and writes it back if a
+        field beacon owns differs. The echo of beacon's own writes (known by its resourceVersion) costs nothing
+        else. Called once this replica is the active one."""
         outputs = [(kind, LABEL_ENTRY) for kind in ("Service", "EndpointSlice", "Endpoints")]
         for kind, label in [*outputs, ("ConfigMap", f"{LABEL_REGISTRY}=true")]:
             if (kind, "") not in self._watches:
                 self._watches[(kind, "")] = asyncio.ensure_future(self._follow_outputs(kind, label))
 
     async def _follow_outputs(self, kind: str, label_selector: str) -> None:
-        async for type_, body in self.kube.watch(kind, None, label_selector=label_selector):
-            self._output_changed(type_, body)
+        async for type_, body in self.kube.watch(kind, None, label_selector=label_selector, metadata_only=True):
+            self._output_changed(kind, type_, body["metadata"])
 
-    def _output_changed(self, type_: str, body: dict[str, Any]) -> None:
-        meta = body["metadata"]
+    def _output_changed(self, kind: str, type_: str, meta: Mapping[str, Any]) -> None:
         namespace = meta["namespace"]
         if self._namespaces and namespace not in self._namespaces:
             return
-        if type_ == "DELETED" and self.kube.cached(body):
-            log.info("%s %s/%s was deleted by someone else: writing it again", body["kind"], namespace, meta["name"])
-        elif type_ == "DELETED" or not self.kube.drifted(body):
-            return  # beacon's own deletion, or its own write coming back
+        if type_ == "DELETED":
+            if not self.kube.holds(kind, meta):
+                return  # beacon's own deletion, or the garbage collector's after the entry
+            log.info("%s %s/%s was deleted by someone else: writing it again", kind, namespace, meta["name"])
+        elif not self.kube.written_by_others(kind, meta):
+            return  # beacon's own write coming back
         else:
-            log.info("%s %s/%s was changed by someone else: writing it back", body["kind"], namespace, meta["name"])
-        self.kube.forget(body["kind"], namespace, meta["name"])
-        if body["kind"] == "ConfigMap":
+            log.info("%s %s/%s was written by someone else: comparing it again", kind, namespace, meta["name"])
+        self.kube.forget(kind, namespace, meta["name"])  # the reconcile reads it, compares, writes on a difference
+        if kind == "ConfigMap":
             self._registry_queue.schedule(namespace)
             return
         state = self._owner_of(namespace, meta)
         if state is not None:
             key = state.entry.key
-            if body["kind"] == "EndpointSlice":
+            if kind == "EndpointSlice":
                 state.slices = None  # read them again: what stands there now is not what was written
             self._schedule(key)
 

@@ -33,6 +33,7 @@ from beacon import metrics
 log = logging.getLogger("beacon.kube")
 
 FIELD_MANAGER = "beacon"
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 WATCH_SECONDS = 300  # the server ends each watch request after this long; it is resumed from the last version
 THREADS = 16  # concurrent API requests (the kubernetes client blocks: one thread each)
 Obj = dict[str, Any]
@@ -221,10 +222,12 @@ class Kube:
         return self._session
 
     async def watch(
-        self, kind: str, namespace: str | None, *, label_selector: str | None = None
+        self, kind: str, namespace: str | None, *, label_selector: str | None = None, metadata_only: bool = False
     ) -> AsyncIterator[tuple[str, Obj]]:
         """Events of `kind` in `namespace` (None: every namespace), forever: ("ADDED" | "MODIFIED" | "DELETED",
-        object).
+        object). `metadata_only`: the objects carry only their metadata (PartialObjectMetadata), which is all a
+        watch that looks for other writers needs: a 1,000-service registry ConfigMap is not sent whole on every
+        rewrite.
 
         It starts without a resource version, so the server first sends a synthetic ADDED event per existing
         object (the listing, streamed: memory stays one object deep). Each request ends after `WATCH_SECONDS`
@@ -244,7 +247,7 @@ class Kube:
             _, url, headers, _, _ = self._api.param_serialize(
                 method="GET",
                 resource_path=path,
-                header_params={"Accept": "application/json"},
+                header_params={"Accept": METADATA_ONLY if metadata_only else "application/json"},
                 auth_settings=["BearerToken"],
             )
             try:
@@ -283,17 +286,19 @@ class Kube:
         else:
             self._versions.pop(key, None)
 
-    def drifted(self, obj: Obj) -> bool:
-        """Whether `obj`, as a watch delivered it, no longer holds what beacon last applied: someone edited a field
-        beacon owns. False for objects beacon has not written or read (nothing to compare with), and for the
-        version beacon wrote itself, even if that version does not look like what beacon asked for (another
-        field manager keeps an item of a keyed list: comparing again would only write again, forever)."""
-        meta = obj["metadata"]
-        key = _key(obj["kind"], meta["namespace"], meta["name"])
-        cached = self._applied.get(key)
-        if cached is None or meta.get("resourceVersion") == self._versions.get(key):
-            return False
-        return not covers(_owned_view(obj), cached)
+    def written_by_others(self, kind: str, meta: Mapping[str, Any]) -> bool:
+        """Whether an object beacon wrote (or read and found in order) has since been written by someone else: its
+        resourceVersion, as a watch delivered it, is not the one beacon's own last write produced. False for
+        objects beacon holds no copy of, and for the echo of beacon's own writes, even if that version does not
+        look like what beacon asked for (another field manager keeps an item of a keyed list: comparing again
+        would only write again, forever). Whether the other writer touched anything beacon owns is for the next
+        `ensure` to find out (it reads the object, compares, and writes only on a difference)."""
+        key = _key(kind, meta["namespace"], meta["name"])
+        return key in self._applied and meta.get("resourceVersion") != self._versions.get(key)
+
+    def holds(self, kind: str, meta: Mapping[str, Any]) -> bool:
+        """Whether beacon holds a copy of this object (it wrote it, or read it and found it in order)."""
+        return _key(kind, meta["namespace"], meta["name"]) in self._applied
 
     def cached(self, obj: Obj) -> bool:
         """Whether `ensure(obj)` can compare with what beacon wrote (or read) before, without reading the API."""

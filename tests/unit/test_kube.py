@@ -214,21 +214,21 @@ async def test_a_listed_object_compares_like_a_read_one() -> None:
         assert fake.writes() == []
 
 
-async def test_drift_is_an_edit_by_someone_else_never_the_echo_of_beacons_own_write() -> None:
+async def test_a_write_by_someone_else_is_told_from_the_echo_of_beacons_own() -> None:
     async with fake_kube() as (kube, fake):
-        assert not kube.drifted({**service(), "metadata": {**service()["metadata"], "resourceVersion": "9"}})
+        meta = {"name": "payments", "namespace": "shop", "resourceVersion": "9"}
+        assert not kube.holds("Service", meta)
+        assert not kube.written_by_others("Service", meta)  # nothing written or read: nothing to tell
         await kube.ensure(service())  # written: the fake answers with resourceVersion "1"
-        echo = {**fake.objects[SVC_PATH], "spec": {"clusterIP": "None", "ports": [{"name": "x", "port": 1}]}}
-        # the version beacon wrote is no news, even where another manager's list item makes it look different
-        assert not kube.drifted(echo)
-        edited = {**echo, "metadata": {**echo["metadata"], "resourceVersion": "2"}}
-        assert kube.drifted(edited)  # someone changed a field beacon owns
-        relabelled = {**fake.objects[SVC_PATH], "metadata": {**fake.objects[SVC_PATH]["metadata"]}}
-        relabelled["metadata"]["resourceVersion"] = "3"
-        relabelled["metadata"]["annotations"] = {"theirs": "yes"}
-        assert not kube.drifted(relabelled)  # something beacon does not own: not beacon's business
+        assert kube.holds("Service", meta)
+        # the version beacon wrote is no news, whatever it looks like (another manager may keep a list item)
+        assert not kube.written_by_others("Service", {**meta, "resourceVersion": "1"})
+        assert kube.written_by_others("Service", meta)  # anything else is someone else's write
         kube.forget("Service", "shop", "payments")
-        assert not kube.drifted(edited)  # nothing to compare with
+        assert not kube.written_by_others("Service", meta)
+        fake.objects[SVC_PATH]["metadata"]["resourceVersion"] = "5"
+        assert not await kube.ensure(service())  # read and found in order: that version is beacon's now
+        assert not kube.written_by_others("Service", {**meta, "resourceVersion": "5"})
 
 
 async def test_forget_makes_ensure_read_the_api_again() -> None:
