@@ -136,6 +136,7 @@ class Configs:
         self._readers: dict[tuple[str, str], set[WorkloadKey]] = {}  # (namespace, ConfigMap) -> workloads
         self._workload_tasks: dict[WorkloadKey, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None  # the materialised ConfigMaps (watch_outputs)
         self._namespaces: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ start-up
@@ -192,6 +193,37 @@ class Configs:
                 self.kube.forget("ConfigMap", key[0], state.config_map)
                 state.loaded = False
                 self._schedule(key)
+
+    def watch_outputs(self) -> None:
+        """Repair the materialised ConfigMaps as they break, not only at the next resync: watch them (by their
+        entry's uid label, metadata only, every namespace). One deleted, or written by anyone but beacon, is read
+        again by its entry's reconcile and written back if its content is not what beacon materialised (keys added
+        by hand are removed). The echo of beacon's own writes is known by its resourceVersion and costs nothing."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._follow_maps())
+
+    async def _follow_maps(self) -> None:
+        async for type_, body in self.kube.watch("ConfigMap", None, label_selector=LABEL_ENTRY_UID, metadata_only=True):
+            self._map_changed(type_, body["metadata"])
+
+    def _map_changed(self, type_: str, meta: Mapping[str, Any]) -> None:
+        namespace, name = meta["namespace"], meta["name"]
+        if self._namespaces and namespace not in self._namespaces:
+            return
+        if type_ == "DELETED" and not self.kube.holds("ConfigMap", meta):
+            return  # beacon's own deletion, or the garbage collector's after the entry
+        if type_ != "DELETED" and not self.kube.written_by_others("ConfigMap", meta):
+            return  # beacon's own write coming back
+        uid = (meta.get("labels") or {}).get(LABEL_ENTRY_UID)
+        for keys in self._scopes.get(namespace, {}).values():
+            for key in keys:
+                state = self._entries.get(key)
+                if state is not None and state.entry.uid == uid and state.config_map == name and not state.foreign:
+                    log.info("ConfigMap %s/%s was deleted or written by someone else: checking it", namespace, name)
+                    self.kube.forget("ConfigMap", namespace, name)
+                    state.loaded = False
+                    self._schedule(key)
+                    return
 
     async def resync_forever(self, *, every: float) -> None:
         await repeat(every=every, action=self.resync, what="configs resync")
@@ -595,6 +627,8 @@ class Configs:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await self._queue.close()
         for task in [*self._workload_tasks.values(), *self._tasks]:
             task.cancel()

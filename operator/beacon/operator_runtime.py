@@ -181,6 +181,7 @@ class Runtime:
                     )
                 )
             self._discovery.watch_outputs()
+            self._configs.watch_outputs()
             self._active = True
             log.info("beacon is active")
 

@@ -470,6 +470,23 @@ def test_a_configmap_deleted_or_edited_by_hand_is_written_back(
         resyncing.stop()
 
 
+def test_a_materialised_configmap_is_written_back_by_the_watch_long_before_a_resync(
+    cluster: DevCluster, namespace: str, operator_running: OperatorProcess
+) -> None:
+    """The session's operator resyncs every 60 s; its watch of the materialised ConfigMaps repairs them at once."""
+    data = {"k": "1"}
+    apply(cluster, config_entry("watched", namespace, data))
+    materialised(cluster, namespace, "watched", data)
+    want = cm_data(cluster, namespace, "watched") or {}
+    cluster.kubectl("delete", "configmap", "watched", "-n", namespace)
+    eventually(holds(cluster, namespace, "watched", want), timeout=10, what="deleted ConfigMap recreated")
+    patch = json.dumps({"data": {"k": "edited", "extra": "x"}})
+    cluster.kubectl("patch", "configmap", "watched", "-n", namespace, "--type=merge", "-p", patch)
+    eventually(holds(cluster, namespace, "watched", want), timeout=10, what="edited ConfigMap restored")
+    uid = entry_json(cluster, namespace, "watched")["metadata"]["uid"]
+    assert sorted(revisions(cluster, namespace, uid)) == [1], "a repair is not a new revision"
+
+
 # ---------------------------------------------------------------------------------------------------- rollback
 def test_rollback_restores_the_exact_content_and_records_a_new_revision(
     cluster: DevCluster, namespace: str, operator_running: OperatorProcess
