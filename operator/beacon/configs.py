@@ -55,7 +55,7 @@ from beacon.config_core import (
     to_prune,
 )
 from beacon.kube import ApiError, Kube, NotOursError
-from beacon.reconcile import Condition, status_changed
+from beacon.reconcile import Condition, merge_conditions, status_changed
 from beacon.workqueue import MAX_BACKOFF, WorkQueue, repeat
 
 log = logging.getLogger("beacon.configs")
@@ -210,10 +210,8 @@ class Configs:
         namespace, name = meta["namespace"], meta["name"]
         if self._namespaces and namespace not in self._namespaces:
             return
-        if type_ == "DELETED" and not self.kube.holds("ConfigMap", meta):
-            return  # beacon's own deletion, or the garbage collector's after the entry
-        if type_ != "DELETED" and not self.kube.written_by_others("ConfigMap", meta):
-            return  # beacon's own write coming back
+        if not self.kube.changed_by_others("ConfigMap", type_, meta):
+            return  # beacon's own write or deletion coming back (or the garbage collector's after the entry)
         uid = (meta.get("labels") or {}).get(LABEL_ENTRY_UID)
         for keys in self._scopes.get(namespace, {}).values():
             for key in keys:
@@ -608,15 +606,12 @@ class Configs:
         if reported and reported[0].get("reason") == "InvalidSpec" and reported[0].get("message") == message:
             return  # said already (this event is likely that status patch coming back)
         log.error("ConfigEntry %s/%s: %s", namespace, name, message)
-        now_iso = dt.datetime.fromtimestamp(self._wall(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        condition = {
-            "type": "Ready",
-            "status": "False",
-            "reason": "InvalidSpec",
-            "message": message,
-            "lastTransitionTime": now_iso,
+        generation = int(meta.get("generation", 1))
+        ready = Condition("Ready", "False", "InvalidSpec", message)
+        status = {
+            "observedGeneration": generation,
+            "conditions": merge_conditions(reported, [ready], generation=generation, now=self._wall()),
         }
-        status = {"observedGeneration": meta.get("generation", 1), "conditions": [condition]}
 
         async def report() -> None:
             with contextlib.suppress(ApiError, OSError):

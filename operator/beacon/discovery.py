@@ -499,14 +499,10 @@ class Discovery:
         namespace = meta["namespace"]
         if self._namespaces and namespace not in self._namespaces:
             return
-        if type_ == "DELETED":
-            if not self.kube.holds(kind, meta):
-                return  # beacon's own deletion, or the garbage collector's after the entry
-            log.info("%s %s/%s was deleted by someone else: writing it again", kind, namespace, meta["name"])
-        elif not self.kube.written_by_others(kind, meta):
-            return  # beacon's own write coming back
-        else:
-            log.info("%s %s/%s was written by someone else: comparing it again", kind, namespace, meta["name"])
+        if not self.kube.changed_by_others(kind, type_, meta):
+            return  # beacon's own write or deletion coming back (or the garbage collector's after the entry)
+        what = "deleted" if type_ == "DELETED" else "written"
+        log.info("%s %s/%s was %s by someone else: checking it", kind, namespace, meta["name"], what)
         self.kube.forget(kind, namespace, meta["name"])  # the reconcile reads it, compares, writes on a difference
         if kind == "ConfigMap":
             self._registry_queue.schedule(namespace)

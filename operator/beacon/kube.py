@@ -182,8 +182,10 @@ class Kube:
         )
 
     @staticmethod
-    def path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
-        path = _PATHS[kind].format(ns=namespace)
+    def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        """The API path of `kind` in `namespace` (None: in every namespace), of one object, of a subresource."""
+        template = _PATHS[kind]
+        path = template.replace("/namespaces/{ns}", "") if namespace is None else template.format(ns=namespace)
         if name:
             path += f"/{urllib.parse.quote(name)}"
         if sub:
@@ -197,7 +199,7 @@ class Kube:
     async def list_all(self, kind: str, *, label_selector: str | None = None) -> list[Obj]:
         """List `kind` in every namespace."""
         query = [("labelSelector", label_selector)] if label_selector else []
-        result = await self.request("GET", _PATHS[kind].replace("/namespaces/{ns}", ""), query=query)
+        result = await self.request("GET", self.path(kind, None), query=query)
         return _items(result)
 
     async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[Obj]:
@@ -237,7 +239,7 @@ class Kube:
         """
         version: str | None = None
         backoff = 1.0
-        path = self.path(kind, namespace) if namespace is not None else _PATHS[kind].replace("/namespaces/{ns}", "")
+        path = self.path(kind, namespace)
         while True:
             query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS)}
             if version:
@@ -300,10 +302,16 @@ class Kube:
         """Whether beacon holds a copy of this object (it wrote it, or read it and found it in order)."""
         return _key(kind, meta["namespace"], meta["name"]) in self._applied
 
+    def changed_by_others(self, kind: str, type_: str, meta: Mapping[str, Any]) -> bool:
+        """Whether a watch event of an object beacon owns is someone else's doing: a deletion of an object beacon
+        holds, or a version beacon did not write. beacon's own deletions and writes coming back are not."""
+        if type_ == "DELETED":
+            return self.holds(kind, meta)
+        return self.written_by_others(kind, meta)
+
     def cached(self, obj: Obj) -> bool:
         """Whether `ensure(obj)` can compare with what beacon wrote (or read) before, without reading the API."""
-        meta = obj["metadata"]
-        return _key(obj["kind"], meta["namespace"], meta["name"]) in self._applied
+        return self.holds(obj["kind"], obj["metadata"])
 
     async def ensure(self, obj: Obj, *, absent: bool = False, observed: Obj | _Unread | None = UNREAD) -> bool:
         """Server-side apply `obj` unless the API already holds it. Returns whether a write was made.

@@ -454,37 +454,33 @@ def test_a_configmap_deleted_or_edited_by_hand_is_written_back(
     )
     resyncing.start()
     try:
-        data = {"k": "1"}
-        apply(cluster, config_entry("cfg", namespace, data))
-        materialised(cluster, namespace, "cfg", data)
-        want = cm_data(cluster, namespace, "cfg")
-        cluster.kubectl("delete", "configmap", "cfg", "-n", namespace)
-        eventually(holds(cluster, namespace, "cfg", want or {}), timeout=30, what="deleted ConfigMap recreated")
-        patch = json.dumps({"data": {"k": "edited", "extra": "x"}})
-        cluster.kubectl("patch", "configmap", "cfg", "-n", namespace, "--type=merge", "-p", patch)
-        eventually(holds(cluster, namespace, "cfg", want or {}), timeout=30, what="edited ConfigMap restored")
-        uid = entry_json(cluster, namespace, "cfg")["metadata"]["uid"]
-        assert sorted(revisions(cluster, namespace, uid)) == [1], "a repair is not a new revision"
+        _break_the_configmap_and_see_it_repaired(cluster, namespace, "cfg", timeout=30)
         assert status(cluster, namespace, "cfg")["currentRevision"] == 1
     finally:
         resyncing.stop()
+
+
+def _break_the_configmap_and_see_it_repaired(cluster: DevCluster, namespace: str, name: str, *, timeout: float) -> None:
+    """Materialise `name`, then delete its ConfigMap and edit it by hand: each is undone within `timeout`, and a
+    repair is not a new revision."""
+    data = {"k": "1"}
+    apply(cluster, config_entry(name, namespace, data))
+    materialised(cluster, namespace, name, data)
+    want = cm_data(cluster, namespace, name) or {}
+    cluster.kubectl("delete", "configmap", name, "-n", namespace)
+    eventually(holds(cluster, namespace, name, want), timeout=timeout, what="deleted ConfigMap recreated")
+    patch = json.dumps({"data": {"k": "edited", "extra": "x"}})
+    cluster.kubectl("patch", "configmap", name, "-n", namespace, "--type=merge", "-p", patch)
+    eventually(holds(cluster, namespace, name, want), timeout=timeout, what="edited ConfigMap restored")
+    uid = entry_json(cluster, namespace, name)["metadata"]["uid"]
+    assert sorted(revisions(cluster, namespace, uid)) == [1], "a repair is not a new revision"
 
 
 def test_a_materialised_configmap_is_written_back_by_the_watch_long_before_a_resync(
     cluster: DevCluster, namespace: str, operator_running: OperatorProcess
 ) -> None:
     """The session's operator resyncs every 60 s; its watch of the materialised ConfigMaps repairs them at once."""
-    data = {"k": "1"}
-    apply(cluster, config_entry("watched", namespace, data))
-    materialised(cluster, namespace, "watched", data)
-    want = cm_data(cluster, namespace, "watched") or {}
-    cluster.kubectl("delete", "configmap", "watched", "-n", namespace)
-    eventually(holds(cluster, namespace, "watched", want), timeout=10, what="deleted ConfigMap recreated")
-    patch = json.dumps({"data": {"k": "edited", "extra": "x"}})
-    cluster.kubectl("patch", "configmap", "watched", "-n", namespace, "--type=merge", "-p", patch)
-    eventually(holds(cluster, namespace, "watched", want), timeout=10, what="edited ConfigMap restored")
-    uid = entry_json(cluster, namespace, "watched")["metadata"]["uid"]
-    assert sorted(revisions(cluster, namespace, uid)) == [1], "a repair is not a new revision"
+    _break_the_configmap_and_see_it_repaired(cluster, namespace, "watched", timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------------- rollback

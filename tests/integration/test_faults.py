@@ -15,7 +15,7 @@ import pytest
 
 from beacon.devcluster import DevCluster
 from beacon.testhosts import TestHost, TestNetwork
-from beacon.testing import Audit, OperatorProcess, apply, eventually, get_json
+from beacon.testing import Audit, OperatorProcess, apply, eventually, get_json, http_service_entry
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns, pytest.mark.faults]
 
@@ -23,23 +23,9 @@ INTERVAL = 2
 
 
 def _entry(name: str, namespace: str, addresses: list[str], **check: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "beacon.dev/v1alpha1",
-        "kind": "ServiceEntry",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"address": a} for a in addresses],
-            "healthCheck": {
-                "http": {"path": "/healthz", "port": "http"},
-                "intervalSeconds": INTERVAL,
-                "timeoutSeconds": 1,
-                "healthyThreshold": 1,
-                "unhealthyThreshold": 2,
-                **check,
-            },
-        },
-    }
+    body = http_service_entry(name, namespace, addresses, interval=INTERVAL, threshold=2)
+    body["spec"]["healthCheck"].update({"healthyThreshold": 1, **check})
+    return body
 
 
 def _published(cluster: DevCluster, namespace: str) -> dict[tuple[str, str], dict[str, bool]]:
