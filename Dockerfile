@@ -11,17 +11,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/beacon
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY operator/ operator/
 # An optional wheelhouse: hack/kind/operator-image.sh stages wheels/ into its build context (every dependency and
 # the build backend, downloaded on the host), so the build needs no network at all. In a plain checkout `wheels*`
 # matches nothing and only pyproject.toml is copied (listed so that the instruction always has a source).
 COPY pyproject.toml wheels* wheels/
-# A regular (not editable) install, from the wheelhouse alone when there is one (`--no-index`), byte-compiled
+# A regular (not editable) install of the operator alone (never the dev tooling in dev/), at the versions of
+# constraints.txt, from the wheelhouse alone when there is one (`--no-index`), byte-compiled
 # here because the final root filesystem is read-only; then the installer itself goes, since nothing installs
 # anything at run time.
 RUN if ls wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links wheels; fi \
-    && /opt/beacon/bin/python -m pip install "$@" . \
+    && /opt/beacon/bin/python -m pip install -c constraints.txt "$@" . \
     && /opt/beacon/bin/python -m compileall -q /opt/beacon/lib \
     && /opt/beacon/bin/python -m pip uninstall -y pip
 

@@ -36,11 +36,12 @@ help: ## Show this help.
 
 ##@ Setup (what `make test` and `make run` install)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml dev/pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "beacon needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@# the operator (beacon) and, beside it, the development tooling (beacon_dev), at the versions of constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' -e ./dev
 	@touch $@
 
 .PHONY: deps
@@ -63,8 +64,8 @@ control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, ku
 
 .PHONY: lint
 lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllint, shellcheck, hadolint.
-	$(VENV)/bin/ruff check operator tests bench hack/kind/runc-wrapper hack/kind/e2e
-	$(VENV)/bin/ruff format --check operator tests bench hack/kind/runc-wrapper hack/kind/e2e
+	$(VENV)/bin/ruff check operator dev tests bench hack/kind/runc-wrapper hack/kind/e2e
+	$(VENV)/bin/ruff format --check operator dev tests bench hack/kind/runc-wrapper hack/kind/e2e
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict hack/kind/runc-wrapper
 	$(VENV)/bin/mypy --strict hack/kind/e2e
@@ -78,17 +79,17 @@ lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllin
 
 .PHONY: fmt
 fmt: deps ## Format and autofix.
-	$(VENV)/bin/ruff format operator tests bench
-	$(VENV)/bin/ruff check --fix operator tests bench
+	$(VENV)/bin/ruff format operator dev tests bench
+	$(VENV)/bin/ruff check --fix operator dev tests bench
 
 .PHONY: test-unit
 test-unit: deps ## Unit tests only (no cluster).
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Under CI=true (`.ci/run` sets it), `make test` counts every packet for 198.18.0.0/15 that tries to leave the
-# machine (beacon.netguard: any such packet fails the run, and pytest names the test) and ends with the kind e2e.
+# machine (beacon_dev.netguard: any such packet fails the run, and pytest names the test) and ends with the kind e2e.
 EGRESS_GUARD ?= $(if $(filter true,$(CI)),1,0)
-GUARD := $(PY) -m beacon.netguard
+GUARD := $(PY) -m beacon_dev.netguard
 .PHONY: test
 test: deps control-plane lint ## Install everything, lint, run unit + integration tests (+ under CI=true the kind e2e).
 	@rc=0; \
@@ -100,7 +101,7 @@ test: deps control-plane lint ## Install everything, lint, run unit + integratio
 
 .PHONY: run
 run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control plane; install CRDs. Ctrl-C stops.
-	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m beacon run --crds crds
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m beacon_dev run --crds crds
 
 ##@ Benchmarks
 

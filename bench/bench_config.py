@@ -19,8 +19,8 @@ from benchlib import markdown_table, pct, save
 from kubernetes import client, config, watch
 
 from beacon.config_core import ANNOTATION_HASH, ANNOTATION_TEMPLATE_HASHES, config_map_data, content_hash
-from beacon.devcluster import DevCluster
-from beacon.testing import OperatorProcess, config_entry, opted_in_deployment
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testing import OperatorProcess, config_entry, opted_in_deployment
 
 NS = "bench-config"
 DEBOUNCE = 2.0

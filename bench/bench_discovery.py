@@ -20,10 +20,10 @@ from typing import Any
 from benchlib import markdown_table, pct, save
 from kubernetes import client, config, watch
 
-from beacon.devcluster import DevCluster
-from beacon.netguard import GuardRoute
-from beacon.testhosts import TestNetwork
-from beacon.testing import Audit, OperatorProcess, http_service_entry
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.netguard import GuardRoute
+from beacon_dev.testhosts import TestNetwork
+from beacon_dev.testing import Audit, OperatorProcess, http_service_entry
 
 BENCH_USER = "beacon-bench-operator"
 NS = "bench"

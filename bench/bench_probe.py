@@ -2,7 +2,7 @@
 
 Why it exists: the probe path is the operator's hot path (10,000 endpoints every 5 s are 2,000 probes a second on
 one event loop), and its cost per probe is what decides whether a core is enough. This runs only that path, with
-no control plane: N test hosts (beacon.testhosts, network namespaces on 198.18.0.0/16) each serve GET /healthz,
+no control plane: N test hosts (beacon_dev.testhosts, network namespaces on 198.18.0.0/16) each serve GET /healthz,
 and a fresh child process per variant probes all of them every `--interval` seconds for `--seconds` (after a
 warm-up that opens the connections), counting the process's CPU time (user + system, every thread) per probe:
 
@@ -177,7 +177,7 @@ def main() -> None:
         child(args)
         return
 
-    from beacon.testhosts import TestNetwork, unavailable_reason
+    from beacon_dev.testhosts import TestNetwork, unavailable_reason
 
     why = unavailable_reason()
     if why is not None:

@@ -39,10 +39,10 @@ from typing import Any
 
 from benchlib import RESULTS, markdown_table, pct, save
 
-from beacon.devcluster import DevCluster
-from beacon.netguard import GuardRoute
-from beacon.testhosts import TestHost, TestNetwork
-from beacon.testing import Audit, OperatorProcess, eventually, http_service_entry
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.netguard import GuardRoute
+from beacon_dev.testhosts import TestHost, TestNetwork
+from beacon_dev.testing import Audit, OperatorProcess, eventually, http_service_entry
 
 BENCH_USER = "beacon-bench-operator"
 NS = "bench"  # the burst's entries

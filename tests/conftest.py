@@ -1,8 +1,8 @@
 """Shared pytest fixtures: the real local control plane, per-test namespaces, and the network guards.
 
 Why it exists: every integration test stands on the same real kube-apiserver, etcd, kube-controller-manager and
-CoreDNS, started once per session by beacon.devcluster (never a mock), and each test gets its own namespace so
-tests cannot see each other's objects. The session holds the guard route (beacon.netguard) from its first test to
+CoreDNS, started once per session by beacon_dev.devcluster (never a mock), and each test gets its own namespace so
+tests cannot see each other's objects. The session holds the guard route (beacon_dev.netguard) from its first test to
 its very end, after every operator has stopped; and when the egress counter is installed (`make test` under
 CI=true), every test is checked against it, so a packet that tries to leave the machine names its test.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from beacon.devcluster import DevCluster
-from beacon.netguard import EgressCounter, GuardRoute
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.netguard import EgressCounter, GuardRoute
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_NAMES = ("crd/serviceentries.beacon.dev", "crd/configentries.beacon.dev")

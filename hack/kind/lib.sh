@@ -4,7 +4,7 @@
 #
 # Address plan. Everything beacon's tests, demo, benchmarks and kind runs use lies in 198.18.0.0/15 (RFC 2544),
 # never in 10/8, 172.16/12 or 192.168/16:
-#   198.18.0.0/16     test hosts (beacon.testhosts), nothing else
+#   198.18.0.0/16     test hosts (beacon_dev.testhosts), nothing else
 #   198.19.0.0/24     the private Docker engine's default bridge (bip)
 #   198.19.1.0/24     the docker network `kind` (created before `kind create cluster`, which reuses it)
 #   198.19.16.0/20    the private Docker engine's default-address-pools (/24 each)

@@ -60,7 +60,7 @@ for req in [*meta["project"]["dependencies"], *meta["build-system"]["requires"]]
     print(req)
 EOF
 )
-key=$(printf '%s\n' "$requirements" "${wheel_target[@]}" | sha256sum | cut -c1-16)
+key=$(printf '%s\n' "$requirements" "${wheel_target[@]}" | cat - "$repo/constraints.txt" | sha256sum | cut -c1-16)
 wheelhouse=$BEACON_CACHE/wheelhouse/$key
 if [[ -f $wheelhouse/.complete ]]; then
   say "wheelhouse: reusing $wheelhouse ($(find "$wheelhouse" -name '*.whl' | wc -l) wheels)"
@@ -70,7 +70,7 @@ else
   partial=$(mktemp -d "$BEACON_CACHE/wheelhouse/.partial.XXXXXX")
   mapfile -t reqs <<<"$requirements"
   if ! "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-cache-dir --dest "$partial" \
-    "${wheel_target[@]}" "${reqs[@]}" >&2; then
+    -c "$repo/constraints.txt" "${wheel_target[@]}" "${reqs[@]}" >&2; then
     rm -rf "$partial"
     die "pip download failed (the wheelhouse needs the package index once; later builds reuse the cache)"
   fi
@@ -84,7 +84,7 @@ fi
 # --- the build context: what the Dockerfile copies, plus wheels/ --------------------------------------------
 context=$(mktemp -d "${TMPDIR:-/tmp}/beacon-image.XXXXXX")
 trap 'rm -rf "$context"' EXIT
-cp "$repo/Dockerfile" "$repo/.dockerignore" "$repo/pyproject.toml" "$repo/README.md" "$context/"
+cp "$repo/Dockerfile" "$repo/.dockerignore" "$repo/pyproject.toml" "$repo/README.md" "$repo/constraints.txt" "$context/"
 cp -r "$repo/operator" "$context/operator"
 mkdir "$context/wheels"
 cp "$wheelhouse"/*.whl "$context/wheels/"

@@ -14,7 +14,6 @@ import logging
 import re
 import resource
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -258,40 +257,6 @@ def quiet_handler_logs() -> None:
 def runtime_of(memo: kopf.Memo) -> Runtime:
     runtime: Runtime = memo["runtime"]
     return runtime
-
-
-def run(options: Options, *, stop_flag: threading.Event | None = None) -> None:
-    """Run the operator until SIGINT/SIGTERM (kopf handles both) or `stop_flag`."""
-    import beacon.handlers  # registers the handlers with kopf's default registry
-
-    quiet_handler_logs()
-
-    if not options.standalone:
-        beacon.handlers.watch_peering(name=options.peering_name, clusterwide=not options.namespaces)
-
-    memo = kopf.Memo()
-    memo["runtime"] = Runtime(options=options)
-    settings = kopf.OperatorSettings()
-    settings.peering.lifetime = options.peering_lifetime
-    priority = options.peering_priority if options.peering_priority is not None else start_priority()
-    if not options.standalone:
-        log.info("peering %r: priority %d, lifetime %ds", options.peering_name, priority, options.peering_lifetime)
-    raise_open_files_limit()
-    with asyncio.Runner(loop_factory=loop_factory(uvloop=options.uvloop)) as runner:
-        runner.run(
-            kopf.operator(
-                settings=settings,
-                priority=priority,
-                clusterwide=not options.namespaces,
-                namespaces=list(options.namespaces),
-                liveness_endpoint=f"http://0.0.0.0:{options.liveness_port}/healthz" if options.liveness_port else None,
-                standalone=options.standalone,
-                # kopf makes peering mandatory whenever a peering name is given, so only name it when peering is on
-                peering_name=None if options.standalone else options.peering_name,
-                memo=memo,
-                stop_flag=stop_flag,
-            )
-        )
 
 
 def loop_factory(*, uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from beacon.devcluster import DevCluster
-from beacon.testhosts import TestNetwork
-from beacon.testing import (
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testhosts import TestNetwork
+from beacon_dev.testing import (
     OPERATOR_USER,
     Audit,
     OperatorProcess,

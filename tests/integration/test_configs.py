@@ -26,8 +26,8 @@ from beacon.config_core import (
     config_map_data,
     content_hash,
 )
-from beacon.devcluster import DevCluster
-from beacon.testing import (
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testing import (
     Audit,
     OperatorProcess,
     apply,

@@ -15,7 +15,7 @@ from pathlib import Path
 import dns.resolver
 import pytest
 
-from beacon.devcluster import BinariesMissingError, ControlPlaneError, DevCluster, Ports
+from beacon_dev.devcluster import BinariesMissingError, ControlPlaneError, DevCluster, Ports
 
 pytestmark = pytest.mark.integration
 
@@ -173,15 +173,14 @@ def _alive(pid: int) -> bool:
 
 
 def test_cli_up_then_ctrl_c_leaves_nothing_behind(tmp_path: Path, cluster: DevCluster) -> None:
-    """`python -m beacon dev up` starts a second control plane; Ctrl-C stops every process and removes its files."""
+    """`python -m beacon_dev up` starts a second control plane; Ctrl-C stops every process and removes its files."""
     workdir = tmp_path / "dev"
     env = {**os.environ, "BEACON_BIN_DIR": str(cluster.bin_dir)}
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "beacon",
-            "dev",
+            "beacon_dev",
             "up",
             "--random-ports",
             "--dir",
@@ -208,7 +207,7 @@ def test_cli_up_then_ctrl_c_leaves_nothing_behind(tmp_path: Path, cluster: DevCl
     assert any("kubectl get beacon -A" in line for line in lines)
 
     status = subprocess.run(
-        [sys.executable, "-m", "beacon", "dev", "status", "--dir", str(workdir)],
+        [sys.executable, "-m", "beacon_dev", "status", "--dir", str(workdir)],
         capture_output=True,
         text=True,
         env=env,
@@ -243,7 +242,7 @@ def test_cli_failure_after_start_stops_the_cluster(tmp_path: Path, cluster: DevC
     """A failure after the control plane is up (here: a CRD directory that does not exist) still tears it down."""
     workdir = tmp_path / "dev"
     env = {**os.environ, "BEACON_BIN_DIR": str(cluster.bin_dir)}
-    argv = [sys.executable, "-m", "beacon", "dev", "up", "--random-ports", "--dir", str(workdir)]
+    argv = [sys.executable, "-m", "beacon_dev", "up", "--random-ports", "--dir", str(workdir)]
     proc = subprocess.run([*argv, "--crds", str(tmp_path / "missing")], env=env, capture_output=True, text=True)
     assert proc.returncode == 1
     assert "[beacon] error:" in proc.stderr

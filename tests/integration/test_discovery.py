@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from beacon.devcluster import DevCluster
-from beacon.netguard import EgressCounter, default_route_interface, guard_route_present
-from beacon.testhosts import TestNetwork
-from beacon.testing import Audit, OperatorProcess, apply, create_pods, eventually, get_json
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.netguard import EgressCounter, default_route_interface, guard_route_present
+from beacon_dev.testhosts import TestNetwork
+from beacon_dev.testing import Audit, OperatorProcess, apply, create_pods, eventually, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 

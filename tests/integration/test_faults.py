@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from beacon.devcluster import DevCluster
-from beacon.testhosts import TestHost, TestNetwork
-from beacon.testing import Audit, OperatorProcess, apply, eventually, get_json, http_service_entry
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testhosts import TestHost, TestNetwork
+from beacon_dev.testing import Audit, OperatorProcess, apply, eventually, get_json, http_service_entry
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns, pytest.mark.faults]
 

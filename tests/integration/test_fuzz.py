@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from beacon.devcluster import DevCluster
-from beacon.testhosts import TestNetwork
-from beacon.testing import OperatorProcess, eventually, stop_probing
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testhosts import TestNetwork
+from beacon_dev.testing import OperatorProcess, eventually, stop_probing
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns, pytest.mark.faults]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from beacon.devcluster import DevCluster
 from beacon.operator_runtime import PEERING_LIFETIME
-from beacon.testing import OperatorProcess, apply, eventually, get_json
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testing import OperatorProcess, apply, eventually, get_json
 
 pytestmark = pytest.mark.integration
 

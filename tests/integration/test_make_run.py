@@ -1,4 +1,4 @@
-"""`make run` (python -m beacon run) on a machine without KUBECONFIG: local control plane, operator, live examples."""
+"""`make run` (python -m beacon_dev run) without KUBECONFIG: local control plane, operator, live examples."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from beacon.devcluster import DevCluster
-from beacon.testing import eventually
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testing import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 
@@ -24,7 +24,7 @@ def test_make_run_shows_live_ready_counts_and_cleans_up(tmp_path: Path, cluster:
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     env["BEACON_BIN_DIR"] = str(cluster.bin_dir)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "beacon", "run", "--random-ports", "--dir", str(workdir)],
+        [sys.executable, "-m", "beacon_dev", "run", "--random-ports", "--dir", str(workdir)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

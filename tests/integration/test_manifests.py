@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from beacon.devcluster import DevCluster
-from beacon.testing import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.testing import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Tests for beacon.testhosts: real servers on real 198.18.x addresses inside network namespaces.
+"""Tests for beacon_dev.testhosts: real servers on real 198.18.x addresses inside network namespaces.
 
 Why it exists: every end-to-end test of beacon's health checking stands on these test hosts, so they must really
 be reachable from the host, really refuse connections when stopped, and really leave nothing behind. These tests
@@ -28,8 +28,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from beacon.netguard import guard_route_present
-from beacon.testhosts import (
+from beacon_dev.netguard import guard_route_present
+from beacon_dev.testhosts import (
     LOOPBACK_MAX_HOSTS,
     MAX_HOSTS,
     POOL,
@@ -381,7 +381,7 @@ def test_use_after_close_is_an_error() -> None:
 _CHILD = textwrap.dedent(
     """
     import signal, sys, time
-    from beacon.testhosts import TestNetwork
+    from beacon_dev.testhosts import TestNetwork
     # Ctrl-C as at a terminal, even when this test runs under something that ignores SIGINT (a job started in
     # the background by a non-interactive shell, nohup): an ignored SIGINT is inherited and Python keeps it so
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -16,9 +16,9 @@ from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.heal
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from beacon.checks import MAX_BODY, Checker
-from beacon.devcluster.cluster import free_port
 from beacon.policy import ProbePolicy
 from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck
+from beacon_dev.devcluster.cluster import free_port
 
 LOOPBACK_ALLOWED = ProbePolicy.with_allowed(["127.0.0.0/8", "::1/128"])
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -8,10 +8,13 @@ what `pip install .` reads. The peering priority, which decides the HA leader, i
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -62,7 +65,8 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned() -> None:
     builder, final = _stages(text)
     assert builder[0] == "FROM ${PYTHON_IMAGE} AS builder"
     assert final[0] == "FROM ${PYTHON_IMAGE}"
-    assert any('pip install "$@" .' in line for line in builder)  # "$@": --no-index --find-links wheels, if any
+    # "$@": --no-index --find-links wheels, if any
+    assert any('pip install -c constraints.txt "$@" .' in line for line in builder)
     assert not text.startswith("# syntax="), "a syntax line makes BuildKit fetch a frontend image from a registry"
     assert "COPY pyproject.toml wheels* wheels/" in builder, "an optional wheelhouse, absent in a plain checkout"
     assert not any("pip install" in line for line in final), "nothing is installed in the final stage"
@@ -78,6 +82,50 @@ def test_build_context_holds_only_the_package_inputs() -> None:
     assert {line for line in lines if line.startswith("!")} == {
         "!pyproject.toml",
         "!README.md",
+        "!constraints.txt",
         "!operator/",
         "!wheels/",
     }
+
+
+def test_the_wheel_ships_the_operator_and_no_development_module(tmp_path: Path) -> None:
+    """The image installs this wheel: the operator's package only, never beacon_dev (control plane, test hosts)."""
+    source = tmp_path / "src"  # a copy of what the image's build reads, so the build leaves the checkout as it was
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "operator", source / "operator", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    subprocess.run([*argv, str(source)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("beacon_operator-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+        modules = {name for name in archive.namelist() if name.endswith(".py")}
+    assert tops == {"beacon", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert "beacon/__main__.py" in modules
+    assert not {m for m in modules if re.search(r"devcluster|testhosts|testhost_server|testing|demo|netguard", m)}
+
+
+def test_the_operator_starts_without_the_development_dependencies() -> None:
+    """`python -m beacon operator` imports neither beacon_dev nor cryptography; yaml only through kopf and the
+    kubernetes client, which read kubeconfig files with it."""
+    code = (
+        "import sys, json\n"
+        "import beacon.__main__, beacon.operator_runtime, beacon.handlers\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    imported = set(json.loads(out))
+    assert "beacon" in imported
+    assert not imported & {"beacon_dev", "cryptography", "dns", "matplotlib", "pytest"}
+    # yaml arrives with kopf and the kubernetes client (kubeconfig files); beacon's own modules never import it
+    for module in (REPO / "operator" / "beacon").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            tops = {name.split(".")[0] for name in names}
+            assert not tops & {"yaml", "cryptography", "dns", "beacon_dev"}, f"{module.name} imports {tops}"

@@ -26,11 +26,11 @@ def test_the_flag_and_the_environment_variable(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, uvloop_on: bool
 ) -> None:
     import beacon.__main__ as cli
-    import beacon.operator_runtime as runtime
+    import beacon.app as app
 
     if env is not None:
         monkeypatch.setenv("BEACON_UVLOOP", env)
     seen: list[bool] = []
-    monkeypatch.setattr(runtime, "run", lambda options: seen.append(options.uvloop))
+    monkeypatch.setattr(app, "run", lambda options: seen.append(options.uvloop))
     assert cli.main(["operator", "--metrics-port", "0", *argv]) == 0
     assert seen == [uvloop_on]

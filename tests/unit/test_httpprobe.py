@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beacon.checks import Checker
-from beacon.devcluster.cluster import free_port
 from beacon.httpprobe import MAX_BODY, HttpProbeClient, ProbeError, Request, _Connection
 from beacon.policy import ProbePolicy
 from beacon.targets import HttpCheck, ProbeResult, Target
+from beacon_dev.devcluster.cluster import free_port
 
 LOOPBACK_ALLOWED = ProbePolicy.with_allowed(["127.0.0.0/8", "::1/128"])
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from beacon.devcluster.pki import Pki
+from beacon_dev.devcluster.pki import Pki
 
 
 def _load(path: Path) -> x509.Certificate:

@@ -1,7 +1,7 @@
 """Keeps every packet for beacon's test range on this machine, and counts any that would leave it.
 
 Why it exists: beacon's tests, demo and benchmarks put real servers on test hosts (network namespaces behind veths,
-see `beacon.testhosts`) in 198.18.0.0/15. A test host's routes vanish with its veth, and a probe that is still in
+see `beacon_dev.testhosts`) in 198.18.0.0/15. A test host's routes vanish with its veth, and a probe that is still in
 flight then follows the default route off the machine, to a gateway that has nothing to do with us. Two guards:
 
 * **The guard route**: a blackhole route for the whole range with a high metric. Every test network's own /22 route
@@ -9,9 +9,9 @@ flight then follows the default route off the machine, to a gateway that has not
   EINVAL/unreachable instead of leaving. `TestNetwork.open()` makes sure it exists; the pytest session, `make run`'s
   demo and `make bench` hold it for their whole run. It is removed only by the process that added it, and only
   when no other live process still has a test network.
-`python -m beacon.netguard run -- CMD` holds the guard route while CMD runs (`make kind-e2e` does).
+`python -m beacon_dev.netguard run -- CMD` holds the guard route while CMD runs (`make kind-e2e` does).
 
-* **The egress counter** (`python -m beacon.netguard egress-start|egress-count|egress-stop`, used by `make test`
+* **The egress counter** (`python -m beacon_dev.netguard egress-start|egress-count|egress-stop`, used by `make test`
   under CI=true and by `make bench`): an nftables table of its own with a counting DROP rule for the range on the
   interface that carries the default route, the way off the machine. Its own table, hooked at postrouting, sees
   locally generated and forwarded packets (a kind pod's too) after routing, whatever Docker does to iptables'
@@ -226,7 +226,7 @@ def _load_state() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beacon.netguard", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m beacon_dev.netguard", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("egress-start", help="add the guard route (if missing) and the counting DROP rule")
     sub.add_parser("egress-count", help="print the packets counted so far")

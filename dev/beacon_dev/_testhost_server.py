@@ -1,8 +1,8 @@
-"""The endpoint-server process that `beacon.testhosts` runs inside a test network namespace.
+"""The endpoint-server process that `beacon_dev.testhosts` runs inside a test network namespace.
 
 Why this exists: Kubernetes refuses loopback and link-local addresses in Endpoints/EndpointSlices, so beacon's
 tests and demo need real servers on real (198.18.0.0/15) addresses. Those addresses live inside a network
-namespace, and a socket can only bind them from a process inside that namespace. `beacon.testhosts` therefore
+namespace, and a socket can only bind them from a process inside that namespace. `beacon_dev.testhosts` therefore
 starts this program with `ip netns exec <ns> python -P .../_testhost_server.py` (one process per test network)
 and drives it over a line protocol on stdin/stdout:
 

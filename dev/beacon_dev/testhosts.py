@@ -36,7 +36,7 @@ network still lies inside 198.18.0.0/16. A slot is free when no address or route
 longer on the host overlaps it; the choice is made under an flock (/run/beacon-testhosts.lock) so that parallel
 test runs never collide. IPv6 address generation is off on both veth ends, so the pair carries no IPv6 chatter.
 
-Servers run inside the namespace, in helper processes (`beacon._testhost_server`, started lazily with the first
+Servers run inside the namespace, in helper processes (`beacon_dev._testhost_server`, started lazily with the first
 server) that manage any number of HTTP / TCP / gRPC-health listeners, each bound to exactly one test host's
 address. Each helper serves at most `HOSTS_PER_SERVER_PROCESS` hosts: a host costs its helper a listening socket
 plus a connection per client, and a process cannot hold more descriptors than its hard limit (often 20,000, and
@@ -47,7 +47,7 @@ process dies. On exit from the `with` block (also on exceptions and Ctrl-C) the 
 in the namespace are killed and the veth pair and namespace are deleted.
 
 Nothing leaves the machine. A test host's routes vanish with its veth, so `open()` first makes sure the guard route
-(`beacon.netguard`: a blackhole for 198.18.0.0/15 with a high metric) exists: a probe still in flight towards a
+(`beacon_dev.netguard`: a blackhole for 198.18.0.0/15 with a high metric) exists: a probe still in flight towards a
 removed test host dies here instead of following the default route. Stop whatever probes a network before closing
 it, and break paths with `block()` (DROP rules inside the namespace), never by taking a link down.
 `cleanup_stale()` removes what crashed runs left behind (the owning pid is in every name) and runs whenever a
@@ -80,7 +80,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, Final, Literal, Self
 
-from beacon.netguard import ensure_guard_route, pid_alive
+from beacon_dev.netguard import ensure_guard_route, pid_alive
 
 __all__ = [
     "LOOPBACK_MAX_HOSTS",

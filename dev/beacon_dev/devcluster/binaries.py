@@ -19,7 +19,7 @@ class BinariesMissingError(RuntimeError):
 
 
 def repo_root() -> Path | None:
-    """The checkout this package runs from, when it runs from one (operator/beacon/devcluster/ -> repo)."""
+    """The checkout this package runs from, when it runs from one (dev/beacon_dev/devcluster/ -> repo)."""
     root = Path(__file__).resolve().parents[3]
     return root if (root / "tools" / "k8s" / "build.sh").is_file() else None
 

@@ -3,7 +3,7 @@
 Why it exists: beacon is proven against a real API server, and this machine (like many CI hosts) runs no Docker,
 so kind is out. This module starts the real binaries (built from Go modules by tools/k8s/build.sh) with RBAC on,
 a fresh PKI, an audit log of write requests, and CoreDNS serving cluster.local from the API, and tears all of it
-down on exit, on failure and on Ctrl-C. The pytest fixtures and `python -m beacon dev` both use it.
+down on exit, on failure and on Ctrl-C. The pytest fixtures and `python -m beacon_dev` both use it.
 
 Flags follow controller-runtime's envtest where they overlap.
 """
@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from beacon.devcluster.binaries import REQUIRED, BinariesMissingError, find_bin_dir
-from beacon.devcluster.pki import KeyPair, Pki
+from beacon_dev.devcluster.binaries import REQUIRED, BinariesMissingError, find_bin_dir
+from beacon_dev.devcluster.pki import KeyPair, Pki
 
 CLUSTER_DOMAIN = "cluster.local"
 # Inside 198.18.0.0/15 like every address beacon's tests use, clear of the test hosts (198.18.0.0/16) and of the
@@ -113,7 +113,7 @@ class Ports:
 
     @classmethod
     def defaults(cls) -> Ports:
-        """Fixed, documented ports for `python -m beacon dev up` (so the printed kubectl line is stable)."""
+        """Fixed, documented ports for `python -m beacon_dev up` (so the printed kubectl line is stable)."""
         return cls(etcd_client=23790, etcd_peer=23800, apiserver=16443, dns=10053, dns_health=18080, dns_ready=18181)
 
     def check_free(self) -> None:
@@ -130,7 +130,7 @@ class _Proc:
 
 @dataclass
 class State:
-    """What `python -m beacon dev status|down` needs to find a detached cluster again."""
+    """What `python -m beacon_dev status|down` needs to find a detached cluster again."""
 
     workdir: str
     kubeconfig: str

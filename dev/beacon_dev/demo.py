@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from beacon.devcluster import DevCluster, Ports
-from beacon.netguard import GuardRoute
-from beacon.testhosts import HttpServer, TestNetwork
+from beacon_dev.devcluster import DevCluster, Ports
+from beacon_dev.netguard import GuardRoute
+from beacon_dev.testhosts import HttpServer, TestNetwork
 
 FLAP_SECONDS = 30.0
 

@@ -26,8 +26,8 @@ from typing import Any
 import dns.resolver
 import yaml
 
-from beacon.devcluster import DevCluster
-from beacon.devcluster.cluster import free_port
+from beacon_dev.devcluster import DevCluster
+from beacon_dev.devcluster.cluster import free_port
 
 # The operator runs as the ServiceAccount the shipped manifests create (manifests/rbac), with a token of it: its
 # rights are exactly the ClusterRole's, and the audit log attributes its writes to this name.
