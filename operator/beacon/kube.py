@@ -10,6 +10,8 @@ Counts of writes by verb and kind are exported as metrics (and asserted by the t
 Watches that beacon scopes itself (a namespace's pods, only while an entry selects pods there) run on aiohttp in
 the event loop instead: a watch is one long response read line by line, so it would hold a thread for its whole
 life. The credentials are the kubernetes client's (its TLS files and its bearer token, refreshed per connection).
+Only the client's public surface is used: its Configuration and config loaders, ApiClient.param_serialize (URL and
+authentication headers) and ApiClient.call_api (the raw request); no generated model classes.
 """
 
 from __future__ import annotations
@@ -96,6 +98,43 @@ def _owned_view(obj: Mapping[str, Any]) -> Obj:
     return view
 
 
+def _paths(obj: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every field path of `obj` (maps walked, a list is one field): what an apply of `obj` sets."""
+    found = {prefix}
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            found |= _paths(value, (*prefix, str(key)))
+    return found
+
+
+def _applied_paths(fields: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """The field paths a managedFields entry (fieldsV1) claims, in `_paths`' terms: map fields ("f:name") walked,
+    a list's items ("k:", "v:", "i:") folded into the list field itself."""
+    found: set[tuple[str, ...]] = set()
+    if not isinstance(fields, Mapping):
+        return found
+    for key in fields:
+        if key.startswith("f:"):
+            path = (*prefix, key[2:])
+            found.add(path)
+            found |= _applied_paths(fields[key], path)
+    return found
+
+
+def stale_fields(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> set[tuple[str, ...]]:
+    """Fields that beacon's field manager applied to `actual` and that `desired` no longer sets: a label or an
+    annotation that an older beacon wrote, a key of a ConfigMap it no longer has. Applying `desired` removes them
+    (server-side apply drops what the manager's last apply set and this one does not). Only Apply entries count:
+    fields beacon holds through an Update (a POST that created the object) are not removed by an apply, so they
+    would ask for a write at every start. Lists are compared whole by `covers`, so they are fields here."""
+    wanted = _paths({k: v for k, v in desired.items() if k != "status"})
+    claimed: set[tuple[str, ...]] = set()
+    for entry in (actual.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply" and not entry.get("subresource"):
+            claimed |= _applied_paths(entry.get("fieldsV1"))
+    return {path for path in claimed if path not in wanted and path[0] != "status"}
+
+
 def _key(kind: str, namespace: str, name: str) -> tuple[str, str, str]:
     return (kind, namespace, name)
 
@@ -150,8 +189,9 @@ class Kube:
         )
         if query:
             url += "?" + urllib.parse.urlencode(list(query))
-        # the REST client serialises dict bodies to JSON itself (also for apply-patch+yaml: JSON is YAML)
-        resp = self._api.rest_client.request(method, url, headers=headers, body=body, _request_timeout=30)
+        # the client's public request method (ApiClient.call_api) serialises dict bodies to JSON itself (also for
+        # apply-patch+yaml: JSON is YAML) and returns the raw response: no model classes, no deserialisation
+        resp = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=30)
         raw = resp.read()
         if resp.status == 404 and method == "GET":
             return None
@@ -316,6 +356,10 @@ class Kube:
     async def ensure(self, obj: Obj, *, absent: bool = False, observed: Obj | _Unread | None = UNREAD) -> bool:
         """Server-side apply `obj` unless the API already holds it. Returns whether a write was made.
 
+        "Holds it" is decided on the object as read: it has every field `obj` sets, with the same values, and it
+        has no field that beacon's field manager applied and `obj` no longer sets (see `stale_fields`; so a field
+        that a previous beacon wrote goes at the first reconcile after a restart).
+
         An existing object is taken over only if it is already beacon's: owned by the same controller (the
         ownerReference uid in `obj`) or, for objects without an owner, carrying the same labels. Anything else
         raises NotOursError, so a user's own Service or ConfigMap of the same name is never overwritten.
@@ -359,7 +403,7 @@ class Kube:
                         f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by beacon; "
                         "rename the entry or delete that object"
                     )
-                if covers(_owned_view(actual), desired):
+                if covers(_owned_view(actual), desired) and not stale_fields(actual, obj):
                     self._remember(key, desired, actual)
                     return False
         written = await self.request(

@@ -35,8 +35,13 @@ def operator_kubeconfig(cluster: DevCluster, crds: None, repo: Path) -> Path:
 def beacon_operator(
     cluster: DevCluster, crds: None, operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
+    # the periodic resync off: whatever the tests see repaired or published, the watches did (tests that need a
+    # resync start their own operator)
     op = OperatorProcess(
-        cluster=cluster, kubeconfig=operator_kubeconfig, log_dir=tmp_path_factory.mktemp("operator-logs")
+        cluster=cluster,
+        kubeconfig=operator_kubeconfig,
+        log_dir=tmp_path_factory.mktemp("operator-logs"),
+        extra_args=("--resync-seconds=0",),
     )
     op.start()
     yield op

@@ -389,7 +389,7 @@ def test_outputs_deleted_or_edited_by_hand_are_written_back(
     cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess
 ) -> None:
     """beacon watches what it owns: a deleted or edited Service, EndpointSlice, Endpoints or registry ConfigMap is
-    written back at once (the periodic resync only reads; it repairs nothing of this)."""
+    written back within 2 s, by the watch (the session's operator runs with the periodic resync off)."""
     host = net.add_host()
     host.http(port=8080, path="/healthz")
     apply(cluster, entry("owned", namespace, [host.address], HTTP_CHECK))
@@ -408,7 +408,7 @@ def test_outputs_deleted_or_edited_by_hand_are_written_back(
     ]
     for kind, name, intact in outputs:
         cluster.kubectl("delete", kind, name, "-n", namespace)
-        eventually(intact, timeout=10, interval=0.1, what=f"{kind} {name} written back after a deletion")
+        eventually(intact, timeout=2, interval=0.05, what=f"{kind} {name} written back after a deletion")
     edits = [
         ("service", "owned", '{"metadata": {"labels": {"beacon.dev/service-entry": "someone-elses"}}}'),
         ("endpointslice", "owned-ipv4-0", '{"endpoints": [{"addresses": ["%s"], "conditions": {"ready": false}}]}'),
@@ -417,7 +417,45 @@ def test_outputs_deleted_or_edited_by_hand_are_written_back(
     ]
     for (kind, name, patch), (_, _, intact) in zip(edits, outputs, strict=True):
         cluster.kubectl("patch", kind, name, "-n", namespace, "--type=merge", "-p", patch.replace("%s", host.address))
-        eventually(intact, timeout=10, interval=0.1, what=f"{kind} {name} written back after an edit")
+        eventually(intact, timeout=2, interval=0.05, what=f"{kind} {name} written back after an edit")
+
+
+def test_a_field_beacon_stopped_setting_is_removed_after_a_restart(
+    cluster: DevCluster, namespace: str, net: TestNetwork, operator_running: OperatorProcess
+) -> None:
+    """An older beacon applied a label and a data key that this one does not set: the first reconcile after the
+    restart compares with the fields beacon's field manager holds (managedFields) and applies again, removing them.
+    Everything else stays as it was."""
+    host = net.add_host()
+    host.http(port=8080, path="/healthz")
+    apply(cluster, entry("legacy", namespace, [host.address], HTTP_CHECK))
+    eventually(lambda: registry_healthy(cluster, namespace, "legacy") == {host.address}, what="registry")
+    operator_running.stop()
+    current = get_json(cluster, "configmap", "-n", namespace, "beacon-registry")
+    assert current is not None
+    meta = current["metadata"]
+    older = {  # what beacon applies to the registry, as an older beacon did, with one more label and data key
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": namespace,
+            "labels": {**meta.get("labels", {}), "beacon.dev/tier": "gold"},
+            **{k: meta[k] for k in ("annotations", "ownerReferences") if k in meta},
+        },
+        "data": {**current["data"], "legacy.json": "{}"},
+    }
+    cluster.kubectl(
+        "apply", "--server-side", "--field-manager=beacon", "--force-conflicts", "-f", "-", input=json.dumps(older)
+    )
+    operator_running.start()
+
+    def cleaned() -> bool:
+        now = get_json(cluster, "configmap", "-n", namespace, "beacon-registry") or {}
+        return "beacon.dev/tier" not in now["metadata"].get("labels", {}) and "legacy.json" not in now["data"]
+
+    eventually(cleaned, timeout=30, interval=0.2, what="the stale label and data key removed after the restart")
+    assert registry_healthy(cluster, namespace, "legacy") == {host.address}
 
 
 def test_someone_elses_slice_and_endpoints_of_the_same_names_are_never_overwritten(

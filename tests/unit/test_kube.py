@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from kubernetes import client as k8s
 
-from beacon.kube import Kube, NotOursError, _owned_view, covers
+from beacon.kube import Kube, NotOursError, _owned_view, covers, stale_fields
 
 
 # ------------------------------------------------------------------------------------------------ covers
@@ -165,6 +165,38 @@ async def test_ensure_after_restart_skips_objects_the_api_already_holds() -> Non
         fake.objects[SVC_PATH] = existing
         assert not await kube.ensure(service())
         assert fake.writes() == []
+
+
+async def test_ensure_after_restart_removes_a_field_beacon_applied_and_no_longer_sets() -> None:
+    """An older beacon applied a label that this one no longer sets: the object covers what is wanted, but the
+    stale label (beacon's field manager holds it through an Apply) makes the first ensure write, which removes it."""
+    async with fake_kube() as (kube, fake):
+        existing = service()
+        existing["metadata"]["resourceVersion"] = "7"
+        existing["metadata"]["labels"]["beacon.dev/old-tier"] = "gold"
+        applied = {
+            "f:metadata": {"f:labels": {".": {}, "f:beacon.dev/service-entry": {}, "f:beacon.dev/old-tier": {}}},
+            "f:spec": {"f:clusterIP": {}, "f:ports": {'k:{"port":8080,"protocol":"TCP"}': {".": {}, "f:name": {}}}},
+        }
+        existing["metadata"]["managedFields"] = [
+            {"manager": "beacon", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": applied},
+            # someone else's label, and a field beacon holds only through an Update (a create): never a reason
+            {"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:metadata": {"f:labels": {"f:team": {}}}}},
+            {"manager": "beacon", "operation": "Update", "fieldsV1": {"f:metadata": {"f:labels": {"f:made": {}}}}},
+        ]
+        fake.objects[SVC_PATH] = existing
+        assert await kube.ensure(service())
+        assert fake.writes() == [("PATCH", SVC_PATH)]
+        assert "beacon.dev/old-tier" not in fake.objects[SVC_PATH]["metadata"]["labels"]
+
+
+def test_stale_fields_names_only_what_beacon_applied_and_no_longer_sets() -> None:
+    desired = service()
+    applied = {"f:metadata": {"f:labels": {"f:beacon.dev/service-entry": {}}}, "f:spec": {"f:ports": {}}}
+    actual = {"metadata": {"managedFields": [{"manager": "beacon", "operation": "Apply", "fieldsV1": applied}]}}
+    assert stale_fields(actual, desired) == set()
+    applied["f:data"] = {"f:gone": {}}
+    assert stale_fields(actual, desired) == {("data",), ("data", "gone")}
 
 
 async def test_ensure_never_overwrites_an_object_owned_by_someone_else() -> None:
