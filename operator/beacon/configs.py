@@ -56,7 +56,8 @@ from beacon.config_core import (
 )
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, merge_conditions, status_changed
-from beacon.workqueue import MAX_BACKOFF, WorkQueue, repeat
+from beacon.retries import RETRIES
+from beacon.workqueue import WorkQueue, repeat
 
 log = logging.getLogger("beacon.configs")
 
@@ -504,7 +505,6 @@ class Configs:
             self._workload_tasks[key] = asyncio.ensure_future(self._workload_worker(key))
 
     async def _workload_worker(self, key: WorkloadKey) -> None:
-        backoff = 1.0
         await asyncio.sleep(self._coalesce)
         while (workload := self._workloads.get(key)) is not None:
             decision = reload_decision(
@@ -513,6 +513,7 @@ class Configs:
             try:
                 if decision.action == "none":
                     workload.first_change = workload.last_change = workload.target = None
+                    RETRIES.forget(("reload", key))
                     return
                 if decision.action == "baseline":
                     baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
@@ -535,14 +536,15 @@ class Configs:
                     "%s %s/%s rolled out for %s", workload.kind, workload.namespace, workload.name, decision.template
                 )
                 self._event(workload, "Normal", "ConfigReload", f"pod template bumped for {decision.template}")
-                backoff = 1.0
+                RETRIES.forget(("reload", key))
             except Exception as exc:  # the API unreachable or anything else: retry, never drop a pending reload
                 if isinstance(exc, ApiError) and exc.status == 404:
                     self._workloads.pop(key, None)
+                    RETRIES.forget(("reload", key))
                     return
-                log.warning("reload of %s %s/%s failed, retrying in %.0fs: %s", *key, backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                wait = RETRIES.when(("reload", key))
+                log.warning("reload of %s %s/%s failed, retrying in %.1fs: %s", *key, wait, exc)
+                await asyncio.sleep(wait)
 
     async def _wait_for_rollout(self, workload: _Workload, template: str | None) -> bool:
         """True when the rollout may happen now; otherwise sleep until it may (the caller then decides again,

@@ -31,6 +31,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from beacon import metrics
+from beacon.retries import RETRIES
 
 log = logging.getLogger("beacon.kube")
 
@@ -275,10 +276,10 @@ class Kube:
         object (the listing, streamed: memory stays one object deep). Each request ends after `WATCH_SECONDS`
         and the next resumes from the last version seen (bookmarks keep it fresh); a version the server no longer
         has (410 Gone) starts over with a new listing. Deletions missed in such a gap are the resync's to find.
-        Errors are logged and retried with backoff; only cancellation ends it.
+        Errors are logged and retried when the operator's shared retry limiter says; only cancellation ends it.
         """
         version: str | None = None
-        backoff = 1.0
+        retry_key = ("watch", kind, namespace, label_selector)
         path = self.path(kind, namespace)
         while True:
             query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS)}
@@ -309,13 +310,13 @@ class Kube:
                                 break
                             raise ApiError(int(obj.get("code", 500)), obj.get("reason", ""), obj.get("message", ""))
                         version = obj.get("metadata", {}).get("resourceVersion") or version
-                        backoff = 1.0
+                        RETRIES.forget(retry_key)
                         if type_ != "BOOKMARK":
                             yield type_, obj
             except (aiohttp.ClientError, TimeoutError, ApiError, ValueError) as exc:
-                log.warning("watching %s in %s failed, retrying in %.0fs: %s", kind, namespace, backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                wait = RETRIES.when(retry_key)
+                log.warning("watching %s in %s failed, retrying in %.1fs: %s", kind, namespace, wait, exc)
+                await asyncio.sleep(wait)
 
     # ------------------------------------------------------------------ writes
     def _remember(self, key: tuple[str, str, str], desired: Obj, actual: Obj | None) -> None:

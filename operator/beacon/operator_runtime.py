@@ -29,6 +29,7 @@ from beacon.discovery import Discovery
 from beacon.kube import Kube
 from beacon.policy import ProbePolicy
 from beacon.registry import LABEL_REGISTRY
+from beacon.retries import RETRIES
 from beacon.targets import ProbeResult, Target
 
 log = logging.getLogger("beacon")
@@ -161,16 +162,16 @@ class Runtime:
                 return
             assert self._configs is not None
             assert self._discovery is not None
-            delay = 1.0
             while True:
                 try:
                     await self._configs.start(namespaces=self.options.namespaces)
                     await self._resync_registries()
+                    RETRIES.forget("start-up listings")
                     break
                 except Exception as exc:  # the API is unreachable or not ready: nothing can proceed without it
-                    log.warning("start-up listings failed, retrying in %.0fs: %s", delay, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    wait = RETRIES.when("start-up listings")
+                    log.warning("start-up listings failed, retrying in %.1fs: %s", wait, exc)
+                    await asyncio.sleep(wait)
             if self.options.resync_seconds > 0:
                 resync = self._configs.resync_forever(every=self.options.resync_seconds)
                 self._tasks.append(asyncio.create_task(resync, name="beacon-configs-resync"))

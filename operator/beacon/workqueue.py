@@ -6,6 +6,9 @@ of rounds of writes; the same key is never reconciled twice at once; a failure o
 a 409, a client library error) is retried with backoff instead of silently killing the worker; a key that
 disappears stops being retried.
 
+Retries of every queue wait as one shared limiter says (`beacon.retries`: per-key jittered exponential backoff and
+a global token bucket), so 5,000 keys that failed together in an apiserver outage do not retry in lockstep.
+
 When to run is the queue's one policy knob. An idle key runs at once (the leading edge: a decisive probe is
 published without waiting for a timer), and only changes that arrive while its run is in flight are coalesced
 into one follow-up run. `min_interval` adds a throttle for outputs that are costly to rewrite (a namespace's
@@ -23,9 +26,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 from beacon import metrics
+from beacon.retries import RETRIES, Retries
 
 K = TypeVar("K", bound=Hashable)
-MAX_BACKOFF = 10.0  # seconds; after an apiserver outage, convergence waits at most this long for a retry
 
 log = logging.getLogger("beacon.workqueue")
 
@@ -34,7 +37,8 @@ class WorkQueue(Generic[K]):
     """`schedule(key)` marks a key dirty; its worker runs `process(key)` at once (after `delay` seconds when set)
     and again, once, if the key was marked dirty during the run (no sooner than `min_interval` seconds after the
     previous run started). Exceptions from `process` are logged, passed to `on_error` (to drop caches) and
-    retried after 1, 2, 4 ... up to `MAX_BACKOFF` seconds, for as long as `alive(key)` holds."""
+    retried when `retries` says (1, 2, 4 ... up to `MAX_BACKOFF` seconds, jittered, metered by the shared bucket),
+    for as long as `alive(key)` holds."""
 
     def __init__(
         self,
@@ -43,7 +47,7 @@ class WorkQueue(Generic[K]):
         process: Callable[[K], Awaitable[None]],
         alive: Callable[[K], bool] = lambda _: True,
         on_error: Callable[[K, Exception], None] = lambda _key, _exc: None,
-        max_backoff: float = MAX_BACKOFF,
+        retries: Retries = RETRIES,
         delay: float = 0.0,
         min_interval: float = 0.0,
     ) -> None:
@@ -53,7 +57,7 @@ class WorkQueue(Generic[K]):
         self._process = process
         self._alive = alive
         self._on_error = on_error
-        self._max_backoff = max_backoff
+        self._retries = retries
         self._dirty: set[K] = set()
         self._workers: dict[K, asyncio.Task[None]] = {}
 
@@ -69,6 +73,7 @@ class WorkQueue(Generic[K]):
 
     def cancel(self, key: K) -> None:
         self._dirty.discard(key)
+        self._retries.forget((self._name, key))
         task = self._workers.pop(key, None)
         if task is not None:
             task.cancel()
@@ -84,7 +89,6 @@ class WorkQueue(Generic[K]):
         self._dirty.clear()
 
     async def _work(self, key: K) -> None:
-        backoff = min(1.0, self._max_backoff)
         if self._delay > 0:
             await asyncio.sleep(self._delay)
         loop = asyncio.get_running_loop()
@@ -94,18 +98,20 @@ class WorkQueue(Generic[K]):
             try:
                 await self._process(key)
                 metrics.RECONCILES.labels(kind=self._name, outcome="ok").inc()
-                backoff = min(1.0, self._max_backoff)
+                self._retries.forget((self._name, key))
                 if self._min_interval > 0:
                     # the worker lingers for the rest of the interval: changes meanwhile join the next run
                     await asyncio.sleep(max(0.0, started + self._min_interval - loop.time()))
             except Exception as exc:  # anything: retry, never let the worker die silently
                 metrics.RECONCILES.labels(kind=self._name, outcome="error").inc()
-                log.warning("%s %s failed, retrying in %.0fs: %s", self._name, key, backoff, exc)
+                wait = self._retries.when((self._name, key))
+                log.warning("%s %s failed, retrying in %.1fs: %s", self._name, key, wait, exc)
                 self._on_error(key, exc)
                 self._dirty.add(key)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff)
+                await asyncio.sleep(wait)
         self._dirty.discard(key)
+        if not self._alive(key):
+            self._retries.forget((self._name, key))
 
 
 async def repeat(*, every: float, action: Callable[[], Awaitable[None]], what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from beacon.retries import Retries
 from beacon.workqueue import WorkQueue
 
 
@@ -58,7 +59,11 @@ async def test_any_exception_is_retried_and_reported() -> None:
             raise RuntimeError("not a kubernetes error at all")
 
     queue: WorkQueue[str] = WorkQueue(
-        name="t", delay=0.0, process=process, on_error=lambda k, e: errors.append(str(e)), max_backoff=0.01
+        name="t",
+        delay=0.0,
+        process=process,
+        on_error=lambda k, e: errors.append(str(e)),
+        retries=Retries(base=0.01, cap=0.01),
     )
     queue.schedule("a")
     await asyncio.sleep(0.2)
@@ -78,7 +83,7 @@ async def test_keys_that_are_gone_or_cancelled_stop() -> None:
         raise RuntimeError("always")
 
     queue: WorkQueue[str] = WorkQueue(
-        name="t", delay=0.0, process=process, alive=lambda k: alive.get(k, False), max_backoff=0.01
+        name="t", delay=0.0, process=process, alive=lambda k: alive.get(k, False), retries=Retries(base=0.01, cap=0.01)
     )
     queue.schedule("a")
     await asyncio.sleep(0.05)
