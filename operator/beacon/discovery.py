@@ -282,15 +282,20 @@ class Discovery:
         if before is not None and before != entry:
             state.spec_changed()
         self._index(state, before)
-        if not state.seeded or not state.pods_listed or entry.namespace in self._lease_listings:
-            try:
-                await self._catch_up(state)
-            except Exception as exc:  # the API is unreachable: reconcile catches up (and retries) before publishing
-                log.warning("cannot read the published EndpointSlices or pods of %s/%s yet: %s", *entry.key, exc)
-        if self._entries.get(entry.key) is not state:
-            return  # deleted while its listings were under way
-        self._refresh_endpoints(state)
+        if not self._behind(state):
+            self._refresh_endpoints(state)
+        # Seeding and the listings happen in the reconcile, under the entry's lock and in its work queue: here, a
+        # second event arriving while the first one's listings were under way would seed again, over the probe
+        # results that came in meanwhile.
         self._schedule(entry.key)
+
+    def _behind(self, state: _EntryState) -> bool:
+        """Whether the entry must catch up (`_catch_up`) before its endpoints can be refreshed and published."""
+        return (
+            not state.seeded
+            or not state.pods_listed
+            or (state.leases_wanted and state.entry.namespace in self._lease_listings)
+        )
 
     def expect(self, keys: set[EntryKey]) -> None:
         """Entries that exist at start-up: a namespace's registry is not rewritten until each has a record, so a
@@ -691,7 +696,8 @@ class Discovery:
                 conditions = ep.get("conditions") or {}
                 ready = bool(conditions.get("serving", conditions.get("ready")))
                 for address in ep.get("addresses") or []:
-                    state.health[address] = seeded(ready=ready, now=now)
+                    if address not in state.health:  # a probe's verdict is always fresher than what was published
+                        state.health[address] = seeded(ready=ready, now=now)
         state.seeded = True
         state.published = state.published or bool(slices)
 
@@ -836,7 +842,7 @@ class Discovery:
             state = self._entries.get(key)
             if state is None:
                 return
-            if not state.seeded or not state.pods_listed:
+            if self._behind(state):
                 # never publish before knowing what was published (restart safety), nor without the entry's pods
                 await self._catch_up(state)
                 self._refresh_endpoints(state)

@@ -244,6 +244,62 @@ async def test_seeding_keeps_published_ready_endpoints_ready() -> None:
     await d.close()
 
 
+class SlowSliceReadsKube(FakeKube):
+    """Each listing of EndpointSlices answers what stood when it was asked, once its own gate opens: responses in
+    flight, for as long as the test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        items = await super().list(kind, namespace, label_selector=label_selector)
+        if kind == "EndpointSlice":
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+        return items
+
+
+async def test_a_second_event_never_seeds_over_fresher_probe_results() -> None:
+    """Two events of a new entry arrive while its published slices are being read (a restart: ADDED, then a
+    MODIFIED). Seeding happens once, in the entry's work queue: the probe results that arrive after it are kept,
+    not overwritten by a second seeding from the (older) published readiness."""
+    kube = SlowSliceReadsKube()
+    body = entry("a", "uid-a", ["198.18.0.10"])
+    kube.entries[("ns", "a")] = body
+    kube.objects[("EndpointSlice", "ns", "a-ipv4-0")] = {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "a-ipv4-0",
+            "namespace": "ns",
+            "labels": {
+                "kubernetes.io/service-name": "a",
+                "endpointslice.kubernetes.io/managed-by": "operator.beacon.dev",
+            },
+        },
+        "endpoints": [{"addresses": ["198.18.0.10"], "conditions": {"ready": True, "serving": True}}],
+    }
+    d = _engine(kube)
+    first = asyncio.create_task(d.entry_changed(body))
+    await _turns()
+    second = asyncio.create_task(d.entry_changed({**body, "metadata": {**body["metadata"], "generation": 1}}))
+    await _turns()
+    kube.gates[0].set()  # the first read answers: ready, as published before the restart
+    await _turns(30)
+    assert d._entries[("ns", "a")].health["198.18.0.10"].ready
+    _fail(d, "a", "198.18.0.10", 3)  # the backend died meanwhile: three failures, unhealthy
+    await _turns(30)
+    assert not d._entries[("ns", "a")].health["198.18.0.10"].ready
+    for gate in kube.gates[1:]:  # any later read answers with the old published readiness
+        gate.set()
+    await _turns(30)
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+    assert not d._entries[("ns", "a")].health["198.18.0.10"].ready, "seeded again over a fresher verdict"
+    assert _readiness(kube, "a") == {"198.18.0.10": False}
+    await d.close()
+
+
 async def test_one_new_endpoint_writes_one_slice_and_transitions_are_logged_at_info(caplog: Any) -> None:
     caplog.set_level(logging.INFO, logger="beacon.discovery")
     kube = FakeKube()
@@ -388,6 +444,7 @@ async def test_a_result_that_changes_nothing_does_no_bookkeeping() -> None:
     kube.entries[("ns", "a")] = body
     d = _engine(kube)
     await d.entry_changed(body)
+    await _turns()  # the reconcile seeds and refreshes the endpoints
     key = ("ns", "a", "198.18.0.10")
     target = d._entries[("ns", "a")].entry.target(d._entries[("ns", "a")].endpoints[0])
     assert target is not None
@@ -655,6 +712,7 @@ async def test_an_entry_created_after_its_pods_still_finds_them() -> None:
     body = _selector_entry("cart", {"app": "cart"})
     kube.entries[("ns", "cart")] = body
     await d.entry_changed(body)
+    await _turns()  # the reconcile lists the selected pods
     assert sorted(e.address for e in d._entries[("ns", "cart")].endpoints) == ["198.18.0.30", "198.18.0.31"]
     assert set(d._pods["ns"]) == {"cart-1", "cart-2"}, "only the selected pods are cached"
     await _settle(d, 0.5)
@@ -687,6 +745,7 @@ async def test_leases_are_cached_only_where_a_lease_check_needs_them() -> None:
     body["spec"]["healthCheck"] = {"lease": {}, "intervalSeconds": 2, "timeoutSeconds": 1}
     kube.entries[("ns", "beat")] = body
     await d.entry_changed(body)
+    await _turns()  # the namespace's leases are listed
     record = d.lease_lookup("ns", "beat-198.18.0.40")
     assert record is not None, "the lease created before its entry was listed"
     assert record.duration == 3600
