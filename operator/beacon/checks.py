@@ -4,9 +4,14 @@ Why it exists: the scheduler (prober.py) decides *when*; this module decides *ho
 resources that make probing 10,000 endpoints cheap: plain HTTP goes over beacon's own keep-alive client
 (httpprobe.py: one idle connection per endpoint, request bytes built once per target, response bodies read only
 up to `MAX_BODY` bytes), HTTPS over one aiohttp session, gRPC over one channel and stub per target reused across
-probes. Per probe it does no work that could be done once: policy verdicts are cached per address (names are
-resolved and checked on every probe, as DNS may change), gRPC requests per service. It makes no Kubernetes API
-calls: Lease checks read a cache that the Lease watch fills.
+probes. Per probe it does no work that could be done once: policy verdicts are cached per address, gRPC requests
+per service. The prober calls `forget` when the last target of an endpoint goes, which closes that endpoint's
+connection and channel. It makes no Kubernetes API calls: Lease checks read a cache that the Lease watch fills.
+
+The SSRF guard (policy.py) is applied to the address actually connected to. A DNS name is resolved once per probe
+(DNS may change), every address it resolves to is checked, and the probe then connects to exactly those addresses,
+never to the name: a second lookup by the connection could answer an address nobody checked (DNS rebinding). The
+name stays in the HTTP Host header, the TLS server name and the gRPC authority.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -24,7 +29,7 @@ from beacon.httpprobe import (
     HttpProbeClient,
     ProbeError,
     Request,
-    connect_error,
+    connect_first,
     host_for_url,
     nofile_limit,
 )
@@ -34,7 +39,7 @@ from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeR
 __all__ = ["MAX_BODY", "Checker", "LeaseLookup"]
 
 _GRPC_SERVING = 1  # grpc.health.v1.HealthCheckResponse.SERVING
-_CACHE_SIZE = 65536  # request bytes remembered (targets); the cache is emptied when it grows past this
+_CACHE_SIZE = 65536  # endpoints whose request bytes are remembered; the cache is emptied when it grows past this
 FILES_KEPT_FREE = 1024  # open files never used for idle probe connections (API client, watches, listeners)
 
 LeaseLookup = Callable[[str, str], LeaseRecord | None]
@@ -63,9 +68,11 @@ class Checker:
         self._max_idle = max(0, nofile_limit() - FILES_KEPT_FREE) if max_idle is None else max_idle
         self._session: aiohttp.ClientSession | None = None
         self._client: HttpProbeClient | None = None
-        self._requests: dict[tuple[str, HttpCheck], Request] = {}
+        self._requests: dict[tuple[str, int], dict[HttpCheck, Request]] = {}  # per endpoint (address, port)
         self._grpc_modules: Any = None  # (grpc.aio, health_pb2, health_pb2_grpc), imported with the first gRPC check
-        self._channels: dict[tuple[str, int], tuple[Any, Any]] = {}  # (channel, stub) per target
+        # (channel, stub, the addresses a name's channel connects to or None for an IP literal) per endpoint
+        self._channels: dict[tuple[str, int], tuple[Any, Any, tuple[str, ...] | None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # channels being closed
         self._grpc_requests: dict[str, Any] = {}
         self._grpc_details: dict[int, str] = {}
 
@@ -88,58 +95,70 @@ class Checker:
             await self._client.close()
         if self._session is not None:
             await self._session.close()
-        for channel, _ in self._channels.values():
+        for channel, _, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def forget(self, address: str, port: int) -> None:
-        """Drop the connections and cached requests of a target that is no longer probed."""
+        """Drop the connection, channel and cached requests of an endpoint that is no longer probed."""
         if self._client is not None:
             self._client.forget(address, port)
-        for key in [k for k in self._requests if k[0] == address and k[1].port == port]:
-            del self._requests[key]
+        self._requests.pop((address, port), None)
         cached = self._channels.pop((address, port), None)
         if cached is not None:
-            asyncio.get_running_loop().create_task(cached[0].close())
+            self._close_later(cached[0].close())
 
-    async def refusal(self, address: str) -> str | None:
-        """The policy's reason to refuse `address`, resolving DNS names and checking every resolved address."""
-        is_ip, why = self._policy.verdict(address)
-        if why is None and not is_ip:
-            why = await self._name_refusal(address)
-        return why
+    def _close_later(self, closing: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(closing)
+        self._closing.add(task)  # a reference, so the task is not collected before it ran
+        task.add_done_callback(self._closing.discard)
 
-    async def _name_refusal(self, address: str) -> str | None:
+    async def _resolve(self, name: str, port: int, kind: type) -> tuple[tuple[str, ...], str | None]:
+        """The addresses `name` resolves to (in the resolver's order) and the policy's reason to refuse the first
+        refused one, if any. The probe connects to exactly these addresses: a name is never resolved twice."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(address, None, type=socket.SOCK_STREAM)
-        except OSError:
-            return None  # resolution failure is a probe failure, reported by the probe itself
-        for info in infos:
-            why = self._policy.verdict(str(info[4][0]))[1]
+            infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:  # a probe failure, not a refusal; worded as the connection would have
+            if kind is HttpCheck:
+                host = f"{host_for_url(name)}:{port}"
+                raise ProbeError(
+                    f"ClientConnectorDNSError: Cannot connect to host {host} ssl:default [{exc.strerror}]"
+                ) from None
+            raise ProbeError(f"gaierror: {exc}") from None
+        addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise ProbeError(f"gaierror: {name} resolves to no address")
+        verdict = self._policy.verdict
+        for address in addresses:
+            why = verdict(address)[1]
             if why is not None:
-                return f"{address} resolves to {why}"
-        return None
+                return addresses, f"{name} resolves to {why}"
+        return addresses, None
 
     async def run(self, target: Target) -> ProbeResult:
         start = time.perf_counter()
         check = target.check
         kind = type(check)
-        if kind is not LeaseCheck:
-            is_ip, why = self._policy.verdict(target.address)
-            if why is None and not is_ip:
-                why = await self._name_refusal(target.address)
-            if why is not None:
-                return ProbeResult(ok=False, detail=why, seconds=0.0, refused=True)
         try:
             async with asyncio.timeout(target.timeout):
-                if kind is HttpCheck:
-                    ok, detail = await self._http(target.address, check)  # type: ignore[arg-type]
-                elif kind is TcpCheck:
-                    ok, detail = await self._tcp(target.address, check)  # type: ignore[arg-type]
-                elif kind is GrpcCheck:
-                    ok, detail = await self._grpc(target.address, check)  # type: ignore[arg-type]
-                else:
+                if kind is LeaseCheck:
                     ok, detail = self._lease(check)  # type: ignore[arg-type]
+                else:
+                    address = target.address
+                    is_ip, why = self._policy.verdict(address)
+                    peers: tuple[str, ...] | None = None  # None: `address` is an IP literal, connected to as it is
+                    if why is None and not is_ip:
+                        peers, why = await self._resolve(address, check.port, kind)  # type: ignore[union-attr]
+                    if why is not None:
+                        return ProbeResult(ok=False, detail=why, seconds=0.0, refused=True)
+                    if kind is HttpCheck:
+                        ok, detail = await self._http(address, peers, check)  # type: ignore[arg-type]
+                    elif kind is TcpCheck:
+                        ok, detail = await self._tcp(address, peers, check)  # type: ignore[arg-type]
+                    else:
+                        ok, detail = await self._grpc(address, peers, check)  # type: ignore[arg-type]
         except TimeoutError:
             ok, detail = False, f"timed out after {target.timeout:g}s"
         except ProbeError as exc:
@@ -150,49 +169,82 @@ class Checker:
             ok, detail = False, f"{type(exc).__name__}: {exc}"[:200]
         return ProbeResult(ok=ok, detail=detail, seconds=time.perf_counter() - start)
 
-    async def _http(self, address: str, check: HttpCheck) -> tuple[bool, str]:
+    async def _http(self, address: str, peers: tuple[str, ...] | None, check: HttpCheck) -> tuple[bool, str]:
         client = self._client
         if client is None or check.scheme.upper() == "HTTPS":
-            return await self._http_aiohttp(address, check)
-        request = self._requests.get((address, check))
+            return await self._http_aiohttp(address, peers, check)
+        endpoint = (address, check.port)
+        requests = self._requests.get(endpoint)
+        request = None if requests is None else requests.get(check)
         if request is None:
-            if len(self._requests) >= _CACHE_SIZE:
-                self._requests.clear()
+            if requests is None:
+                if len(self._requests) >= _CACHE_SIZE:
+                    self._requests.clear()
+                requests = self._requests[endpoint] = {}
             request = Request.build(address=address, port=check.port, path=check.path, headers=check.headers)
-            self._requests[(address, check)] = request
-        status, body = await client.get(request)
+            requests[check] = request
+        status, body = await client.get(request, peers)
         return _http_verdict(check, status, body)
 
-    async def _http_aiohttp(self, address: str, check: HttpCheck) -> tuple[bool, str]:
-        assert self._session is not None, "use Checker as an async context manager"
-        scheme = "https" if check.scheme.upper() == "HTTPS" else "http"
-        url = f"{scheme}://{host_for_url(address)}:{check.port}{check.path}"
+    async def _http_aiohttp(self, address: str, peers: tuple[str, ...] | None, check: HttpCheck) -> tuple[bool, str]:
+        https = check.scheme.upper() == "HTTPS"
+        scheme = "https" if https else "http"
         headers = {"User-Agent": "beacon-probe/1", **dict(check.headers)}
-        async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+        if peers is None:
+            return await self._aiohttp_get(
+                f"{scheme}://{host_for_url(address)}:{check.port}{check.path}", headers, check
+            )
+        # a name: connect to the addresses checked for it; the name goes in the Host header and the TLS server name
+        if not any(name.lower() == "host" for name in headers):
+            host = host_for_url(address)
+            headers["Host"] = host if check.port == (443 if https else 80) else f"{host}:{check.port}"
+        for peer in peers[:-1]:
+            url = f"{scheme}://{host_for_url(peer)}:{check.port}{check.path}"
+            try:
+                return await self._aiohttp_get(url, headers, check, server_hostname=address if https else None)
+            except aiohttp.ClientConnectorError:
+                continue  # the next address, as a connection to the name would
+        url = f"{scheme}://{host_for_url(peers[-1])}:{check.port}{check.path}"
+        return await self._aiohttp_get(url, headers, check, server_hostname=address if https else None)
+
+    async def _aiohttp_get(
+        self, url: str, headers: dict[str, str], check: HttpCheck, *, server_hostname: str | None = None
+    ) -> tuple[bool, str]:
+        assert self._session is not None, "use Checker as an async context manager"
+        async with self._session.get(
+            url, headers=headers, allow_redirects=False, server_hostname=server_hostname
+        ) as resp:
             body = await resp.content.read(MAX_BODY)
             if not resp.content.at_eof():
                 resp.close()  # a body larger than we read: do not keep a half-read connection
             return _http_verdict(check, resp.status, body)
 
-    async def _tcp(self, address: str, check: TcpCheck) -> tuple[bool, str]:
-        try:
-            transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, address, check.port)
-        except OSError as exc:
-            raise connect_error(exc, address, check.port) from None
+    async def _tcp(self, address: str, peers: tuple[str, ...] | None, check: TcpCheck) -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        transport, _ = await connect_first(loop, _tcp_protocol, (address,) if peers is None else peers, check.port)
         transport.close()
         return True, "TCP connect ok"
 
-    async def _grpc(self, address: str, check: GrpcCheck) -> tuple[bool, str]:
+    async def _grpc(self, address: str, peers: tuple[str, ...] | None, check: GrpcCheck) -> tuple[bool, str]:
         if self._grpc_modules is None:
             from grpc import aio
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
             self._grpc_modules = (aio, health_pb2, health_pb2_grpc)
         aio, health_pb2, health_pb2_grpc = self._grpc_modules
-        cached = self._channels.get((address, check.port))
-        if cached is None:
-            channel = aio.insecure_channel(f"{host_for_url(address)}:{check.port}")
-            cached = self._channels[(address, check.port)] = (channel, health_pb2_grpc.HealthStub(channel))
+        endpoint = (address, check.port)
+        cached = self._channels.get(endpoint)
+        if cached is None or cached[2] != peers:
+            if cached is not None:  # the name resolves elsewhere now: a channel to the addresses just checked
+                self._close_later(cached[0].close())
+            if peers is None:
+                channel = aio.insecure_channel(f"{host_for_url(address)}:{check.port}")
+            else:  # the checked addresses, never the name (gRPC would resolve it again); the name as the authority
+                authority = f"{host_for_url(address)}:{check.port}"
+                channel = aio.insecure_channel(
+                    _grpc_target(peers, check.port), options=(("grpc.default_authority", authority),)
+                )
+            cached = self._channels[endpoint] = (channel, health_pb2_grpc.HealthStub(channel), peers)
         request = self._grpc_requests.get(check.service)
         if request is None:  # never mutated after this: one request object per service name is enough
             request = self._grpc_requests[check.service] = health_pb2.HealthCheckRequest(service=check.service)
@@ -212,6 +264,18 @@ class Checker:
         if left <= 0:
             return False, f"Lease {check.name} expired {abs(left):.1f}s ago"  # abs: never "-0.0s"
         return True, f"Lease {check.name} valid for {left:.1f}s"
+
+
+def _tcp_protocol(_peer: str) -> asyncio.Protocol:
+    return asyncio.Protocol()
+
+
+def _grpc_target(peers: tuple[str, ...], port: int) -> str:
+    """A gRPC target naming IP addresses, resolved by nobody: those of the first address's family (a target's
+    addresses share one family), which the channel tries in order."""
+    if ":" in peers[0]:
+        return "ipv6:" + ",".join(f"[{peer}]:{port}" for peer in peers if ":" in peer)
+    return "ipv4:" + ",".join(f"{peer}:{port}" for peer in peers if ":" not in peer)
 
 
 def _http_verdict(check: HttpCheck, status: int, body: bytes) -> tuple[bool, str]:

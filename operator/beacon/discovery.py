@@ -208,7 +208,10 @@ class Discovery:
         registry_interval_seconds: float = 0.5,
         wall_clock: Callable[[], float] = time.time,
         namespaces: tuple[str, ...] = (),
+        forget: Callable[[str, int], None] | None = None,
     ) -> None:
+        """`forget(address, port)`: called when no target probes that endpoint any more (the checker closes what
+        it keeps open for it: a gRPC channel, idle connections)."""
         self.kube = kube
         self._namespaces = set(namespaces)
         self._entries: dict[EntryKey, _EntryState] = {}
@@ -245,7 +248,7 @@ class Discovery:
         self._registry_names: dict[str, set[str]] = {}
         self._lease_listings: dict[str, asyncio.Task[None]] = {}  # a namespace's first lease check: its listing
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency)
+        self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency, forget=forget)
         managed = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         # where a new (or restarted) entry's outputs stand: its published slices, and any Service of its name
         self._slice_reads = _BatchedReads(

@@ -6,7 +6,10 @@ parser, redirect and cookie machinery). A probe needs one GET, the status line, 
 body (Content-Length, Transfer-Encoding, Connection) and at most `MAX_BODY` bytes of body for the failure detail.
 So this client writes request bytes built once per target, parses only that, and keeps one idle connection per
 endpoint (address, port) for the next probe. A connection that errors, is closed by the server, carries more
-body than `MAX_BODY` or sits idle for `idle_seconds` is dropped; the next probe opens a new one.
+body than `MAX_BODY` or sits idle for `idle_seconds` is dropped; the next probe opens a new one. The client never
+resolves a name itself: a DNS name's probe connects only to the addresses checks.py resolved and checked for that
+probe (a second lookup could answer an address nobody checked: DNS rebinding), trying them in order as asyncio does,
+and an idle connection to an address the name no longer resolves to is not reused.
 
 It behaves like the aiohttp request it replaces (checks.py keeps aiohttp for HTTPS): the verdict is ready as
 soon as the status line, the headers and the first body bytes (or the whole, possibly empty, body) are in, as
@@ -23,9 +26,10 @@ import ipaddress
 import re
 import resource
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from functools import partial
+from typing import TypeVar, cast
 
 import yarl
 
@@ -35,6 +39,8 @@ USER_AGENT = "beacon-probe/1"
 
 _TOKEN = re.compile(r"^[-A-Za-z0-9!#$%&'*+.^_`|~]+$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 # parser states
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_EOF, _DONE = range(8)
@@ -116,12 +122,14 @@ class _Connection(asyncio.Protocol):
         "closed",
         "idle_since",
         "key",
+        "peer",
         "transport",
     )
 
-    def __init__(self, client: HttpProbeClient, key: tuple[str, int]) -> None:
+    def __init__(self, client: HttpProbeClient, key: tuple[str, int], peer: str | None = None) -> None:
         self._client = client
         self.key = key
+        self.peer = key[0] if peer is None else peer  # the IP address connected to
         self._loop = client.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -384,14 +392,18 @@ class HttpProbeClient:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    async def get(self, request: Request) -> tuple[int, bytes]:
-        """(status, first bytes of the body). Raises ProbeError; cancellation (a timeout) drops the
-        connection."""
+    async def get(self, request: Request, peers: Sequence[str] | None = None) -> tuple[int, bytes]:
+        """(status, first bytes of the body). `peers` are the IP addresses to connect to when `request.address`
+        is a DNS name (resolved and checked by the caller); None when it is an IP literal. Raises ProbeError;
+        cancellation (a timeout) drops the connection."""
         key = (request.address, request.port)
         for attempt in (1, 2):
             conn = self._idle.pop(key, None)
+            if conn is not None and peers is not None and conn.peer not in peers:
+                conn.close(abort=False)  # the name resolves elsewhere now: only the addresses just checked are used
+                conn = None
             if conn is None or conn.closed:
-                conn = await self._connect(request, key)
+                conn = await self._connect(request, key, peers)
             waiter = conn.send(request.data)
             try:
                 return await waiter
@@ -403,12 +415,14 @@ class HttpProbeClient:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _connect(self, request: Request, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, request: Request, key: tuple[str, int], peers: Sequence[str] | None) -> _Connection:
         try:
-            _, conn = await self.loop.create_connection(lambda: _Connection(self, key), request.address, request.port)
+            _, conn = await connect_first(
+                self.loop, partial(_Connection, self, key), (request.address,) if peers is None else peers, request.port
+            )
         except OSError as exc:
             kind = "ClientConnectorDNSError" if isinstance(exc, socket.gaierror) else "ClientConnectorError"
-            why = connect_error(exc, request.address, request.port).strerror
+            why = exc.strerror or str(exc)
             raise ProbeError(
                 f"{kind}: Cannot connect to host {request.address}:{request.port} ssl:default [{why}]"
             ) from exc
@@ -459,6 +473,27 @@ class HttpProbeClient:
             conn.close(abort=False)
         if self._idle:
             self._sweeper = self.loop.call_later(self.idle_seconds / 2, self._sweep)
+
+
+async def connect_first(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[str], _P], addresses: Sequence[str], port: int
+) -> tuple[asyncio.Transport, _P]:
+    """Connect to the first of `addresses` (IP literals, never names: nothing is resolved here) that accepts,
+    trying them in order as asyncio does with the addresses of a name; `factory(address)` makes the protocol.
+    Raises the failure as `connect_error` words it (asyncio's "Multiple exceptions" when they differ)."""
+    errors: list[OSError] = []
+    for address in addresses:
+        try:
+            transport, protocol = await loop.create_connection(partial(factory, address), address, port)
+        except OSError as exc:
+            errors.append(connect_error(exc, address, port))
+        else:
+            return transport, protocol
+    if not errors:
+        raise OSError(f"no address to connect to for port {port}")
+    if len({str(exc) for exc in errors}) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(exc) for exc in errors)}")
 
 
 def connect_error(exc: OSError, address: str, port: int) -> OSError:

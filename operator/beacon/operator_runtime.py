@@ -126,6 +126,7 @@ class Runtime:
             probe=probe,
             concurrency=self.options.probe_concurrency,
             namespaces=self.options.namespaces,
+            forget=checker.forget,
         )
         discovery_ref.append(discovery)
         self._discovery = discovery

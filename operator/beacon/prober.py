@@ -11,7 +11,9 @@ probes come every `interval` seconds with +-10% jitter, so thousands of targets 
 `concurrency` probes run at once; due probes beyond that wait in a FIFO, counted by `queue_depth`; how late each
 probe starts (due -> started) goes to the `beacon_probe_lateness_seconds` histogram, one observation per probe.
 A target's next probe is scheduled only after its current one finished.
-Results go to a callback; this module never calls the API.
+Results go to a callback; this module never calls the API. When the last target that connects to an endpoint
+(address, port) is removed or changed to another endpoint, the `forget` callback (the checker's) is told, so the
+connection and gRPC channel kept for it are closed; targets sharing an endpoint keep it until the last one goes.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 
 from beacon.metrics import PROBE_LATENESS
-from beacon.targets import ProbeResult, Target
+from beacon.targets import LeaseCheck, ProbeResult, Target
 
 Key = Hashable
+Endpoint = tuple[str, int]  # (address, port) a probe connects to
 ResultCallback = Callable[[Key, Target, ProbeResult], None]
 ProbeFn = Callable[[Target], Awaitable[ProbeResult]]
+ForgetFn = Callable[[str, int], None]
 _observe_lateness = PROBE_LATENESS.observe  # bound once: one call per probe, no attribute lookups
 _EARLY = 0.001  # a timer that fires this much before a slot's due time runs it (timers have 1 ms resolution)
 
@@ -48,9 +52,14 @@ class Prober:
         first_probe_burst: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        forget: ForgetFn | None = None,
     ) -> None:
+        """`forget(address, port)` is called once no target connects to that endpoint any more (and again when
+        a probe of it that was in flight then finishes, as the probe may have opened something on the way)."""
         self._probe = probe
         self._on_result = on_result
+        self._forget = forget
+        self._users: dict[Endpoint, int] = {}  # endpoint -> how many targets connect to it (kept only with `forget`)
         self._limit = concurrency
         self._jitter = jitter
         self._first = first_probe_within
@@ -80,6 +89,10 @@ class Prober:
             return
         self._tokens += 1
         self._targets[key] = (target, self._tokens)
+        if self._forget is not None:
+            self._use(target)
+            if current is not None:
+                self._release(current[0])
         now = self._clock()
         self._bucket = min(float(self._burst), self._bucket + (now - self._bucket_at) * self._refill)
         self._bucket_at = now
@@ -91,7 +104,27 @@ class Prober:
         self._push(key, self._tokens, due)
 
     def remove(self, key: Key) -> None:
-        self._targets.pop(key, None)  # its heap slot is skipped when it comes due (token mismatch)
+        current = self._targets.pop(key, None)  # its heap slot is skipped when it comes due (token mismatch)
+        if current is not None and self._forget is not None:
+            self._release(current[0])
+
+    def _use(self, target: Target) -> None:
+        endpoint = _endpoint(target)
+        if endpoint is not None:
+            self._users[endpoint] = self._users.get(endpoint, 0) + 1
+
+    def _release(self, target: Target) -> None:
+        """One target fewer connects to `target`'s endpoint: forget the endpoint when it was the last one."""
+        endpoint = _endpoint(target)
+        if endpoint is None:
+            return
+        left = self._users[endpoint] - 1
+        if left:
+            self._users[endpoint] = left
+            return
+        del self._users[endpoint]
+        assert self._forget is not None
+        self._forget(*endpoint)
 
     def keys(self) -> list[Key]:
         return list(self._targets)
@@ -190,7 +223,16 @@ class Prober:
         self.probes_run += 1
         current = self._targets.get(key)
         if current is None or current[1] != token:
+            forget, endpoint = self._forget, _endpoint(target)
+            if forget is not None and endpoint is not None and endpoint not in self._users:
+                forget(*endpoint)  # forgotten while this probe ran, which may have opened a connection since
             return  # removed or changed while probing: the result is stale
         spread = target.interval * self._jitter
         self._push(key, token, started + target.interval + self._rng.uniform(-spread, spread))
         self._on_result(key, target, result)  # after rescheduling: a raising callback cannot stop the probes
+
+
+def _endpoint(target: Target) -> Endpoint | None:
+    """The (address, port) a target's probe connects to; None for a Lease check, which reads a cache."""
+    check = target.check
+    return None if isinstance(check, LeaseCheck) else (target.address, check.port)

@@ -1,13 +1,17 @@
 """The probes, against real servers on the loopback interface (allowed by an explicit probe policy): HTTP, TCP,
-gRPC health and Lease checks, bounded body reads, timeouts, and the policy refusing before anything is sent."""
+gRPC health and Lease checks, bounded body reads, timeouts, the policy refusing before anything is sent (also to a
+name that answers an allowed address first and a refused one next: DNS rebinding), and the gRPC channel of an
+endpoint closed when the prober drops its last target."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from beacon.checks import MAX_BODY, Checker
 from beacon.policy import ProbePolicy
+from beacon.prober import Prober
 from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck
 from beacon_dev.devcluster.cluster import free_port
 
@@ -32,7 +37,9 @@ class Seen:
 
 
 @contextlib.asynccontextmanager
-async def http_server(routes: dict[str, Handler], *, host: str = "127.0.0.1") -> AsyncIterator[tuple[int, Seen]]:
+async def http_server(
+    routes: dict[str, Handler], *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[tuple[int, Seen]]:
     seen = Seen()
 
     @web.middleware
@@ -49,7 +56,7 @@ async def http_server(routes: dict[str, Handler], *, host: str = "127.0.0.1") ->
         app.router.add_get(path, handler)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, host, 0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     port = int(runner.addresses[0][1])
     try:
@@ -78,10 +85,21 @@ async def checker(
     policy: ProbePolicy = LOOPBACK_ALLOWED,
     leases: dict[tuple[str, str], LeaseRecord] | None = None,
     now: float = 0.0,
+    native_http: bool = True,
 ) -> AsyncIterator[Checker]:
     table = leases or {}
-    async with Checker(policy=policy, leases=lambda ns, name: table.get((ns, name)), wall_clock=lambda: now) as c:
+    async with Checker(
+        policy=policy, leases=lambda ns, name: table.get((ns, name)), wall_clock=lambda: now, native_http=native_http
+    ) as c:
         yield c
+
+
+async def wait_until(condition: Callable[[], bool], *, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.005)
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -243,6 +261,75 @@ async def test_unresolvable_names_are_probe_failures_not_refusals() -> None:
     assert not result.refused
 
 
+CHECKED = "127.0.0.2"  # what "localhost" answers to the first lookup: allowed by REBINDING_POLICY
+REBOUND = "127.0.0.1"  # what it answers to every later lookup: loopback, refused
+REBINDING_POLICY = ProbePolicy.with_allowed([f"{CHECKED}/32"])
+
+
+@contextlib.asynccontextmanager
+async def allowed_server(kind: str, port: int) -> AsyncIterator[tuple[Check, Seen]]:
+    """A server of `kind` on CHECKED:port; what an HTTP one received goes to the Seen."""
+    if kind.startswith("http"):
+        async with http_server({"/": status(200)}, host=CHECKED, port=port) as (_, seen):
+            yield HttpCheck(port=port), seen
+    elif kind == "tcp":
+        server = await asyncio.start_server(lambda r, w: w.close(), CHECKED, port)
+        async with server:
+            yield TcpCheck(port=port), Seen()
+    else:
+        async with grpc_health_server(f"{CHECKED}:{port}") as (_, servicer):
+            await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            yield GrpcCheck(port=port), Seen()
+
+
+@pytest.mark.parametrize("kind", ["http", "http-aiohttp", "tcp", "grpc"])
+async def test_a_name_is_resolved_once_and_only_the_checked_address_is_connected_to(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: "localhost" answers an allowed address to the first lookup and a refused one to every later
+    lookup (the loop's getaddrinfo is replaced; gRPC's own resolver would answer the refused one too). The probe
+    connects to the address it checked, with the name as the Host header; the next probe looks the name up again
+    and is refused. Nothing ever reaches the refused address."""
+    reached_refused = 0
+
+    def on_refused_address(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal reached_refused
+        reached_refused += 1
+        writer.close()
+
+    refused_server = await asyncio.start_server(on_refused_address, REBOUND, 0)
+    port = refused_server.sockets[0].getsockname()[1]  # the allowed server listens on the same port
+    loop = asyncio.get_running_loop()
+    real_getaddrinfo = loop.getaddrinfo
+    lookups: list[object] = []
+
+    async def getaddrinfo(host: object, port_: object, **kw: Any) -> list[Any]:
+        if host != "localhost":
+            return await real_getaddrinfo(host, port_, **kw)  # type: ignore[arg-type]
+        lookups.append(host)
+        answer = CHECKED if len(lookups) == 1 else REBOUND
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answer, port_ or 0))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    async with (
+        refused_server,
+        allowed_server(kind, port) as (check, seen),
+        checker(policy=REBINDING_POLICY, native_http=kind != "http-aiohttp") as c,
+    ):
+        first = await c.run(probe_target(check, address="localhost", timeout=1.0))
+        second = await c.run(probe_target(check, address="localhost", timeout=1.0))
+        await asyncio.sleep(0.05)
+    assert reached_refused == 0, "a probe reached the address the policy refuses"
+    assert (first.ok, first.refused) == (True, False), first.detail
+    assert second.refused
+    assert not second.ok
+    assert second.detail.startswith(f"localhost resolves to {REBOUND} is loopback")
+    assert len(lookups) == 2  # once per probe
+    if kind.startswith("http"):
+        assert seen.headers[0]["Host"] == f"localhost:{port}"
+        assert seen.paths == ["/"]
+
+
 # ------------------------------------------------------------------------------------------------ Lease
 @pytest.mark.parametrize(
     ("record", "ok", "detail"),
@@ -267,11 +354,11 @@ async def test_lease_check_against_a_fake_clock(record: LeaseRecord | None, ok: 
 
 # ------------------------------------------------------------------------------------------------ gRPC
 @contextlib.asynccontextmanager
-async def grpc_health_server() -> AsyncIterator[tuple[int, health_aio.HealthServicer]]:
+async def grpc_health_server(address: str = "127.0.0.1:0") -> AsyncIterator[tuple[int, health_aio.HealthServicer]]:
     server = grpc.aio.server()
     servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     await server.start()
     try:
         yield port, servicer
@@ -305,3 +392,46 @@ async def test_grpc_unreachable_fails_within_the_timeout() -> None:
         elapsed = time.monotonic() - started
     assert not result.ok
     assert elapsed < 5.0  # bounded by the probe timeout, not by gRPC's own reconnect backoff
+
+
+async def test_the_grpc_channel_of_an_endpoint_is_closed_when_the_prober_drops_its_last_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prober tells the checker (`forget`) when no target uses an endpoint any more: its channel is closed and
+    no longer cached. Two targets of one endpoint share one channel, which stays while either is left."""
+    channels: list[Any] = []
+    real_channel = grpc.aio.insecure_channel
+
+    def recording_channel(target: str, *args: Any, **kwargs: Any) -> Any:
+        channels.append(real_channel(target, *args, **kwargs))
+        return channels[-1]
+
+    monkeypatch.setattr(grpc.aio, "insecure_channel", recording_channel)
+    shutdown = grpc.ChannelConnectivity.SHUTDOWN
+    results: list[tuple[Hashable, ProbeResult]] = []
+    async with grpc_health_server() as (port, servicer), checker() as c:
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await servicer.set("payments.v1.Payments", health_pb2.HealthCheckResponse.SERVING)
+        prober = Prober(
+            probe=c.run, on_result=lambda k, t, r: results.append((k, r)), first_probe_within=0.01, forget=c.forget
+        )
+        task = asyncio.create_task(prober.run())
+        try:
+            prober.upsert("overall", probe_target(GrpcCheck(port=port)))
+            prober.upsert("payments", probe_target(GrpcCheck(port=port, service="payments.v1.Payments")))
+            await wait_until(lambda: len(results) == 2)
+            assert all(result.ok for _, result in results)
+            (channel,) = channels  # one channel for the endpoint
+            prober.remove("overall")
+            await asyncio.sleep(0.1)
+            assert channel.get_state() != shutdown  # "payments" still uses it
+            prober.remove("payments")
+            await wait_until(lambda: channel.get_state() == shutdown)
+            prober.upsert("overall", probe_target(GrpcCheck(port=port)))
+            await wait_until(lambda: len(results) == 3)
+            assert results[-1][1].ok
+            assert len(channels) == 2  # the closed channel was not cached any more: a new one
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,6 +1,7 @@
 """beacon's own keep-alive HTTP/1.1 probe client, against real servers on loopback: connection reuse, servers that
-close, chunked and oversized bodies, exact timeouts, status ranges, refused connections, and the same verdict and
-detail as the aiohttp path for every kind of response (each scenario is probed by both). The response parser is
+close, chunked and oversized bodies, exact timeouts, status ranges, refused connections, a name probed only at the
+addresses checked for it, and the same verdict and detail as the aiohttp path for every kind of response (each
+scenario is probed by both). The response parser is
 also fed responses cut into arbitrary pieces (hypothesis): the pieces never change the answer."""
 
 from __future__ import annotations
@@ -57,9 +58,14 @@ class Raw:
 
 
 @contextlib.asynccontextmanager
-async def raw_server(serve: Callable[[Raw, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Any:
+async def raw_server(
+    serve: Callable[[Raw, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> Any:
     raw = Raw(lambda r, w: serve(raw, r, w))
-    server = await asyncio.start_server(raw._handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(raw._handle, host, port)
     raw.port = server.sockets[0].getsockname()[1]
     async with server:
         yield raw
@@ -213,6 +219,38 @@ async def test_a_slow_rest_of_body_does_not_delay_the_verdict() -> None:
     assert again.ok
     assert elapsed < 1.5  # the verdict did not wait for the rest of the body (2 s later); not a speed bound
     assert raw.connections == 1
+
+
+# ------------------------------------------------------------------------------------------------ names
+async def test_a_name_is_probed_at_its_checked_addresses_in_order_and_its_idle_connection_follows_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop's getaddrinfo answers "localhost" with the addresses below, one answer per probe. The probe tries
+    them in order (nothing listens on 127.0.0.3), keeps its connection while the name still resolves to its
+    address, and opens a new one when the name moves; the Host header is always the name."""
+    answers = [["127.0.0.3", "127.0.0.2"], ["127.0.0.2"], ["127.0.0.4"]]
+    loop = asyncio.get_running_loop()
+    real_getaddrinfo = loop.getaddrinfo
+
+    async def getaddrinfo(host: object, port: object, **kw: Any) -> list[Any]:
+        if host != "localhost":
+            return await real_getaddrinfo(host, port, **kw)  # type: ignore[arg-type]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, port)) for a in answers.pop(0)]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    async with (
+        raw_server(answering(OK), host="127.0.0.2") as first,
+        raw_server(answering(OK), host="127.0.0.4", port=first.port) as moved,
+        checker() as c,
+    ):
+        probe = Target(address="localhost", check=HttpCheck(port=first.port), interval=10.0, timeout=2.0)
+        results = [await c.run(probe) for _ in range(3)]
+        await asyncio.wait_for(first.closed_by_peer.wait(), 2.0)  # the connection to the old address dropped
+    assert [(r.ok, r.detail) for r in results] == [(True, "HTTP 200")] * 3
+    assert (first.connections, len(first.requests)) == (1, 2)
+    assert (moved.connections, len(moved.requests)) == (1, 1)
+    assert all(f"\r\nHost: localhost:{first.port}\r\n".encode() in r for r in first.requests + moved.requests)
+    assert answers == []
 
 
 # ------------------------------------------------------------------------------------------------ timeouts, refusals

@@ -1,5 +1,6 @@
 """The probe scheduler, driven by a fake probe function: prompt first probes, periodic probing, bounded
-concurrency, no overlap per target, and results of removed or changed targets never delivered."""
+concurrency, no overlap per target, results of removed or changed targets never delivered, and the checker told
+(`forget`) when the last target of an endpoint goes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from beacon.metrics import REGISTRY
 from beacon.prober import Prober
-from beacon.targets import ProbeResult, Target, TcpCheck
+from beacon.targets import GrpcCheck, LeaseCheck, ProbeResult, Target, TcpCheck
 
 
 def target(address: str = "198.18.0.1", *, interval: float = 0.1, timeout: float = 1.0) -> Target:
@@ -322,3 +323,49 @@ async def test_first_probes_are_never_spread_beyond_the_interval() -> None:
             prober.upsert(i, target(f"198.18.0.{i}", interval=0.2))
         await wait_until(lambda: len(fake.starts) == 100, within=2.0)
     assert max(starts[0] for starts in fake.starts.values()) - added < 0.2 + 0.05
+
+
+def test_an_endpoint_is_forgotten_once_its_last_target_goes() -> None:
+    """Targets sharing an endpoint (address, port) keep it; `forget` is called once the last of them is removed or
+    moved to another port. A Lease check connects nowhere: nothing to forget."""
+    fake = FakeProbe()
+    forgotten: list[tuple[str, int]] = []
+    prober = Prober(probe=fake, on_result=fake.on_result, forget=lambda a, p: forgotten.append((a, p)))
+    grpc = Target(address="198.18.0.1", check=GrpcCheck(port=50051), interval=60.0, timeout=1.0)
+    prober.upsert("overall", grpc)
+    prober.upsert("payments", replace(grpc, check=GrpcCheck(port=50051, service="payments.v1.Payments")))
+    prober.upsert("tcp", target("198.18.0.1"))  # port 80: another endpoint of the same address
+    prober.upsert("lease", replace(grpc, check=LeaseCheck(namespace="shop", name="payments-a")))
+    prober.remove("overall")
+    assert forgotten == []  # "payments" still probes 198.18.0.1:50051
+    prober.upsert("payments", replace(grpc, check=GrpcCheck(port=50051, service="other.v1.Other")))
+    assert forgotten == []  # changed, but the same endpoint
+    prober.remove("payments")
+    assert forgotten == [("198.18.0.1", 50051)]
+    prober.remove("payments")  # gone already: nothing more
+    prober.upsert("tcp", replace(target("198.18.0.1"), check=TcpCheck(port=8080)))
+    assert forgotten == [("198.18.0.1", 50051), ("198.18.0.1", 80)]  # moved to another port
+    prober.remove("lease")
+    prober.remove("tcp")
+    assert forgotten == [("198.18.0.1", 50051), ("198.18.0.1", 80), ("198.18.0.1", 8080)]
+
+
+async def test_an_endpoint_removed_while_its_probe_runs_is_forgotten_again_when_the_probe_ends() -> None:
+    """The probe in flight may open a connection after the removal forgot the endpoint: forgotten once more."""
+    fake = FakeProbe(gate=asyncio.Event())
+    forgotten: list[tuple[str, int]] = []
+    prober = Prober(
+        probe=fake, on_result=fake.on_result, first_probe_within=0.01, forget=lambda a, p: forgotten.append((a, p))
+    )
+    async with running(prober):
+        prober.upsert("a", target(interval=60.0))
+        prober.upsert("b", target("198.18.0.2", interval=60.0))
+        await wait_until(lambda: fake.inflight == 2)
+        prober.remove("a")
+        prober.upsert("b", target("198.18.0.2", interval=30.0))  # changed while probing, same endpoint
+        assert forgotten == [("198.18.0.1", 80)]
+        assert fake.gate is not None
+        fake.gate.set()
+        await wait_until(lambda: fake.inflight == 0 and fake.count("198.18.0.2") == 2)
+    assert forgotten == [("198.18.0.1", 80), ("198.18.0.1", 80)]  # "b" is still probed: never forgotten
+    assert [key for key, _, _ in fake.delivered] == ["b"]
