@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from beacon import metrics
+from beacon.engine import Controller, Owns, owner_uids
 from beacon.health import EndpointHealth, Status, observe, seeded, settled
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.models import Endpoint, ServiceEntry
@@ -48,7 +49,7 @@ from beacon.reconcile import (
 )
 from beacon.registry import LABEL_REGISTRY, REGISTRY_NAME, desired_registry
 from beacon.targets import LeaseRecord, ProbeResult, Target, parse_micro_time
-from beacon.workqueue import WorkQueue, repeat
+from beacon.workqueue import repeat
 
 log = logging.getLogger("beacon.discovery")
 
@@ -231,18 +232,30 @@ class Discovery:
         self._deleted_uids: collections.deque[str] = collections.deque(maxlen=4096)
         self._clock = wall_clock
         self._locks: dict[EntryKey, asyncio.Lock] = defaultdict(asyncio.Lock)
-        # at the leading edge: an idle entry is written at once; changes during a write join one follow-up write
-        self._queue: WorkQueue[EntryKey] = WorkQueue(
+        self._by_uid: dict[str, EntryKey] = {}  # an entry's uid -> its key: the owner of an output, in one lookup
+        # The ServiceEntry controller owns each entry's Service, EndpointSlices and Endpoints (labelled with the
+        # entry). At the leading edge: an idle entry is written at once; changes during a write join one follow-up.
+        self.entries: Controller[EntryKey] = Controller(
             name="ServiceEntry",
-            process=self._reconcile_or_report,
+            kube=kube,
+            reconcile=self._reconcile_or_report,
+            owns=[Owns(kind, LABEL_ENTRY) for kind in ("Service", "EndpointSlice", "Endpoints")],
+            owner_of=self._owner_key,
+            on_owned_change=self._output_changed,
+            in_scope=self._in_scope,
             alive=lambda key: key in self._entries,
             # whatever was written before a failure is unknown now: re-read instead of trusting the cache
             on_error=self._forget_written,
         )
-        self._registry_queue: WorkQueue[str] = WorkQueue(
+        # The Registry controller owns each namespace's registry ConfigMaps; its key is the namespace.
+        self.registries: Controller[str] = Controller(
             name="Registry",
+            kube=kube,
+            reconcile=self.write_registry,
+            owns=[Owns("ConfigMap", f"{LABEL_REGISTRY}=true")],
+            owner_of=lambda _kind, meta: str(meta["namespace"]),
+            in_scope=self._in_scope,
             min_interval=registry_interval_seconds,  # a namespace's whole catalog: at most one write per interval
-            process=self.write_registry,
             on_error=self._forget_registry,
         )
         self._registry_names: dict[str, set[str]] = {}
@@ -281,6 +294,7 @@ class Discovery:
             state.status = dict(body.get("status") or {}) or None
             self._entries[entry.key] = state
             self._names[entry.namespace].add(entry.name)
+        self._by_uid[entry.uid] = entry.key
         state.entry, state.labels = entry, labels
         if before is not None and before != entry:
             state.spec_changed()
@@ -312,15 +326,16 @@ class Discovery:
         if state is not None:
             self._names[namespace].discard(name)
             self._deleted_uids.append(state.entry.uid)
+            self._by_uid.pop(state.entry.uid, None)
             self._unindex(state)
             for ep in state.endpoints:
                 self.prober.remove((namespace, name, ep.address))
             metrics.TARGETS.set(len(self.prober))
         self.kube.forget_namespace_entry(namespace, name)
         self._records[namespace].pop(name, None)
-        self._queue.cancel((namespace, name))
+        self.entries.cancel((namespace, name))
         self._drop_lock(self._locks, (namespace, name))
-        self._registry_queue.schedule(namespace)
+        self.registries.enqueue(namespace)
 
     @staticmethod
     def _drop_lock(locks: dict[Any, asyncio.Lock], key: Any) -> None:
@@ -489,47 +504,27 @@ class Discovery:
                 task.cancel()
 
     def watch_outputs(self) -> None:
-        """Repair what beacon owns: watch its Services, EndpointSlices, Endpoints (labelled with their entry) and
-        registry ConfigMaps in every namespace, metadata only. An object deleted, or written by anyone but beacon,
-        re-queues its owner, whose reconcile reads it, compares it with what beacon wants and writes it back if a
-        field beacon owns differs. The echo of beacon's own writes (known by its resourceVersion) costs nothing
-        else. Called once this replica is the active one."""
-        outputs = [(kind, LABEL_ENTRY) for kind in ("Service", "EndpointSlice", "Endpoints")]
-        for kind, label in [*outputs, ("ConfigMap", f"{LABEL_REGISTRY}=true")]:
-            if (kind, "") not in self._watches:
-                self._watches[(kind, "")] = asyncio.ensure_future(self._follow_outputs(kind, label))
+        """Repair what beacon owns: each controller watches the kinds it owns (`beacon.engine`). Called once this
+        replica is the active one."""
+        self.entries.watch_owned()
+        self.registries.watch_owned()
 
-    async def _follow_outputs(self, kind: str, label_selector: str) -> None:
-        async for type_, body in self.kube.watch(kind, None, label_selector=label_selector, metadata_only=True):
-            self._output_changed(kind, type_, body["metadata"])
+    def _in_scope(self, namespace: str) -> bool:
+        return not self._namespaces or namespace in self._namespaces
 
-    def _output_changed(self, kind: str, type_: str, meta: Mapping[str, Any]) -> None:
-        namespace = meta["namespace"]
-        if self._namespaces and namespace not in self._namespaces:
-            return
-        if not self.kube.changed_by_others(kind, type_, meta):
-            return  # beacon's own write or deletion coming back (or the garbage collector's after the entry)
-        what = "deleted" if type_ == "DELETED" else "written"
-        log.info("%s %s/%s was %s by someone else: checking it", kind, namespace, meta["name"], what)
-        self.kube.forget(kind, namespace, meta["name"])  # the reconcile reads it, compares, writes on a difference
-        if kind == "ConfigMap":
-            self._registry_queue.schedule(namespace)
-            return
-        state = self._owner_of(namespace, meta)
-        if state is not None:
-            key = state.entry.key
-            if kind == "EndpointSlice":
-                state.slices = None  # read them again: what stands there now is not what was written
-            self._schedule(key)
-
-    def _owner_of(self, namespace: str, meta: Mapping[str, Any]) -> _EntryState | None:
+    def _owner_key(self, _kind: str, meta: Mapping[str, Any]) -> EntryKey | None:
         """The entry an output belongs to: by its ownerReference (labels may be what someone edited)."""
-        uids = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
-        for name in self._names.get(namespace, ()):
-            state = self._entries.get((namespace, name))
-            if state is not None and state.entry.uid in uids:
-                return state
+        for uid in owner_uids(meta):
+            key = self._by_uid.get(uid)
+            state = self._entries.get(key) if key is not None else None
+            if state is not None and state.entry.uid == uid:
+                return key
         return None
+
+    def _output_changed(self, kind: str, key: EntryKey, _meta: Mapping[str, Any]) -> None:
+        state = self._entries.get(key)
+        if state is not None and kind == "EndpointSlice":
+            state.slices = None  # read them again: what stands there now is not what was written
 
     async def _follow(self, kind: str, namespace: str, apply: Callable[..., None]) -> None:
         async for type_, body in self.kube.watch(kind, namespace):
@@ -819,7 +814,7 @@ class Discovery:
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self, key: EntryKey) -> None:
-        self._queue.schedule(key)
+        self.entries.enqueue(key)
 
     async def _reconcile_or_report(self, key: EntryKey) -> None:
         try:
@@ -933,7 +928,7 @@ class Discovery:
 
     # ------------------------------------------------------------------ registry
     def _schedule_registry(self, namespace: str) -> None:
-        self._registry_queue.schedule(namespace)
+        self.registries.enqueue(namespace)
 
     def _forget_registry(self, namespace: str, _exc: Exception) -> None:
         for item in self._registry_names.pop(namespace, set()):
@@ -988,8 +983,8 @@ class Discovery:
         for task in self._watches.values():
             task.cancel()
         self._watches.clear()
-        await self._queue.close()
-        await self._registry_queue.close()
+        await self.entries.close()
+        await self.registries.close()
 
 
 def _iso(now: float) -> str:

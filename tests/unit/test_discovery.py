@@ -679,7 +679,7 @@ async def test_a_pod_no_entry_selects_does_no_work_and_is_not_cached() -> None:
     assert d._pods == {}
     assert d._pod_entries == {}
     assert len(kube.listed) == listings, "a pod event never lists"
-    assert not any(d._queue.is_dirty(k) for k in d._entries)
+    assert not any(d.entries.is_dirty(k) for k in d._entries)
 
     # a pod that matches touches exactly its entry (refreshed by its reconcile), and is cached
     d.pod_changed("ns", _pod_body("cart-1", "198.18.0.23", {"app": "cart", "extra": "x"}))
