@@ -128,6 +128,7 @@ NEEDED = [
     ("watch", "endpoints", None),
     ("watch", "endpointslices.discovery.k8s.io", None),
     ("watch", "configmaps", None),
+    ("watch", "controllerrevisions.apps", None),
     ("create", "services", None),
     ("patch", "services", None),
     ("patch", "endpoints", None),
