@@ -4,18 +4,30 @@ Why it exists: issue 4's figures, measured on the local control plane with the r
 have an opted-in Deployment; every round updates all entries at once. Timestamps come from watches on
 ConfigMaps and Deployments. The reload rate limit is raised for the run (`--reload-rate-limit 1000/60`) so the
 figures show the pipeline, not the limiter; the debounce window stays at its default and is reported beside the
-bump latency. Results: bench/results/config.json and config.md.
+bump latency.
+
+The scale scenario (`--scale-entries`, default 5,000) creates that many namespace-wide ConfigEntries in one
+namespace before the operator starts (every entry layers on every other: all set one key at one priority, the
+last name wins), starts the operator and measures (a) how long start-up holds the event loop: the synchronous
+part of `Configs.start` (gauge beacon_config_start_hold_seconds) plus the layering and planning of every entry
+until all are materialised (counter beacon_config_planning_seconds_total), the two parts that grow with the
+namespace; the operator's whole CPU time is reported beside it; and (b) a namespace-wide edit (the entry that
+wins the shared key changes it) until every entry's ConfigMap holds the new content. Targets: <= 1 s, <= 10 s.
+Results: bench/results/config.json and config.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import markdown_table, pct, save
+from benchlib import RESULTS, markdown_table, pct, save
 from kubernetes import client, config, watch
 
 from beacon.config_core import ANNOTATION_HASH, ANNOTATION_TEMPLATE_HASHES, config_map_data, content_hash
@@ -23,7 +35,11 @@ from beacon_dev.devcluster import DevCluster
 from beacon_dev.testing import OperatorProcess, config_entry, opted_in_deployment
 
 NS = "bench-config"
+SCALE_NS = "bench-config-scale"
 DEBOUNCE = 2.0
+START_HOLD_TARGET = 1.0  # seconds of event loop held by start-up with 5,000 entries in one namespace
+EDIT_TARGET = 10.0  # seconds from a namespace-wide edit to every ConfigMap updated
+CREATE_THREADS = 8
 
 
 class Seen:
@@ -39,10 +55,10 @@ class Seen:
             self.at.setdefault((name, digest), now)
 
 
-def _watch(seen: Seen, list_fn: Any, extract: Any) -> None:
+def _watch(seen: Seen, list_fn: Any, extract: Any, namespace: str = NS) -> None:
     w = watch.Watch()
     try:
-        for event in w.stream(list_fn, NS, timeout_seconds=0):
+        for event in w.stream(list_fn, namespace, timeout_seconds=0):
             name, hashes = extract(event["object"])
             seen.record(name, hashes)
             if seen.stop.is_set():
@@ -144,9 +160,137 @@ def run(*, entries: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def _metric(operator: OperatorProcess, name: str) -> float:
+    for line in operator.metrics().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
+    """5,000 namespace-wide entries in one namespace: start-up's event-loop hold, then a namespace-wide edit."""
+    with DevCluster() as cluster:
+        cluster.kubectl("apply", "--server-side", "-k", str(Path(__file__).resolve().parents[1] / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/configentries.beacon.dev")
+        cluster.kubectl("create", "namespace", SCALE_NS)
+        api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+        names = [f"cfg-{i:05d}" for i in range(entries)]
+        winner = names[-1]  # the last name wins the shared key: its edit changes every entry's content
+
+        def create(name: str) -> None:
+            body = config_entry(name, SCALE_NS, {"shared/round": "0", f"own/{name}": "1"} if name == winner else {})
+            if name != winner:
+                body["spec"]["data"] = {"shared/round": "0"}
+            custom.create_namespaced_custom_object("beacon.dev", "v1alpha1", SCALE_NS, "configentries", body)
+
+        created = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            for future in [pool.submit(create, n) for n in names]:
+                future.result()
+        create_seconds = time.monotonic() - created
+
+        cms = Seen()
+        watcher = threading.Thread(
+            target=_watch, args=(cms, core.list_namespaced_config_map, _cm_hash, SCALE_NS), daemon=True
+        )
+        watcher.start()
+        kubeconfig = cluster.client_kubeconfig(user="beacon-bench-operator", groups=("system:masters",))
+        operator = OperatorProcess(cluster=cluster, kubeconfig=kubeconfig, log_dir=cluster.workdir)
+        started = time.monotonic()
+        operator.start()
+        assert operator.proc is not None
+        first = content_hash(config_map_data({"shared/round": "0", f"own/{winner}": "1"}))
+        deadline = time.monotonic() + 900
+        while sum((n, first) in cms.at for n in names) < entries and time.monotonic() < deadline:
+            time.sleep(0.5)
+        materialised = sum((n, first) in cms.at for n in names)
+        start_all = max((cms.at[(n, first)] for n in names if (n, first) in cms.at), default=float("nan")) - started
+        time.sleep(3)  # the status patches of the last entries
+        start_hold = _metric(operator, "beacon_config_start_hold_seconds")
+        start_planning = _metric(operator, "beacon_config_planning_seconds_total")
+        start_cpu = _cpu_seconds(operator.proc.pid)
+
+        data = {"shared/round": "1", f"own/{winner}": "1"}
+        digest = content_hash(config_map_data(data))
+        edited = time.monotonic()
+        custom.patch_namespaced_custom_object(
+            "beacon.dev", "v1alpha1", SCALE_NS, "configentries", winner, {"spec": {"data": data}}
+        )
+        deadline = time.monotonic() + 600
+        while sum((n, digest) in cms.at for n in names) < entries and time.monotonic() < deadline:
+            time.sleep(0.2)
+        updated = [cms.at[(n, digest)] - edited for n in names if (n, digest) in cms.at]
+        time.sleep(3)
+        edit_planning = _metric(operator, "beacon_config_planning_seconds_total") - start_planning
+        edit_cpu = _cpu_seconds(operator.proc.pid) - start_cpu
+        cms.stop.set()
+        operator.stop()
+    return {
+        "entries": entries,
+        "namespaces": 1,
+        "create_seconds": round(create_seconds, 1),
+        "start_up": {
+            "materialised": materialised,
+            "all_materialised_after_s": round(start_all, 2),
+            "event_loop_hold_s": round(start_hold + start_planning, 3),
+            "start_hold_s": round(start_hold, 3),
+            "layering_and_planning_s": round(start_planning, 3),
+            "operator_cpu_s": round(start_cpu, 1),
+            "target_s": START_HOLD_TARGET,
+        },
+        "namespace_wide_edit": {
+            "updated": len(updated),
+            "all_updated_after_s": round(max(updated, default=float("nan")), 2),
+            "p50_s": round(pct(updated, 0.5), 2),
+            "layering_and_planning_s": round(edit_planning, 3),
+            "operator_cpu_s": round(edit_cpu, 1),
+            "target_s": EDIT_TARGET,
+        },
+    }
+
+
+def scale_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    s, e = results["start_up"], results["namespace_wide_edit"]
+    n = results["entries"]
+    return [
+        (f"scale: ConfigEntries in one namespace (namespace-wide, created in {results['create_seconds']} s)", f"{n}"),
+        (
+            "start-up: event loop held (start + layering/planning of every entry)",
+            f"{s['event_loop_hold_s']} s (target <= {s['target_s']:g} s; start {s['start_hold_s']} s, "
+            f"layering {s['layering_and_planning_s']} s)",
+        ),
+        (
+            "start-up: every ConfigMap materialised after / operator CPU",
+            f"{s['all_materialised_after_s']} s ({s['materialised']}/{n}) / {s['operator_cpu_s']} s",
+        ),
+        (
+            "namespace-wide edit -> every ConfigMap updated",
+            f"{e['all_updated_after_s']} s (target <= {e['target_s']:g} s; p50 {e['p50_s']} s; {e['updated']}/{n})",
+        ),
+        (
+            "namespace-wide edit: layering/planning / operator CPU",
+            f"{e['layering_and_planning_s']} s / {e['operator_cpu_s']} s",
+        ),
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
+    rows = pipeline_rows(results) if "apply_to_configmap" in results else []
+    if "scale" in results:
+        rows += scale_rows(results["scale"])
+    return markdown_table(rows)
+
+
+def pipeline_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     c, b = results["apply_to_configmap"], results["apply_to_template_bump"]
-    rows = [
+    return [
         ("entries x rounds (all entries updated at once per round)", f"{results['entries']} x {results['rounds']}"),
         ("ConfigEntry apply -> ConfigMap updated p50 / p99", f"{c['p50_s']} s / {c['p99_s']} s (n={c['n']})"),
         ("apply -> Deployment template bumped p50 / p99", f"{b['p50_s']} s / {b['p99_s']} s (n={b['n']})"),
@@ -155,15 +299,27 @@ def table(results: dict[str, Any]) -> str:
             f"{b['p50_beyond_debounce_s']} s / {b['p99_beyond_debounce_s']} s",
         ),
     ]
-    return markdown_table(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--entries", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--scale-entries", type=int, default=5000, help="ConfigEntries of the scale scenario (one namespace)"
+    )
+    parser.add_argument(
+        "--scenario", choices=("all", "pipeline", "scale"), default="all", help="which scenarios to run"
+    )
     args = parser.parse_args()
-    results = run(entries=args.entries, rounds=args.rounds)
+    results: dict[str, Any] = {}
+    previous = RESULTS / "config.json"
+    if args.scenario != "all" and previous.exists():  # one scenario run: keep the other's last figures
+        results = json.loads(previous.read_text())
+    if args.scenario in ("all", "pipeline"):
+        results.update(run(entries=args.entries, rounds=args.rounds))
+    if args.scenario in ("all", "scale"):
+        results["scale"] = run_scale(entries=args.scale_entries)
     save("config", results, table(results))
 
 

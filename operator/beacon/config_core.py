@@ -15,10 +15,16 @@ Semantics (README "ConfigEntry"):
   conflict: the last name wins and both get Conflict=True naming the key.
 - Keys map '/' -> '.' (db/pool/size -> db.pool.size); the CRD forbids '.' in segments, so the map is one-to-one.
 - The content hash is sha256 over the canonical JSON of the ConfigMap data, first 16 hex digits.
+
+Cost: the layering of a scope (the namespace-wide merge, or that merge overlaid by one service's entries), its
+key conflicts and its invalid keys are computed once per change of the scope (`layering`, a `Layering`) and
+shared by every entry of the scope; planning one entry (`plan_in`) then costs its own keys, not the entries of
+its namespace. With N namespace-wide entries, materialising all of them is O(N) layer visits, not O(N^2).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -298,6 +304,91 @@ class Plan:
     sources: dict[str, str] = field(default_factory=dict)
 
 
+MAX_NAMED = 8  # other entries named per conflicting key in the Conflict message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Layering:
+    """The layering of one scope of one namespace: namespace-wide (`service` None) or one service's (the
+    namespace-wide layering overlaid by that service's entries). Computed once per change of the scope's entries
+    (or, for a service scope, of the namespace-wide ones beneath it) and shared by every entry of the scope.
+
+    `data` is None when some layer has invalid keys or the merge is too large; `plan_in` says why, per entry.
+    `data` and `merged` are shared by every plan of the scope: never mutate them."""
+
+    namespace: str
+    service: str | None
+    merged: Merged
+    data: dict[str, str] | None
+    hash: str | None
+    size: int
+    # (entry name, its invalid keys) of every layer that has some, namespace-wide and this scope's, by name
+    invalid: tuple[tuple[str, tuple[str, ...]], ...]
+    # (priority, key) -> sorted names of this scope's own entries that set it, for keys set by two or more
+    setters: Mapping[tuple[int, str], tuple[str, ...]]
+    layers: int  # entries that contribute a key
+
+
+def layering(
+    entries: Iterable[ConfigEntry], *, namespace: str, service: str | None, base: Layering | None = None
+) -> Layering:
+    """The layering of `service`'s scope (None: namespace-wide) in `namespace`, from `entries` (those of other
+    scopes or namespaces are ignored). A service scope lays its entries over `base`, the namespace-wide layering
+    (None: no namespace-wide entries). Cost: O(this scope's entries + keys of the merge)."""
+    own = sorted(
+        (e for e in entries if e.namespace == namespace and e.service == service),
+        key=precedence,
+    )
+    below = base if service is not None else None
+    values: dict[str, str] = dict(below.merged.values) if below is not None else {}
+    sources: dict[str, str] = dict(below.merged.sources) if below is not None else {}
+    by_key: dict[tuple[int, str], list[str]] = defaultdict(list)
+    bad: list[tuple[str, tuple[str, ...]]] = list(below.invalid) if below is not None else []
+    for layer in own:
+        for key, value in layer.data.items():
+            values[key] = value
+            sources[key] = layer.name
+            by_key[(layer.priority, key)].append(layer.name)
+        wrong = invalid_keys(layer.data)
+        if wrong:
+            bad.append((layer.name, tuple(wrong)))
+    merged = Merged(values=dict(sorted(values.items())), sources=dict(sorted(sources.items())))
+    setters = {k: tuple(sorted(names)) for k, names in by_key.items() if len(names) > 1}
+    data = config_map_data(merged.values)
+    size = data_bytes(data)
+    usable = not bad and size <= MAX_DATA_BYTES
+    return Layering(
+        namespace=namespace,
+        service=service,
+        merged=merged,
+        data=data if usable else None,
+        hash=content_hash(data) if usable else None,
+        size=size,
+        invalid=tuple(sorted(bad)),
+        setters=setters,
+        layers=len(set(sources.values())),
+    )
+
+
+def conflict_of(entry: ConfigEntry, scope: Layering) -> Condition:
+    """`entry`'s Conflict condition from its scope's setters: O(its own keys), whatever the size of the tie."""
+    mine = sorted(k for k in entry.data if (entry.priority, k) in scope.setters)
+    if not mine:
+        return Condition("Conflict", "False", "NoConflict", "no other entry of the same scope and priority sets a key")
+    parts = []
+    for key in mine[:8]:
+        names = scope.setters[(entry.priority, key)]
+        at = bisect.bisect_left(names, entry.name)
+        present = at < len(names) and names[at] == entry.name
+        others = [n for n in names[: MAX_NAMED + 1] if n != entry.name][:MAX_NAMED]
+        count = len(names) - (1 if present else 0)
+        more = f" and {count - len(others)} more" if count > len(others) else ""
+        winner = max(names[-1], entry.name)
+        parts.append(f"{key} (also set by {', '.join(others)}{more}; {winner} wins)")
+    more_keys = f" and {len(mine) - 8} more keys" if len(mine) > 8 else ""
+    return Condition("Conflict", "True", "KeyConflict", "same scope and priority set " + "; ".join(parts) + more_keys)
+
+
 def plan(
     entry: ConfigEntry,
     entries: Iterable[ConfigEntry],
@@ -305,19 +396,34 @@ def plan(
     history: Sequence[Revision],
     rollback_data: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Decide the ConfigMap content of `entry`. `rollback_data` is the stored data of spec.rollbackTo when that
-    revision exists in `history` (the engine reads it); it is ignored without spec.rollbackTo."""
-    peers = [e for e in entries if e.namespace == entry.namespace and e.key != entry.key] + [entry]
-    conflict = conflict_condition(entry.name, conflicts(peers))
-    for layer in peers:
-        if not applies_to(layer, entry):
-            continue
-        bad = invalid_keys(layer.data)
-        if bad:
-            shown = ", ".join(repr(k) for k in bad[:5])
-            who = "this entry" if layer.key == entry.key else f"entry {layer.name}"
-            message = f"{who} has keys that are not allowed (or non-string values): {shown}"
-            return Plan(None, None, Condition("Ready", "False", "InvalidKeys", message), conflict)
+    """Decide the ConfigMap content of `entry` among `entries` (which may include it). Builds the layerings of
+    its scope and calls `plan_in`; an engine planning many entries keeps the layerings instead (`layering`)."""
+    peers = {e.key: e for e in entries if e.namespace == entry.namespace}
+    peers[entry.key] = entry
+    scope = wide = layering(peers.values(), namespace=entry.namespace, service=None)
+    if entry.service is not None:
+        scope = layering(peers.values(), namespace=entry.namespace, service=entry.service, base=wide)
+    return plan_in(entry, scope, history=history, rollback_data=rollback_data)
+
+
+def plan_in(
+    entry: ConfigEntry,
+    scope: Layering,
+    *,
+    history: Sequence[Revision],
+    rollback_data: Mapping[str, str] | None = None,
+) -> Plan:
+    """Decide the ConfigMap content of `entry` from the layering of its scope (built with `entry` as it is now).
+    `rollback_data` is the stored data of spec.rollbackTo when that revision exists in `history` (the engine
+    reads it); it is ignored without spec.rollbackTo. Cost: O(the entry's own keys)."""
+    conflict = conflict_of(entry, scope)
+    others = [(name, keys) for name, keys in scope.invalid if name != entry.name]
+    own = invalid_keys(entry.data)
+    if others or own:
+        who, bad = (f"entry {others[0][0]}", list(others[0][1])) if others else ("this entry", own)
+        shown = ", ".join(repr(k) for k in bad[:5])
+        message = f"{who} has keys that are not allowed (or non-string values): {shown}"
+        return Plan(None, None, Condition("Ready", "False", "InvalidKeys", message), conflict)
     if entry.rollback_to is not None:
         if entry.rollback_to not in {r.number for r in history}:
             known = ", ".join(str(r.number) for r in sorted(history, key=lambda r: r.number)) or "none"
@@ -333,19 +439,15 @@ def plan(
         digest = content_hash(data)
         message = f"pinned to revision {entry.rollback_to} by spec.rollbackTo (hash {digest})"
         return Plan(data, digest, Condition("Ready", "True", "RolledBack", message), conflict, entry.rollback_to)
-    merged = merge(entry, peers)
-    data = config_map_data(merged.values)
-    size = data_bytes(data)
-    if size > MAX_DATA_BYTES:
+    if scope.data is None or scope.hash is None:
         message = (
-            f"the merged configuration is {size} bytes, over the limit of {MAX_DATA_BYTES} bytes (a ConfigMap "
+            f"the merged configuration is {scope.size} bytes, over the limit of {MAX_DATA_BYTES} bytes (a ConfigMap "
             "holds at most 1 MiB); the ConfigMap keeps its current content"
         )
         return Plan(None, None, Condition("Ready", "False", "TooLarge", message), conflict)
-    digest = content_hash(data)
-    layers = len(set(merged.sources.values()))
-    message = f"{len(data)} keys from {layers} entries (hash {digest})"
-    return Plan(data, digest, Condition("Ready", "True", "Materialised", message), conflict, sources=merged.sources)
+    message = f"{len(scope.data)} keys from {scope.layers} entries (hash {scope.hash})"
+    ready = Condition("Ready", "True", "Materialised", message)
+    return Plan(scope.data, scope.hash, ready, conflict, sources=scope.merged.sources)
 
 
 # ---------------------------------------------------------------------------------------------------- objects
@@ -391,6 +493,26 @@ def desired_revision(
         "revision": revision,
         "data": {"data": dict(data)},
     }
+
+
+def revision_intact(obj: Mapping[str, Any], entry: ConfigEntry, recorded: Revision) -> bool:
+    """Whether a ControllerRevision is exactly what beacon wrote for `recorded`: its number, labels, annotations
+    and owner as `desired_revision` makes them, and data with the recorded content hash. Anything else (an edit
+    by hand, a label or annotation added or removed) is to be written back."""
+    want = desired_revision(
+        entry, data={}, digest=recorded.hash, revision=recorded.number, rollback_of=recorded.rollback_of
+    )["metadata"]
+    meta = obj.get("metadata") or {}
+    if obj.get("revision") != recorded.number or meta.get("name") != recorded.name:
+        return False
+    if (meta.get("labels") or {}) != want["labels"] or (meta.get("annotations") or {}) != want["annotations"]:
+        return False
+    refs = meta.get("ownerReferences") or []
+    (owner,) = want["ownerReferences"]
+    if len(refs) != 1 or any(refs[0].get(k) != v for k, v in owner.items()):
+        return False
+    data = revision_data(obj)
+    return data is not None and content_hash(data) == recorded.hash
 
 
 def current_of(config_map: Mapping[str, Any] | None, entry: ConfigEntry) -> Current | None:

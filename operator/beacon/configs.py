@@ -11,8 +11,20 @@ gives one rollout; at most N rollouts per period; excess changes wait and coales
 call goes through `beacon.kube`.
 
 Work per event does not grow with the cluster: entries are indexed by namespace and scope (service, or None for
-namespace-wide), so a change fans out to the entries of its scope only, and a reconcile reads only the layers
-that can apply; opted-in workloads are indexed by the ConfigMaps they read, so a new hash reaches only those.
+namespace-wide), so a change fans out to the entries of its scope only; opted-in workloads are indexed by the
+ConfigMaps they read, so a new hash reaches only those. Work per entry does not grow with its namespace either:
+the layering of each scope (`config_core.layering`) is computed once per change of the scope and shared by its
+entries, so materialising a namespace of N entries is O(N), and the fan-out of changes to one scope is coalesced
+(the first change schedules the scope's entries at once, further ones within `coalesce` seconds once more at the
+end of that window), so editing all N entries of a namespace schedules O(N) reconciles, not O(N^2).
+
+What beacon owns is repaired as it breaks, not only at the periodic resync: watches of the materialised ConfigMaps
+and of the ControllerRevisions (both by the entry-uid label, every namespace) re-queue the owning entry when
+someone else deletes or edits one, and its reconcile writes it back (`watch_outputs`). What a revision held is
+recoverable when beacon still has it: in the object itself (a revision's data is immutable, so an edit leaves it
+intact), in memory (the content beacon materialised last, and the data of spec.rollbackTo it read), or in another
+stored revision of the same content hash. A revision deleted by hand whose content is nowhere left (an older one,
+after a restart) is dropped from the history with a warning: rolling back to it then reports RevisionNotFound.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from beacon.config_core import (
     LABEL_ENTRY_UID,
     ConfigEntry,
     Current,
+    Layering,
     Revision,
     choose_revision,
     content_hash,
@@ -44,20 +57,22 @@ from beacon.config_core import (
     desired_config_map,
     desired_revision,
     desired_status,
+    layering,
     owned_by_other,
     parse_hashes,
-    plan,
+    plan_in,
     rate_limit_next,
     reload_decision,
     reload_names,
     revision_data,
     revision_from_object,
+    revision_intact,
     to_prune,
 )
+from beacon.engine import Controller, Owns
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, merge_conditions, status_changed
-from beacon.retries import RETRIES
-from beacon.workqueue import WorkQueue, repeat
+from beacon.workqueue import repeat
 
 log = logging.getLogger("beacon.configs")
 
@@ -77,6 +92,8 @@ class _EntryState:
     foreign: bool = False  # the target ConfigMap exists and belongs to someone else
     pinned: tuple[int, dict[str, str] | None] | None = None  # cached data of spec.rollbackTo
     stray: dict[str, Any] = field(default_factory=dict)  # keys someone else added to our ConfigMap (to remove)
+    content: dict[str, str] | None = None  # the data beacon materialised last (that of `current`), in memory
+    suspect: set[str] = field(default_factory=set)  # revisions someone else deleted or edited: check, repair
 
 
 @dataclass
@@ -123,11 +140,30 @@ class Configs:
         self._clock = clock
         self._wall = wall_clock
         self._entries: dict[EntryKey, _EntryState] = {}
+        self._by_uid: dict[str, EntryKey] = {}  # entry uid -> key (the label on everything an entry owns)
         self._scopes: dict[str, dict[str | None, set[EntryKey]]] = {}  # namespace -> service (or None) -> entries
-        self._queue: WorkQueue[EntryKey] = WorkQueue(
+        # the layering of each scope, computed when first needed after a change: (namespace, service or None) ->
+        # (the namespace's wide version it was built on, the layering); a namespace-wide change bumps the version,
+        # which outdates every layering of the namespace at once (they are rebuilt as their entries reconcile)
+        self._layerings: dict[tuple[str, str | None], tuple[int, Layering]] = {}
+        self._wide_versions: dict[str, int] = {}
+        # coalesced fan-out: (namespace, service, or None for the whole namespace) -> the timer ending its window
+        self._fan_out_windows: dict[tuple[str, str | None], asyncio.TimerHandle] = {}
+        self._fan_out_pending: set[tuple[str, str | None]] = set()
+        # The ConfigEntry controller owns each entry's materialised ConfigMap and its ControllerRevisions (both
+        # labelled with the entry's uid): a change by someone else re-queues the entry, whose reconcile repairs it.
+        self.entries: Controller[EntryKey] = Controller(
             name="ConfigEntry",
+            kube=kube,
+            reconcile=self.reconcile,
+            owns=[
+                Owns("ConfigMap", LABEL_ENTRY_UID),
+                Owns("ControllerRevision", LABEL_ENTRY_UID, changed=self._revision_broken),
+            ],
+            owner_of=self._owner_key,
+            on_owned_change=self._output_changed,
+            in_scope=self._in_scope,
             delay=coalesce_seconds,
-            process=self.reconcile,
             alive=lambda key: key in self._entries,
             on_error=self._forget_entry,
         )
@@ -135,9 +171,16 @@ class Configs:
         self._hashes: dict[tuple[str, str], str] = {}  # (namespace, ConfigMap name) -> materialised hash
         self._workloads: dict[WorkloadKey, _Workload] = {}
         self._readers: dict[tuple[str, str], set[WorkloadKey]] = {}  # (namespace, ConfigMap) -> workloads
-        self._workload_tasks: dict[WorkloadKey, asyncio.Task[None]] = {}
+        # The Reload controller rolls out the workloads that opt in (it owns nothing: it patches one annotation of
+        # someone else's object); a workload's key runs `coalesce` seconds after a change, failures retry.
+        self.reloads: Controller[WorkloadKey] = Controller(
+            name="Reload",
+            kube=kube,
+            reconcile=self._reload,
+            delay=coalesce_seconds,
+            alive=lambda key: key in self._workloads,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
-        self._watch: asyncio.Task[None] | None = None  # the materialised ConfigMaps (watch_outputs)
         self._namespaces: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ start-up
@@ -146,6 +189,7 @@ class Configs:
         the hash every beacon ConfigMap holds (so workloads are compared with what their pods really got)."""
         self._namespaces = tuple(namespaces)
         entries, maps = await self._list()
+        started = time.perf_counter()
         for item in maps:
             meta = item["metadata"]
             digest = (meta.get("annotations") or {}).get(ANNOTATION_HASH)
@@ -154,7 +198,14 @@ class Configs:
         for body in entries:
             # every entry is scheduled on its own: no fan-out, so start-up is O(entries), not O(entries x scope)
             self._take(body, fan_out=False)
-        log.info("configs: %d entries, %d materialised ConfigMaps", len(entries), len(self._hashes))
+        held = time.perf_counter() - started
+        metrics.CONFIG_START_HOLD.set(held)
+        log.info(
+            "configs: %d entries, %d materialised ConfigMaps; start-up held the event loop %.3fs",
+            len(entries),
+            len(self._hashes),
+            held,
+        )
 
     async def _list(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every ConfigEntry, and every ConfigMap beacon materialised, in the watched namespaces."""
@@ -185,7 +236,7 @@ class Configs:
             if state.foreign:
                 self._schedule(key)  # the other ConfigMap may be gone by now (a read; writes only if it is)
                 continue
-            if state.current is None or not state.config_map or self._queue.is_dirty(key):
+            if state.current is None or not state.config_map or self.entries.is_dirty(key):
                 continue
             item = actual.get((key[0], state.config_map))
             digest = ((item or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_HASH)
@@ -196,33 +247,63 @@ class Configs:
                 self._schedule(key)
 
     def watch_outputs(self) -> None:
-        """Repair the materialised ConfigMaps as they break, not only at the next resync: watch them (by their
-        entry's uid label, metadata only, every namespace). One deleted, or written by anyone but beacon, is read
-        again by its entry's reconcile and written back if its content is not what beacon materialised (keys added
-        by hand are removed). The echo of beacon's own writes is known by its resourceVersion and costs nothing."""
-        if self._watch is None:
-            self._watch = asyncio.ensure_future(self._follow_maps())
+        """Repair the materialised ConfigMaps and the ControllerRevisions as they break, not only at the next
+        resync: watch them (by their entry's uid label, every namespace).
 
-    async def _follow_maps(self) -> None:
-        async for type_, body in self.kube.watch("ConfigMap", None, label_selector=LABEL_ENTRY_UID, metadata_only=True):
-            self._map_changed(type_, body["metadata"])
+        A ConfigMap deleted, or written by anyone but beacon (metadata-only watch), is read again by its entry's
+        reconcile and written back if its content is not what beacon materialised (keys added by hand are
+        removed). The echo of beacon's own writes is known by its resourceVersion and costs nothing.
 
-    def _map_changed(self, type_: str, meta: Mapping[str, Any]) -> None:
-        namespace, name = meta["namespace"], meta["name"]
-        if self._namespaces and namespace not in self._namespaces:
+        A ControllerRevision is created once and never written again by beacon, so the watch (whole objects: the
+        `revision` number is not metadata) compares each event with beacon's record of that revision: one
+        deleted while beacon keeps it in the history, or differing from what beacon wrote (labels, annotations,
+        owner, number, content hash), re-queues its entry, whose reconcile reads it and writes it back exactly as
+        beacon wrote it (`_repair_revisions`). beacon's own creations and prunings match its record, or are not in
+        it (yet, or any more), and cost nothing."""
+        self.entries.watch_owned()
+
+    def _in_scope(self, namespace: str) -> bool:
+        return not self._namespaces or namespace in self._namespaces
+
+    def _owner_key(self, kind: str, meta: Mapping[str, Any]) -> EntryKey | None:
+        """The entry an owned object belongs to, by the uid in its label (or its ownerReference): for a ConfigMap,
+        only while it is the entry's own materialised map."""
+        uids = [(meta.get("labels") or {}).get(LABEL_ENTRY_UID)]
+        uids += [ref.get("uid") for ref in meta.get("ownerReferences") or []]
+        key = next((self._by_uid[u] for u in uids if u in self._by_uid), None)
+        state = self._entries.get(key) if key is not None else None
+        if state is None or key is None or key[0] != meta.get("namespace"):
+            return None
+        if kind == "ConfigMap" and (state.config_map != meta.get("name") or state.foreign):
+            return None
+        return key
+
+    def _output_changed(self, kind: str, key: EntryKey, meta: Mapping[str, Any]) -> None:
+        state = self._entries.get(key)
+        if state is None:
             return
-        if not self.kube.changed_by_others("ConfigMap", type_, meta):
-            return  # beacon's own write or deletion coming back (or the garbage collector's after the entry)
-        uid = (meta.get("labels") or {}).get(LABEL_ENTRY_UID)
-        for keys in self._scopes.get(namespace, {}).values():
-            for key in keys:
-                state = self._entries.get(key)
-                if state is not None and state.entry.uid == uid and state.config_map == name and not state.foreign:
-                    log.info("ConfigMap %s/%s was deleted or written by someone else: checking it", namespace, name)
-                    self.kube.forget("ConfigMap", namespace, name)
-                    state.loaded = False
-                    self._schedule(key)
-                    return
+        if kind == "ConfigMap":
+            state.loaded = False  # read history and ConfigMap again, compare, write back what differs
+        else:
+            state.suspect.add(str(meta.get("name")))
+
+    def _revision_broken(self, type_: str, obj: Mapping[str, Any]) -> bool:
+        """Whether a watch event says a ControllerRevision that beacon keeps in an entry's history is gone
+        (deleted, or its label removed) or no longer what beacon wrote. beacon's own creations and prunings match
+        its record, or are not in it (yet, or any more), and are no news."""
+        meta = obj.get("metadata") or {}
+        key = self._owner_key("ControllerRevision", meta)
+        state = self._entries.get(key) if key is not None else None
+        if state is None or not state.loaded:
+            return False  # not an entry beacon knows (yet): its history is read when it is loaded
+        recorded = next((r for r in state.history.values() if r.name == meta.get("name")), None)
+        if recorded is None:
+            return False  # not (or no longer) in the history: beacon's own pruning, or a creation not yet recorded
+        return type_ == "DELETED" or not revision_intact(obj, state.entry, recorded)
+
+    def _revision_changed(self, type_: str, obj: Mapping[str, Any]) -> None:
+        """A watch event of a ControllerRevision, as the ConfigEntry controller's watch delivers it."""
+        self.entries.owned_changed("ControllerRevision", type_, obj)
 
     async def resync_forever(self, *, every: float) -> None:
         await repeat(every=every, action=self.resync, what="configs resync")
@@ -242,22 +323,28 @@ class Configs:
             return  # a status-only or metadata-only change (often our own status patch)
         before = state.entry if state is not None else None
         if state is None or state.entry.uid != entry.uid:
+            if state is not None:
+                self._by_uid.pop(state.entry.uid, None)
             state = _EntryState(entry=entry, status=dict(body.get("status") or {}) or None)
             state.config_map = (state.status or {}).get("configMapName")
             self._entries[entry.key] = state
+            self._by_uid[entry.uid] = entry.key
         if before is not None:
             self._unscope(before)
         self._scopes.setdefault(entry.namespace, {}).setdefault(entry.service, set()).add(entry.key)
         state.entry = entry
+        self._outdate(entry, before)
         self._schedule(entry.key)
         if fan_out:
             self._schedule_dependents(entry, before)
 
     async def entry_deleted(self, namespace: str, name: str) -> None:
         state = self._entries.pop((namespace, name), None)
-        self._queue.cancel((namespace, name))
+        self.entries.cancel((namespace, name))
         if state is not None:
+            self._by_uid.pop(state.entry.uid, None)
             self._unscope(state.entry)
+            self._outdate(state.entry, None)
             # the garbage collector removes the ConfigMap and the ControllerRevisions (ownerReferences)
             if state.config_map and not state.foreign:
                 self.kube.forget("ConfigMap", namespace, state.config_map)
@@ -272,9 +359,7 @@ class Configs:
             gone = self._workloads.pop(key, None)
             if gone is not None:
                 self._index_workload(gone, before=gone.names, after=())
-                task = self._workload_tasks.pop(key, None)
-                if task is not None:
-                    task.cancel()
+                self.reloads.cancel(key)
             return
         workload = self._workloads.get(key)
         if workload is None or workload.uid != meta.get("uid"):
@@ -306,12 +391,62 @@ class Configs:
     # ------------------------------------------------------------------ entries: scheduling
     def _schedule_dependents(self, entry: ConfigEntry, before: ConfigEntry | None) -> None:
         """Entries whose content or conflicts may change with `entry`: every entry of the namespace when it is
-        (or was) namespace-wide, else the entries of its service (and of its previous service)."""
+        (or was) namespace-wide, else the entries of its service (and of its previous service). Coalesced per
+        scope (`_fan_out`): a burst of changes to one scope schedules its entries twice, not once per change."""
         scopes = {entry.service} | ({before.service} if before is not None else set())
-        index = self._scopes.get(entry.namespace, {})
-        for scope in list(index) if None in scopes else scopes:
-            for key in list(index.get(scope, ())):
-                self._schedule(key)
+        for scope in [None] if None in scopes else sorted(s for s in scopes if s is not None):
+            self._fan_out(entry.namespace, scope)
+
+    def _fan_out(self, namespace: str, scope: str | None) -> None:
+        """Schedule the entries of `scope` (None: every entry of the namespace) now, unless a fan-out of it
+        happened within the last `coalesce` seconds: then once more when that window ends. Every change is
+        followed by a schedule of each dependent entry, and a burst of N changes costs O(entries), not
+        O(N x entries)."""
+        key = (namespace, scope)
+        if key in self._fan_out_windows:
+            self._fan_out_pending.add(key)
+            return
+        self._fan_out_now(key)
+
+    def _fan_out_now(self, key: tuple[str, str | None]) -> None:
+        namespace, scope = key
+        index = self._scopes.get(namespace, {})
+        for keys in list(index.values()) if scope is None else [index.get(scope, set())]:
+            for entry_key in list(keys):
+                self._schedule(entry_key)
+        loop = asyncio.get_running_loop()
+        self._fan_out_windows[key] = loop.call_later(self._coalesce, self._fan_out_window_ended, key)
+
+    def _fan_out_window_ended(self, key: tuple[str, str | None]) -> None:
+        self._fan_out_windows.pop(key, None)
+        if key in self._fan_out_pending:
+            self._fan_out_pending.discard(key)
+            self._fan_out_now(key)
+
+    def _outdate(self, entry: ConfigEntry, before: ConfigEntry | None) -> None:
+        """Drop the layerings that `entry` (as it was `before`, and is now) is part of. O(1): a namespace-wide
+        change outdates the whole namespace by bumping its version."""
+        for e in (entry, before):
+            if e is None:
+                continue
+            if e.service is None:
+                self._wide_versions[e.namespace] = self._wide_versions.get(e.namespace, 0) + 1
+            self._layerings.pop((e.namespace, e.service), None)
+
+    def _layering(self, namespace: str, service: str | None) -> Layering:
+        """The layering of a scope, from the cache while no entry of it (or of the namespace-wide scope beneath
+        it) changed; else computed from the index, once for all the scope's entries."""
+        version = self._wide_versions.get(namespace, 0)
+        cached = self._layerings.get((namespace, service))
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        base = self._layering(namespace, None) if service is not None else None
+        keys = self._scopes.get(namespace, {}).get(service, set())
+        entries = [self._entries[key].entry for key in keys if key in self._entries]
+        result = layering(entries, namespace=namespace, service=service, base=base)
+        if self._scopes.get(namespace, {}).get(service):
+            self._layerings[(namespace, service)] = (version, result)
+        return result
 
     def _unscope(self, entry: ConfigEntry) -> None:
         index = self._scopes.get(entry.namespace, {})
@@ -320,12 +455,15 @@ class Configs:
             keys.discard(entry.key)
             if not keys:
                 del index[entry.service]
+                self._layerings.pop((entry.namespace, entry.service), None)
         if not index:
             self._scopes.pop(entry.namespace, None)
+            self._wide_versions.pop(entry.namespace, None)
 
     def _layers(self, entry: ConfigEntry) -> list[ConfigEntry]:
         """The entries that can apply to `entry` or conflict with it: namespace-wide ones and those of its
-        service (config_core.applies_to, conflicts), read from the index instead of every entry."""
+        service (config_core.applies_to, conflicts), read from the index instead of every entry. For inspection
+        and tests; reconciles use the shared layering of the scope (`_layering`)."""
         index = self._scopes.get(entry.namespace, {})
         keys = index.get(None, set()) | index.get(entry.service, set())
         return [self._entries[key].entry for key in sorted(keys) if key in self._entries]
@@ -333,7 +471,7 @@ class Configs:
     def _schedule(self, key: EntryKey) -> None:
         """One worker per entry reconciles `coalesce` seconds after a change, and again while changes keep coming:
         a burst of edits costs one round of writes, never concurrent ones (see beacon.workqueue)."""
-        self._queue.schedule(key)
+        self.entries.enqueue(key)
 
     def _forget_entry(self, key: EntryKey, _exc: Exception) -> None:
         state = self._entries.get(key)
@@ -350,11 +488,15 @@ class Configs:
             entry = state.entry
             if not state.loaded or state.foreign:
                 await self._load(state)
-            peers = self._layers(entry)
             rollback = None
             if entry.rollback_to is not None and entry.rollback_to in state.history:
                 rollback = await self._revision_data(state, entry.rollback_to)
-            decided = plan(entry, peers, history=list(state.history.values()), rollback_data=rollback)
+            started = time.perf_counter()
+            scope = self._layering(entry.namespace, entry.service)
+            decided = plan_in(entry, scope, history=list(state.history.values()), rollback_data=rollback)
+            metrics.CONFIG_PLANNING.inc(time.perf_counter() - started)
+            if state.suspect:
+                await self._repair_revisions(state, decided.data, decided.hash)
             ready = decided.ready
             if decided.data is not None and decided.hash is not None:
                 if state.foreign:
@@ -387,16 +529,29 @@ class Configs:
 
     async def _load(self, state: _EntryState) -> None:
         """What the API holds for this entry: its history and what its ConfigMap carries (after a restart, or
-        after an error)."""
+        after an error, or after someone else touched the ConfigMap).
+
+        What beacon recorded in this process stays the truth about the revisions it wrote: one missing from the
+        listing, or listed differently (a hand edit), keeps beacon's record and is repaired (`state.suspect`)."""
         entry = state.entry
         items = await self.kube.list(
             "ControllerRevision", entry.namespace, label_selector=f"{LABEL_ENTRY_UID}={entry.uid}"
         )
+        recorded = {r.name: r for r in state.history.values()}
         state.history = {}
         for item in items:
-            if _owned(item, entry):
-                revision = revision_from_object(item)
-                state.history[revision.number] = revision
+            if not _owned(item, entry):
+                continue
+            revision = revision_from_object(item)
+            known = recorded.pop(revision.name, None)
+            if known is not None:
+                if not revision_intact(item, entry, known):
+                    state.suspect.add(known.name)
+                revision = known
+            state.history[revision.number] = revision
+        for missing in recorded.values():  # gone from the API, and beacon did not prune it: a hand deletion
+            state.history[missing.number] = missing
+            state.suspect.add(missing.name)
         actual = await self.kube.get("ConfigMap", entry.namespace, entry.config_map_name)
         state.foreign = owned_by_other(actual, entry)
         state.stray = {}
@@ -417,6 +572,82 @@ class Configs:
                     state.current = Current(status["currentRevision"], str(status["hash"]))
         state.pinned = None
         state.loaded = True
+
+    async def _repair_revisions(
+        self, state: _EntryState, planned: Mapping[str, str] | None, planned_hash: str | None
+    ) -> None:
+        """Write back the revisions someone else deleted or edited (`state.suspect`, from the watch): each is read,
+        and one that is gone or not exactly what beacon wrote is created again (an edited one is deleted first: a
+        revision's data is immutable, and beacon's RBAC creates and deletes revisions, it never patches them).
+
+        Its data comes from the object itself when that still holds the recorded content hash (an edit of the
+        metadata or of the number), else from what beacon has in memory with that hash (the content it
+        materialised last, the plan at hand, the data of spec.rollbackTo it read), else from another stored
+        revision with the same hash. Nothing left: the revision is dropped from the history (counted, logged)."""
+        entry = state.entry
+        for name in sorted(state.suspect):
+            state.suspect.discard(name)
+            recorded = next((r for r in state.history.values() if r.name == name), None)
+            if recorded is None:
+                continue  # pruned meanwhile
+            actual = await self.kube.get("ControllerRevision", entry.namespace, name)
+            if actual is not None and revision_intact(actual, entry, recorded):
+                continue  # as beacon wrote it (the event was beacon's own repair coming back)
+            data = await self._content_of(state, recorded, actual, planned, planned_hash)
+            if data is None:
+                log.warning(
+                    "%s/%s: ControllerRevision %s was deleted or edited and its content (hash %s) is nowhere left; "
+                    "dropping revision %d from the history",
+                    entry.namespace,
+                    entry.name,
+                    name,
+                    recorded.hash,
+                    recorded.number,
+                )
+                del state.history[recorded.number]
+                metrics.CONFIG_REVISION_REPAIRS.labels(outcome="unrecoverable").inc()
+                continue
+            if actual is not None:
+                await self.kube.delete("ControllerRevision", entry.namespace, name)
+            obj = desired_revision(
+                entry, data=data, digest=recorded.hash, revision=recorded.number, rollback_of=recorded.rollback_of
+            )
+            await self.kube.create(obj)
+            metrics.CONFIG_REVISION_REPAIRS.labels(outcome="recreated").inc()
+            log.info(
+                "%s/%s: ControllerRevision %s written back (revision %d)",
+                entry.namespace,
+                entry.name,
+                name,
+                recorded.number,
+            )
+
+    async def _content_of(
+        self,
+        state: _EntryState,
+        recorded: Revision,
+        actual: Mapping[str, Any] | None,
+        planned: Mapping[str, str] | None,
+        planned_hash: str | None,
+    ) -> dict[str, str] | None:
+        """The data of revision `recorded`, wherever beacon can still find content with its hash."""
+        held = revision_data(actual) if actual is not None else None
+        if held is not None and content_hash(held) == recorded.hash:
+            return held
+        if state.content is not None and state.current is not None and state.current.hash == recorded.hash:
+            return dict(state.content)
+        if planned is not None and planned_hash == recorded.hash:
+            return dict(planned)
+        if state.pinned is not None and state.pinned[1] is not None and content_hash(state.pinned[1]) == recorded.hash:
+            return dict(state.pinned[1])
+        for other in sorted(state.history.values(), key=lambda r: -r.number):
+            if other.hash != recorded.hash or other.name == recorded.name:
+                continue
+            obj = await self.kube.get("ControllerRevision", state.entry.namespace, other.name)
+            data = revision_data(obj) if obj is not None else None
+            if data is not None and content_hash(data) == recorded.hash:
+                return data
+        return None
 
     async def _revision_data(self, state: _EntryState, number: int) -> dict[str, str] | None:
         if state.pinned is not None and state.pinned[0] == number:
@@ -443,13 +674,15 @@ class Configs:
         await self._remove_stray_keys(state, data)
         previous_map = state.config_map
         state.current = Current(number, digest)
+        state.content = data
         state.config_map = entry.config_map_name
         if previous_map and previous_map != state.config_map:
             await self._drop_old_map(entry, previous_map)
         self._set_hash(entry.namespace, state.config_map, digest)
         for stale in to_prune(numbers=state.history, limit=entry.history_limit, keep=(number, entry.rollback_to)):
-            await self.kube.delete("ControllerRevision", entry.namespace, state.history[stale].name)
-            del state.history[stale]
+            # out of the history first: the watch then knows the deletion coming back as beacon's own
+            pruned = state.history.pop(stale)
+            await self.kube.delete("ControllerRevision", entry.namespace, pruned.name)
 
     async def _remove_stray_keys(self, state: _EntryState, data: Mapping[str, str]) -> None:
         patch: dict[str, Any] = {}
@@ -499,52 +732,44 @@ class Configs:
             workload.last_change = now
             if workload.first_change is None:
                 workload.first_change = now
-        key = (workload.kind, workload.namespace, workload.name)
-        task = self._workload_tasks.get(key)
-        if task is None or task.done():
-            self._workload_tasks[key] = asyncio.ensure_future(self._workload_worker(key))
+        self.reloads.enqueue((workload.kind, workload.namespace, workload.name))
 
-    async def _workload_worker(self, key: WorkloadKey) -> None:
-        await asyncio.sleep(self._coalesce)
+    async def _reload(self, key: WorkloadKey) -> None:
+        """The Reload controller's reconcile of one workload: decide, wait out the debounce and the rate limit,
+        patch. A failure (the API unreachable, anything else) is retried by the queue, never dropped; a workload
+        that is gone (404) stops being retried."""
+        try:
+            await self._reload_until_settled(key)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            self._workloads.pop(key, None)
+
+    async def _reload_until_settled(self, key: WorkloadKey) -> None:
         while (workload := self._workloads.get(key)) is not None:
             decision = reload_decision(
                 desired=self._desired(workload), template=workload.template, baseline=workload.baseline
             )
-            try:
-                if decision.action == "none":
-                    workload.first_change = workload.last_change = workload.target = None
-                    RETRIES.forget(("reload", key))
-                    return
-                if decision.action == "baseline":
-                    baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
-                    self._observe(workload, await self._patch(workload, baseline))
-                    continue
-                if not await self._wait_for_rollout(workload, decision.template):
-                    continue
-                patch: dict[str, Any] = {
-                    "metadata": {"annotations": {ANNOTATION_BASELINE: None}},
-                    "spec": {
-                        "template": {"metadata": {"annotations": {ANNOTATION_TEMPLATE_HASHES: decision.template}}}
-                    },
-                }
-                self._observe(workload, await self._patch(workload, patch))
-                workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
+            if decision.action == "none":
                 workload.first_change = workload.last_change = workload.target = None
-                workload.deferred = False
-                metrics.RELOADS.labels(kind=workload.kind, outcome="rolled_out").inc()
-                log.info(
-                    "%s %s/%s rolled out for %s", workload.kind, workload.namespace, workload.name, decision.template
-                )
-                self._event(workload, "Normal", "ConfigReload", f"pod template bumped for {decision.template}")
-                RETRIES.forget(("reload", key))
-            except Exception as exc:  # the API unreachable or anything else: retry, never drop a pending reload
-                if isinstance(exc, ApiError) and exc.status == 404:
-                    self._workloads.pop(key, None)
-                    RETRIES.forget(("reload", key))
-                    return
-                wait = RETRIES.when(("reload", key))
-                log.warning("reload of %s %s/%s failed, retrying in %.1fs: %s", *key, wait, exc)
-                await asyncio.sleep(wait)
+                return
+            if decision.action == "baseline":
+                baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
+                self._observe(workload, await self._patch(workload, baseline))
+                continue
+            if not await self._wait_for_rollout(workload, decision.template):
+                continue
+            patch: dict[str, Any] = {
+                "metadata": {"annotations": {ANNOTATION_BASELINE: None}},
+                "spec": {"template": {"metadata": {"annotations": {ANNOTATION_TEMPLATE_HASHES: decision.template}}}},
+            }
+            self._observe(workload, await self._patch(workload, patch))
+            workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
+            workload.first_change = workload.last_change = workload.target = None
+            workload.deferred = False
+            metrics.RELOADS.labels(kind=workload.kind, outcome="rolled_out").inc()
+            log.info("%s %s/%s rolled out for %s", workload.kind, workload.namespace, workload.name, decision.template)
+            self._event(workload, "Normal", "ConfigReload", f"pod template bumped for {decision.template}")
 
     async def _wait_for_rollout(self, workload: _Workload, template: str | None) -> bool:
         """True when the rollout may happen now; otherwise sleep until it may (the caller then decides again,
@@ -624,10 +849,12 @@ class Configs:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-        await self._queue.close()
-        for task in [*self._workload_tasks.values(), *self._tasks]:
+        for timer in self._fan_out_windows.values():
+            timer.cancel()
+        self._fan_out_windows.clear()
+        await self.entries.close()
+        await self.reloads.close()
+        for task in list(self._tasks):
             task.cancel()
 
 

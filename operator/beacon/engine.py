@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from beacon.kube import Kube
@@ -33,10 +33,20 @@ log = logging.getLogger("beacon.engine")
 
 @dataclass(frozen=True)
 class Owns:
-    """A kind a controller writes and keeps as it should be: its objects carry `label_selector`'s labels."""
+    """A kind a controller writes and keeps as it should be: its objects carry `label_selector`'s labels.
+
+    By default the watch carries metadata only, and an event is someone else's doing when `Kube.changed_by_others`
+    says so (a deletion, or a resourceVersion beacon's writes did not produce): right for what beacon applies.
+    `changed(type, object)` replaces that test for objects beacon creates once and never applies (revisions):
+    their watch then carries whole objects, and the controller compares them with its own record."""
 
     kind: str
     label_selector: str
+    changed: Callable[[str, Mapping[str, Any]], bool] | None = field(default=None, compare=False)
+
+    @property
+    def metadata_only(self) -> bool:
+        return self.changed is None
 
 
 class Controller(Generic[K]):
@@ -77,6 +87,7 @@ class Controller(Generic[K]):
             min_interval=min_interval,
             retries=retries,
         )
+        self._owns = {owned.kind: owned for owned in self.owns}
         self._watches: dict[str, asyncio.Task[None]] = {}
 
     def enqueue(self, key: K) -> None:
@@ -95,21 +106,27 @@ class Controller(Generic[K]):
                 self._watches[owned.kind] = asyncio.ensure_future(self._follow(owned))
 
     async def _follow(self, owned: Owns) -> None:
-        watch = self._kube.watch(owned.kind, None, label_selector=owned.label_selector, metadata_only=True)
+        watch = self._kube.watch(
+            owned.kind, None, label_selector=owned.label_selector, metadata_only=owned.metadata_only
+        )
         async for type_, body in watch:
-            self.owned_changed(owned.kind, type_, body["metadata"])
+            self.owned_changed(owned.kind, type_, body)
 
-    def owned_changed(self, kind: str, type_: str, meta: Mapping[str, Any]) -> None:
+    def owned_changed(self, kind: str, type_: str, obj: Mapping[str, Any]) -> None:
         """One watch event of an owned object: re-queue its owner when someone else changed or deleted it."""
+        meta = obj["metadata"]
         namespace = meta["namespace"]
         if not self._in_scope(namespace):
             return
-        if not self._kube.changed_by_others(kind, type_, meta):
+        owned = self._owns[kind]
+        ours = not owned.changed(type_, obj) if owned.changed else not self._kube.changed_by_others(kind, type_, meta)
+        if ours:
             return  # beacon's own write or deletion coming back (or the garbage collector's after the owner)
         key = self._owner_of(kind, meta)
         what = "deleted" if type_ == "DELETED" else "written"
         log.info("%s %s/%s was %s by someone else: %s checks it", kind, namespace, meta["name"], what, self.name)
-        self._kube.forget(kind, namespace, meta["name"])  # the reconcile reads it, compares, writes on a difference
+        if owned.metadata_only:  # an applied object: the reconcile reads it, compares, writes on a difference
+            self._kube.forget(kind, namespace, meta["name"])
         if key is None:
             return
         self._on_owned_change(kind, key, meta)

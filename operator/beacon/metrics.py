@@ -41,6 +41,23 @@ RECONCILES = Counter(
 CONFIG_REVISIONS = Counter(
     "beacon_config_revisions_total", "ConfigEntry revisions recorded (ControllerRevisions created)", registry=REGISTRY
 )
+CONFIG_REVISION_REPAIRS = Counter(
+    "beacon_config_revision_repairs_total",
+    "ControllerRevisions deleted or edited by hand: written back (recreated) or dropped from the history "
+    "(unrecoverable: their data was nowhere left)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+CONFIG_START_HOLD = Gauge(
+    "beacon_config_start_hold_seconds",
+    "How long the last ConfigEntry start-up held the event loop (its synchronous part, after the listings)",
+    registry=REGISTRY,
+)
+CONFIG_PLANNING = Counter(
+    "beacon_config_planning_seconds_total",
+    "Event-loop time spent layering and planning ConfigEntries (the part that grows with a namespace's entries)",
+    registry=REGISTRY,
+)
 RELOADS = Counter(
     "beacon_config_reloads_total",
     "Workload reloads by kind and outcome (rolled_out: pod template bumped; deferred: held by the rate limit)",

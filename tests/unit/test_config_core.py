@@ -3,6 +3,7 @@ selection, and the reload decisions (debounce, rate limit, restart safety) with 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from beacon.config_core import (
     reload_names,
     revision_data,
     revision_from_object,
+    revision_intact,
     revision_name,
     to_prune,
 )
@@ -394,3 +396,61 @@ def test_parse_rate_limit() -> None:
     for bad in ("3", "0/10", "2/0", "x/1"):
         with pytest.raises(ValueError):  # noqa: PT011 - the message is checked by the CLI's own output
             parse_rate_limit(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- shared layering
+_names = st.sampled_from(["a", "b", "c", "d", "e"])
+_entries = st.lists(
+    st.builds(
+        lambda name, data, service, priority: entry(name, data, service=service, priority=priority),
+        _names,
+        st.dictionaries(st.sampled_from(["k", "x/y", "z"]), st.sampled_from(["1", "2"]), max_size=3),
+        st.sampled_from([None, None, "payments", "cart"]),
+        st.integers(0, 1),
+    ),
+    max_size=6,
+    unique_by=lambda e: e.name,
+)
+
+
+@given(_entries, _names, st.sampled_from([None, "payments"]))
+def test_the_shared_layering_plans_exactly_what_the_per_entry_merge_gives(
+    others: list[ConfigEntry], name: str, service: str | None
+) -> None:
+    """plan (layerings built once per scope) agrees with merge and conflicts (computed per entry, from every
+    peer): same data, same winner for each key, Conflict exactly when the entry ties on a key."""
+    me = entry(name, {"k": "mine"}, service=service)
+    peers = [e for e in others if e.key != me.key]
+    p = plan(me, peers, history=[])
+    assert p.data == config_map_data(merge(me, peers).values)
+    assert p.sources == merge(me, peers).sources
+    tied = conflicts([e for e in [*peers, me] if e.service == me.service])
+    assert (p.conflict.status == "True") == (name in tied)
+
+
+def test_a_conflict_among_many_names_a_few_and_counts_the_rest() -> None:
+    tie = [entry(f"e{i:02d}", {"k": str(i)}) for i in range(30)]
+    p = plan(tie[0], tie, history=[])
+    assert p.conflict.reason == "KeyConflict"
+    assert "k (also set by e01, e02, e03, e04, e05, e06, e07, e08 and 21 more; e29 wins)" in p.conflict.message
+    assert len(p.conflict.message) < 200
+
+
+def test_a_revision_is_intact_only_exactly_as_beacon_wrote_it() -> None:
+    data = {"k": "v"}
+    obj = desired_revision(PAYMENTS, data=data, digest=content_hash(data), revision=2, rollback_of=None)
+    recorded = Revision(2, obj["metadata"]["name"], content_hash(data))
+    assert revision_intact(obj, PAYMENTS, recorded)
+    for path, value in (
+        (("revision",), 3),
+        (("metadata", "labels", "extra"), "x"),
+        (("metadata", "annotations", ANNOTATION_HASH), "0" * 16),
+        (("metadata", "ownerReferences"), []),
+        (("data", "data", "k"), "other"),
+    ):
+        edited = json.loads(json.dumps(obj))
+        target = edited
+        for part in path[:-1]:
+            target = target[part]
+        target[path[-1]] = value
+        assert not revision_intact(edited, PAYMENTS, recorded), path

@@ -1,13 +1,33 @@
 """The ConfigEntry engine's fan-out, without a cluster: a change reaches the entries of its scope only (the
 namespace's entries for a namespace-wide one), a reconcile reads only the layers that can apply, a new hash
-reaches only the workloads that read that ConfigMap, and start-up schedules each entry once."""
+reaches only the workloads that read that ConfigMap, and start-up schedules each entry once.
+
+Complexity is asserted by counting work, never by timing: materialising N entries of one namespace computes each
+scope's layering once and visits O(N) layers (not O(N^2)), and an edit of all N entries schedules O(N)
+reconciles. And the ControllerRevisions beacon owns: the watch re-queues the owner of one deleted or edited by
+hand (never for beacon's own creations and prunings), whose reconcile writes it back exactly as beacon wrote it."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
+import pytest
+
+from beacon import config_core
+from beacon.config_core import (
+    ANNOTATION_HASH,
+    ConfigEntry,
+    Revision,
+    config_map_data,
+    content_hash,
+    desired_revision,
+)
 from beacon.configs import Configs
+
+FAN_OUT = 0.02  # the engines below coalesce for this long: the tests wait SETTLE for a window to end
+SETTLE = 0.1
 
 
 class NoKube:
@@ -25,9 +45,10 @@ def config_entry(name: str, *, namespace: str = "ns", service: str | None = None
 
 
 def _engine() -> tuple[Configs, list[tuple[str, str]]]:
-    configs = Configs(kube=NoKube())  # type: ignore[arg-type]
+    configs = Configs(kube=NoKube(), coalesce_seconds=FAN_OUT)  # type: ignore[arg-type]
     scheduled: list[tuple[str, str]] = []
     configs._schedule = scheduled.append  # type: ignore[method-assign]
+    configs.entries.enqueue = scheduled.append  # type: ignore[method-assign]  # the watches' way in
     return configs, scheduled
 
 
@@ -42,6 +63,7 @@ async def test_a_change_fans_out_only_within_its_scope() -> None:
         config_entry("global", namespace="other"),
     ):
         await configs.entry_changed(body)
+    await asyncio.sleep(SETTLE)
     scheduled.clear()
 
     changed = config_entry("cart-a", service="cart")
@@ -49,16 +71,19 @@ async def test_a_change_fans_out_only_within_its_scope() -> None:
     await configs.entry_changed(changed)
     assert sorted(set(scheduled)) == [("ns", "cart-a"), ("ns", "cart-b")]
 
+    await asyncio.sleep(SETTLE)
     scheduled.clear()
     moved = config_entry("shop-a", service="cart")  # moves scope: both the old and the new scope
     await configs.entry_changed(moved)
     assert sorted(set(scheduled)) == [("ns", "cart-a"), ("ns", "cart-b"), ("ns", "shop-a")]
 
+    await asyncio.sleep(SETTLE)
     scheduled.clear()
     wide = config_entry("global")
     wide["spec"]["data"] = {"k": "new"}
     await configs.entry_changed(wide)  # namespace-wide: its namespace's entries, and no other namespace's
     assert sorted(set(scheduled)) == [("ns", "cart-a"), ("ns", "cart-b"), ("ns", "global"), ("ns", "shop-a")]
+    await asyncio.sleep(SETTLE)
 
     layers = configs._layers(configs._entries[("ns", "cart-b")].entry)
     assert sorted(e.name for e in layers) == ["cart-a", "cart-b", "global", "shop-a"]
@@ -145,4 +170,290 @@ async def test_an_entry_that_cannot_be_read_is_refused_alone_and_never_blocks_st
     await configs.entry_changed(broken)
     await asyncio.sleep(0)
     assert len(kube.statuses) == 1
+    await configs.close()
+
+
+# ---------------------------------------------------------------------------------------------------- complexity
+class FakeKube:
+    """An empty cluster that accepts every write: enough for reconciles to run end to end in memory."""
+
+    def __init__(self) -> None:
+        self.maps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.revisions: dict[tuple[str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        store = self.revisions if kind == "ControllerRevision" else self.maps
+        return [copy.deepcopy(obj) for (ns, _), obj in sorted(store.items()) if ns == namespace]
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", name))
+        store = self.revisions if kind == "ControllerRevision" else self.maps
+        found = store.get((namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def create(self, obj: dict[str, Any]) -> bool:
+        self.calls.append(("create", obj["metadata"]["name"]))
+        self.revisions[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = copy.deepcopy(obj)
+        return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.calls.append(("delete", name))
+        return self.revisions.pop((namespace, name), None) is not None
+
+    async def ensure(self, obj: dict[str, Any], **_: Any) -> bool:
+        self.maps[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+        return True
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        pass
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        pass
+
+
+def wide_entry(i: int) -> dict[str, Any]:
+    """Namespace-wide entries that all set one key at one priority: every one layers on (and conflicts with)
+    every other, the worst case for per-entry layering."""
+    body = config_entry(f"e-{i:04d}")
+    body["spec"]["data"] = {"shared": str(i), f"own/e-{i:04d}": "1"} if i < 20 else {"shared": str(i)}
+    return body
+
+
+async def _materialise_all(configs: Configs, kube: FakeKube, n: int) -> None:
+    for _ in range(500):
+        if len(kube.maps) == n and not configs.entries.queue._dirty:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{len(kube.maps)} of {n} ConfigMaps materialised")
+
+
+async def test_start_up_and_materialising_a_namespace_layer_each_entry_a_constant_number_of_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """N namespace-wide entries (plus a few service-scoped ones) in one namespace: start-up and the first
+    materialisation of all of them compute each scope's layering once and look at each entry's keys a bounded
+    number of times. Per-entry layering (the namespace's entries read again for every entry) looks N^2 times."""
+    n, services = 400, 3
+    looked_at = 0
+    layerings = 0
+    real_invalid_keys, real_layering = config_core.invalid_keys, config_core.layering
+
+    def counting_invalid_keys(data: Any) -> list[str]:  # every layer planning looks at passes through here
+        nonlocal looked_at
+        looked_at += 1
+        return real_invalid_keys(data)
+
+    def counting_layering(*args: Any, **kwargs: Any) -> Any:
+        nonlocal layerings
+        layerings += 1
+        return real_layering(*args, **kwargs)
+
+    monkeypatch.setattr(config_core, "invalid_keys", counting_invalid_keys)
+    monkeypatch.setattr("beacon.configs.layering", counting_layering)
+    kube = FakeKube()
+    configs = Configs(kube=kube, coalesce_seconds=0.0)  # type: ignore[arg-type]
+    bodies = [wide_entry(i) for i in range(n)] + [config_entry(f"s-{i}", service=f"svc-{i}") for i in range(services)]
+
+    async def listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return bodies, []
+
+    configs._list = listing  # type: ignore[method-assign]
+    await configs.start()
+    await _materialise_all(configs, kube, len(bodies))
+    assert looked_at <= 3 * len(bodies), f"{looked_at} layer visits for {len(bodies)} entries"
+    assert layerings <= 1 + services, f"{layerings} layerings for {1 + services} scopes"
+    # and the result is the layering itself: every namespace-wide entry holds the merge of all of them
+    merged = {"shared": str(n - 1), **{f"own/e-{i:04d}": "1" for i in range(20)}}
+    assert kube.maps[("ns", "e-0000")]["data"] == config_map_data(merged)
+    assert kube.maps[("ns", "s-1")]["data"] == config_map_data({**merged, "k": "s-1"})
+    await configs.close()
+
+
+async def test_editing_every_entry_of_a_namespace_schedules_each_a_bounded_number_of_times() -> None:
+    """An edit to all N namespace-wide entries (each one's change fans out to the whole namespace) schedules
+    O(N) reconciles, and every entry is scheduled after the last edit. Uncoalesced it is N x N."""
+    configs, scheduled = _engine()
+    n = 300
+    for i in range(n):
+        await configs.entry_changed(wide_entry(i))
+    await asyncio.sleep(SETTLE)
+    scheduled.clear()
+    for i in range(n):
+        body = wide_entry(i)
+        body["spec"]["data"] = {"shared": f"edited-{i}"}
+        await configs.entry_changed(body)
+    assert len(scheduled) <= 3 * n, f"{len(scheduled)} schedules for {n} edits"
+    tail = len(scheduled)
+    await asyncio.sleep(SETTLE)  # the window ends: the edits after the first fan-out reach every entry again
+    assert sorted(set(scheduled[tail:])) == sorted(("ns", f"e-{i:04d}") for i in range(n))
+    assert len(scheduled) <= 3 * n
+    await configs.close()
+
+
+async def test_layering_of_a_scope_is_computed_once_until_it_changes() -> None:
+    configs, _ = _engine()
+    for body in (config_entry("global"), config_entry("a", service="cart"), config_entry("b", service="shop")):
+        configs._take(body, fan_out=False)
+    cart = configs._layering("ns", "cart")
+    assert configs._layering("ns", "cart") is cart
+    shop = configs._layering("ns", "shop")
+    changed = config_entry("b", service="shop")
+    changed["spec"]["data"] = {"k": "changed"}
+    configs._take(changed, fan_out=False)  # a service's change outdates that service's layering only
+    assert configs._layering("ns", "cart") is cart
+    assert configs._layering("ns", "shop") is not shop
+    wide = config_entry("global")
+    wide["spec"]["data"] = {"k": "wide", "x": "1"}
+    configs._take(wide, fan_out=False)  # a namespace-wide change outdates every layering of the namespace
+    assert configs._layering("ns", "cart") is not cart
+    assert configs._layering("ns", "cart").merged.values == {"k": "a", "x": "1"}
+    await configs.close()
+
+
+# ---------------------------------------------------------------------------------------------------- revisions
+def _revision_of(configs: Configs, name: str, number: int = 1) -> tuple[ConfigEntry, Revision, dict[str, Any]]:
+    entry = configs._entries[("ns", name)].entry
+    data = config_map_data(dict(entry.data))
+    digest = content_hash(data)
+    obj = desired_revision(entry, data=data, digest=digest, revision=number, rollback_of=None)
+    obj["metadata"]["resourceVersion"] = "7"
+    return entry, Revision(number, obj["metadata"]["name"], digest), obj
+
+
+def _loaded(configs: Configs, name: str, *revisions: Revision) -> None:
+    state = configs._entries[("ns", name)]
+    state.loaded = True
+    state.history = {r.number: r for r in revisions}
+
+
+async def test_the_revision_watch_requeues_the_owner_only_for_changes_made_by_others() -> None:
+    configs, scheduled = _engine()
+    await configs.entry_changed(config_entry("cfg"))
+    await asyncio.sleep(SETTLE)
+    scheduled.clear()
+    _, recorded, obj = _revision_of(configs, "cfg")
+
+    configs._revision_changed("ADDED", obj)  # before the entry is loaded: its history is read then
+    assert scheduled == []
+    _loaded(configs, "cfg", recorded)
+    configs._revision_changed("ADDED", obj)  # beacon's own creation coming back
+    configs._revision_changed("MODIFIED", obj)
+    assert scheduled == []
+    pruned = copy.deepcopy(obj)
+    pruned["metadata"]["name"] = "cfg-0"
+    configs._revision_changed("DELETED", pruned)  # not in the history (beacon pruned it first)
+    assert scheduled == []
+
+    configs._revision_changed("DELETED", obj)  # deleted by hand
+    assert scheduled == [("ns", "cfg")]
+    for edit in (
+        lambda o: o["metadata"]["annotations"].update({ANNOTATION_HASH: "0" * 16}),
+        lambda o: o["metadata"]["labels"].update({"extra": "x"}),
+        lambda o: o.update({"revision": 9}),
+        lambda o: o["metadata"].update({"ownerReferences": []}),
+        lambda o: o["data"]["data"].update({"k": "edited"}),
+    ):
+        scheduled.clear()
+        edited = copy.deepcopy(obj)
+        edit(edited)
+        configs._revision_changed("MODIFIED", edited)
+        assert scheduled == [("ns", "cfg")]
+    assert configs._entries[("ns", "cfg")].suspect == {recorded.name}
+    await configs.close()
+
+
+async def _reconciled_with_history(kube: FakeKube, *, limit: int = 10) -> tuple[Configs, list[dict[str, Any]]]:
+    """An entry materialised three times (revisions 1..3), all in memory as the engine recorded them."""
+    configs = Configs(kube=kube, coalesce_seconds=0.0)  # type: ignore[arg-type]
+    configs._schedule = lambda key: None  # type: ignore[method-assign]
+    stored = []
+    for number in (1, 2, 3):
+        body = config_entry("cfg")
+        body["spec"]["data"] = {"k": str(number)}
+        body["spec"]["revisionHistoryLimit"] = limit
+        configs._take(body, fan_out=False)
+        await configs.reconcile(("ns", "cfg"))
+        stored.append(copy.deepcopy(kube.revisions[("ns", f"cfg-{number}")]))
+    return configs, stored
+
+
+async def test_a_revision_deleted_or_edited_by_hand_is_written_back_exactly() -> None:
+    kube = FakeKube()
+    configs, stored = await _reconciled_with_history(kube)
+    state = configs._entries[("ns", "cfg")]
+
+    # the current revision deleted: recreated from the content beacon materialised last
+    del kube.revisions[("ns", "cfg-3")]
+    configs._revision_changed("DELETED", stored[2])
+    await configs.reconcile(("ns", "cfg"))
+    assert kube.revisions[("ns", "cfg-3")] == stored[2]
+
+    # an older one edited: its data is immutable, so the object itself holds it; deleted and created again
+    edited = copy.deepcopy(stored[0])
+    edited["metadata"]["annotations"]["note"] = "by hand"
+    edited["revision"] = 7
+    kube.revisions[("ns", "cfg-1")] = edited
+    configs._revision_changed("MODIFIED", edited)
+    kube.calls.clear()
+    await configs.reconcile(("ns", "cfg"))
+    assert kube.revisions[("ns", "cfg-1")] == stored[0]
+    assert [c for c in kube.calls if c[0] != "get"] == [("delete", "cfg-1"), ("create", "cfg-1")]
+
+    # an older one deleted, its content in no other revision and not in memory: dropped from the history
+    del kube.revisions[("ns", "cfg-2")]
+    configs._revision_changed("DELETED", stored[1])
+    await configs.reconcile(("ns", "cfg"))
+    assert ("ns", "cfg-2") not in kube.revisions
+    assert sorted(state.history) == [1, 3]
+
+    # beacon's own repair coming back (its deletion and creation) is checked, and nothing more is written
+    configs._revision_changed("DELETED", stored[0])
+    kube.calls.clear()
+    await configs.reconcile(("ns", "cfg"))
+    assert [c for c in kube.calls if c[0] != "get"] == []
+    assert state.suspect == set()
+    await configs.close()
+
+
+async def test_a_deleted_revision_is_recovered_from_another_with_the_same_content() -> None:
+    kube = FakeKube()
+    configs, stored = await _reconciled_with_history(kube)
+    body = config_entry("cfg")  # back to the content of revision 1: revision 4, same hash
+    body["spec"]["data"] = {"k": "1"}
+    configs._take(body, fan_out=False)
+    await configs.reconcile(("ns", "cfg"))
+    state = configs._entries[("ns", "cfg")]
+    assert state.history[4].hash == state.history[1].hash
+    del kube.revisions[("ns", "cfg-1")]
+    configs._revision_changed("DELETED", stored[0])
+    state.content = None  # not in memory either: only revision 4 still holds that content
+    await configs.reconcile(("ns", "cfg"))
+    assert kube.revisions[("ns", "cfg-1")] == stored[0]
+    await configs.close()
+
+
+async def test_pruning_is_not_mistaken_for_a_deletion_by_hand() -> None:
+    kube = FakeKube()
+    configs, stored = await _reconciled_with_history(kube, limit=2)
+    state = configs._entries[("ns", "cfg")]
+    assert sorted(state.history) == [2, 3]
+    scheduled: list[tuple[str, str]] = []
+    configs._schedule = scheduled.append  # type: ignore[method-assign]
+    configs._revision_changed("DELETED", stored[0])  # the pruning of revision 1 coming back
+    assert scheduled == []
+    assert state.suspect == set()
+    await configs.close()
+
+
+async def test_a_revision_deleted_while_its_entry_is_reloaded_is_still_written_back() -> None:
+    """The ConfigMap and a revision deleted together: the ConfigMap's event makes the entry re-read the API, whose
+    listing lacks the revision; beacon's record of it stands and the revision is written back."""
+    kube = FakeKube()
+    configs, stored = await _reconciled_with_history(kube)
+    del kube.revisions[("ns", "cfg-3")]
+    configs._entries[("ns", "cfg")].loaded = False  # what the ConfigMap watch does
+    await configs.reconcile(("ns", "cfg"))
+    assert kube.revisions[("ns", "cfg-3")] == stored[2]
+    assert sorted(configs._entries[("ns", "cfg")].history) == [1, 2, 3]
     await configs.close()
