@@ -660,17 +660,22 @@ class Configs:
     async def _materialise(
         self, state: _EntryState, data: dict[str, str], digest: str, rollback_of: int | None
     ) -> None:
+        """Write the ConfigMap, then record the revision. The ConfigMap first: it is what the workloads read, and
+        when thousands of entries change at once (a namespace-wide edit) their ConfigMaps are all written before
+        the bookkeeping of any (requests leave in the order they are made). A failure between the two records the
+        revision at the retry; a crash between them records the content as the next revision at the restart
+        (`choose_revision`: numbers only go up), so whatever a workload read is in the history."""
         entry = state.entry
         number, record = choose_revision(
             history=list(state.history.values()), current=state.current, desired_hash=digest
         )
+        await self.kube.ensure(desired_config_map(entry, data=data, digest=digest, revision=number))
         if record:
             obj = desired_revision(entry, data=data, digest=digest, revision=number, rollback_of=rollback_of)
             await self.kube.create(obj)
             state.history[number] = Revision(number, obj["metadata"]["name"], digest, rollback_of)
             metrics.CONFIG_REVISIONS.inc()
             log.info("%s/%s: revision %d (hash %s)", entry.namespace, entry.name, number, digest)
-        await self.kube.ensure(desired_config_map(entry, data=data, digest=digest, revision=number))
         await self._remove_stray_keys(state, data)
         previous_map = state.config_map
         state.current = Current(number, digest)

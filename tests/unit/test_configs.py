@@ -18,6 +18,7 @@ import pytest
 from beacon import config_core
 from beacon.config_core import (
     ANNOTATION_HASH,
+    ANNOTATION_REVISION,
     ConfigEntry,
     Revision,
     config_map_data,
@@ -456,4 +457,46 @@ async def test_a_revision_deleted_while_its_entry_is_reloaded_is_still_written_b
     await configs.reconcile(("ns", "cfg"))
     assert kube.revisions[("ns", "cfg-3")] == stored[2]
     assert sorted(configs._entries[("ns", "cfg")].history) == [1, 2, 3]
+    await configs.close()
+
+
+class OrderKube(FakeKube):
+    """Records the order of writes; the first revision creation can be made to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.fail_create = False
+
+    async def create(self, obj: dict[str, Any]) -> bool:
+        if self.fail_create:
+            self.fail_create = False
+            raise RuntimeError("apiserver unavailable")
+        self.writes.append(f"revision {obj['metadata']['name']}")
+        return await super().create(obj)
+
+    async def ensure(self, obj: dict[str, Any], **options: Any) -> bool:
+        self.writes.append(f"configmap {obj['metadata']['annotations'][ANNOTATION_REVISION]}")
+        return await super().ensure(obj, **options)
+
+
+async def test_the_config_map_is_written_before_its_revision_and_a_failure_between_keeps_the_number() -> None:
+    """What the workloads read goes first (a namespace-wide edit writes every ConfigMap before any bookkeeping);
+    a failed revision creation is retried under the same number, so the ConfigMap never names a lost one."""
+    kube = OrderKube()
+    configs = Configs(kube=kube, coalesce_seconds=0.0)  # type: ignore[arg-type]
+    configs._schedule = lambda key: None  # type: ignore[method-assign]
+    body = config_entry("cfg")
+    body["spec"]["data"] = {"k": "1"}
+    configs._take(body, fan_out=False)
+    await configs.reconcile(("ns", "cfg"))
+    assert kube.writes == ["configmap 1", "revision cfg-1"]
+    body["spec"]["data"] = {"k": "2"}
+    configs._take(body, fan_out=False)
+    kube.fail_create, kube.writes = True, []
+    with pytest.raises(RuntimeError):
+        await configs.reconcile(("ns", "cfg"))
+    await configs.reconcile(("ns", "cfg"))  # the queue's retry
+    assert kube.writes == ["configmap 2", "configmap 2", "revision cfg-2"]
+    assert sorted(configs._entries[("ns", "cfg")].history) == [1, 2]
     await configs.close()
