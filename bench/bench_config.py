@@ -19,6 +19,7 @@ Results: bench/results/config.json and config.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -31,6 +32,7 @@ from benchlib import RESULTS, markdown_table, pct, save
 from kubernetes import client, config, watch
 
 from beacon.config_core import ANNOTATION_HASH, ANNOTATION_TEMPLATE_HASHES, config_map_data, content_hash
+from beacon.kube import Kube
 from beacon_dev.devcluster import DevCluster
 from beacon_dev.testing import OperatorProcess, config_entry, opted_in_deployment
 
@@ -173,6 +175,49 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _writes(operator: OperatorProcess) -> float:
+    """The operator's API writes so far (beacon_api_writes_total, every verb and kind)."""
+    return sum(
+        float(line.split()[1])
+        for line in operator.metrics().splitlines()
+        if line.startswith("beacon_api_writes_total{")
+    )
+
+
+APPLY = "application/apply-patch+yaml"
+
+
+def _write_ceiling(kubeconfig: Path, namespace: str, n: int = 2500) -> float:
+    """Writes per second this apiserver takes from beacon's own client with nothing else running: n ConfigMaps
+    created, then each server-side applied with new data (what materialising does), 64 requests in flight."""
+
+    async def measure() -> float:
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        configuration.connection_pool_maxsize = 16
+        kube = Kube(client.ApiClient(configuration), threads=16)
+        gate = asyncio.Semaphore(64)
+
+        def body(i: int, value: str) -> dict[str, Any]:
+            meta = {"name": f"ceiling-{i:05d}", "namespace": namespace, "labels": {"bench": "ceiling"}}
+            return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"k": value}}
+
+        async def write(i: int) -> None:
+            async with gate:
+                path = kube.path("ConfigMap", namespace, body(i, "2")["metadata"]["name"])
+                await kube.request("POST", kube.path("ConfigMap", namespace), body=body(i, "1"), kind="ConfigMap")
+                query = [("fieldManager", "beacon"), ("force", "true")]
+                await kube.request("PATCH", path, body=body(i, "2"), query=query, content_type=APPLY)
+
+        started = time.monotonic()
+        await asyncio.gather(*(write(i) for i in range(n)))
+        elapsed = time.monotonic() - started
+        kube.close()
+        return 2 * n / elapsed
+
+    return asyncio.run(measure())
+
+
 def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
     """5,000 namespace-wide entries in one namespace: start-up's event-loop hold, then a namespace-wide edit."""
     with DevCluster() as cluster:
@@ -219,6 +264,7 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
 
         data = {"shared/round": "1", f"own/{winner}": "1"}
         digest = content_hash(config_map_data(data))
+        writes_before = _writes(operator)
         edited = time.monotonic()
         custom.patch_namespaced_custom_object(
             "beacon.dev", "v1alpha1", SCALE_NS, "configentries", winner, {"spec": {"data": data}}
@@ -230,8 +276,11 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
         time.sleep(3)
         edit_planning = _metric(operator, "beacon_config_planning_seconds_total") - start_planning
         edit_cpu = _cpu_seconds(operator.proc.pid) - start_cpu
+        edit_writes = _writes(operator) - writes_before
         cms.stop.set()
         operator.stop()
+        cluster.kubectl("create", "namespace", "bench-write-ceiling")  # nothing watches it
+        ceiling = _write_ceiling(kubeconfig, "bench-write-ceiling")
     return {
         "entries": entries,
         "namespaces": 1,
@@ -251,8 +300,12 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
             "p50_s": round(pct(updated, 0.5), 2),
             "layering_and_planning_s": round(edit_planning, 3),
             "operator_cpu_s": round(edit_cpu, 1),
+            "api_writes": int(edit_writes),
             "target_s": EDIT_TARGET,
         },
+        # the same client against the same apiserver, nothing else running: the floor for that many writes
+        "write_ceiling_per_s": round(ceiling),
+        "edit_floor_s": round(edit_writes / ceiling, 2) if ceiling else float("nan"),
     }
 
 
@@ -277,6 +330,11 @@ def scale_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "namespace-wide edit: layering/planning / operator CPU",
             f"{e['layering_and_planning_s']} s / {e['operator_cpu_s']} s",
+        ),
+        (
+            "namespace-wide edit: API writes / the apiserver's write ceiling (beacon's client, nothing else running)",
+            f"{e['api_writes']} / {results['write_ceiling_per_s']} per s: no operator does it under "
+            f"{results['edit_floor_s']} s here (edit / floor {e['all_updated_after_s'] / results['edit_floor_s']:.2f})",
         ),
     ]
 
