@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from beacon.app import run
     from beacon.configs import ReloadPolicy
-    from beacon.operator_runtime import Options
+    from beacon.operator_runtime import Options, ShardOptions
 
     kopf.configure(verbose=args.verbose, log_prefix=False)
     options = Options(
@@ -41,6 +42,15 @@ def cmd_operator(args: argparse.Namespace) -> int:
         peering_lifetime=args.peering_lifetime,
         peering_priority=args.peering_priority,
         uvloop=not args.no_uvloop,
+        shard=ShardOptions(
+            identity=args.shard_identity,
+            namespace=args.shard_namespace,
+            group=args.shard_group,
+            lease_seconds=args.shard_lease_seconds,
+            renew_seconds=args.shard_renew_seconds,
+        )
+        if args.shard
+        else None,
     )
     run(options)
     return 0
@@ -100,7 +110,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="COUNT/SECONDS",
         help="at most COUNT rollouts of one workload per SECONDS; later changes wait and are combined (default 3/60)",
     )
-    op.add_argument("--peering", action="store_true", help="use kopf peering (HA: one active replica)")
+    mode = op.add_mutually_exclusive_group()
+    mode.add_argument("--peering", action="store_true", help="use kopf peering (HA: one active replica)")
+    mode.add_argument(
+        "--shard",
+        action="store_true",
+        help="sharded, active-active: each replica serves the namespaces rendezvous hashing gives it, coordinated "
+        "by one Lease per replica (see --shard-*)",
+    )
+    op.add_argument(
+        "--shard-identity",
+        default=os.environ.get("POD_NAME") or socket.gethostname(),
+        help="this replica's name in the shard group (default: $POD_NAME, else the host name)",
+    )
+    op.add_argument(
+        "--shard-namespace",
+        default=os.environ.get("POD_NAMESPACE", "beacon-system"),
+        help="where the group's Leases live (default: $POD_NAMESPACE, else beacon-system)",
+    )
+    op.add_argument("--shard-group", default="beacon", help="the shard group's name (default beacon)")
+    op.add_argument(
+        "--shard-lease-seconds",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a replica's Lease stays valid: a crashed replica's namespaces move this long after its "
+        "last renewal (default 10)",
+    )
+    op.add_argument(
+        "--shard-renew-seconds", type=float, default=2.0, metavar="SECONDS", help="Lease renewal period (default 2)"
+    )
     op.add_argument("--peering-name", default="beacon", help="kopf peering object name (default beacon)")
     op.add_argument(
         "--peering-lifetime",

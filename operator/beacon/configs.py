@@ -133,8 +133,12 @@ class Configs:
         coalesce_seconds: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        serves: Callable[[str], bool] | None = None,
     ) -> None:
+        """`serves(namespace)`: whether this replica serves the namespace now (sharded mode); entries and
+        workloads elsewhere cost no state and no write."""
         self.kube = kube
+        self._serves = serves or (lambda _namespace: True)
         self.policy = policy or ReloadPolicy()
         self._coalesce = coalesce_seconds
         self._clock = clock
@@ -193,7 +197,7 @@ class Configs:
         for item in maps:
             meta = item["metadata"]
             digest = (meta.get("annotations") or {}).get(ANNOTATION_HASH)
-            if digest:
+            if digest and self._in_scope(meta["namespace"]):
                 self._hashes[(meta["namespace"], meta["name"])] = str(digest)
         for body in entries:
             # every entry is scheduled on its own: no fan-out, so start-up is O(entries), not O(entries x scope)
@@ -263,7 +267,34 @@ class Configs:
         self.entries.watch_owned()
 
     def _in_scope(self, namespace: str) -> bool:
-        return not self._namespaces or namespace in self._namespaces
+        return (not self._namespaces or namespace in self._namespaces) and self._serves(namespace)
+
+    async def release(self, keep: Callable[[str], bool]) -> set[str]:
+        """Let go of every namespace `keep` rejects (sharded mode): forget its entries and workloads, and wait
+        until no reconcile of them is under way. Nothing is written: the ConfigMaps and revisions stay as they
+        are, for the next owner to load. Returns the namespaces released."""
+        gone = {key[0] for key in self._entries if not keep(key[0])}
+        gone |= {key[1] for key in self._workloads if not keep(key[1])}
+        keys = [key for key in self._entries if key[0] in gone]
+        for key in keys:
+            state = self._entries.pop(key)
+            self._by_uid.pop(state.entry.uid, None)
+            self._unscope(state.entry)
+            self._outdate(state.entry, None)
+            if state.config_map:
+                self.kube.forget("ConfigMap", key[0], state.config_map)
+                self._hashes.pop((key[0], state.config_map), None)
+        for key in keys:
+            lock = self._locks.get(key)
+            if lock is not None:
+                async with lock:
+                    pass
+            self._locks.pop(key, None)
+        for workload_key in [k for k in self._workloads if k[1] in gone]:
+            workload = self._workloads.pop(workload_key)
+            self._index_workload(workload, before=workload.names, after=())
+            self.reloads.cancel(workload_key)
+        return gone
 
     def _owner_key(self, kind: str, meta: Mapping[str, Any]) -> EntryKey | None:
         """The entry an owned object belongs to, by the uid in its label (or its ownerReference): for a ConfigMap,
@@ -313,6 +344,8 @@ class Configs:
         self._take(body, fan_out=True)
 
     def _take(self, body: Mapping[str, Any], *, fan_out: bool) -> None:
+        if not self._in_scope(str((body.get("metadata") or {}).get("namespace", ""))):
+            return  # another replica serves it (sharded mode)
         try:
             entry = ConfigEntry.from_body(body)
         except (KeyError, TypeError, ValueError) as exc:  # past the schema somehow: this entry only is refused
@@ -353,6 +386,8 @@ class Configs:
 
     def workload_changed(self, kind: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         meta = body.get("metadata") or {}
+        if not self._in_scope(str(meta.get("namespace", ""))):
+            return
         key = (kind, meta.get("namespace", ""), meta.get("name", ""))
         names = reload_names((meta.get("annotations") or {}).get(ANNOTATION_RELOAD))
         if deleted or not names:

@@ -210,11 +210,16 @@ class Discovery:
         wall_clock: Callable[[], float] = time.time,
         namespaces: tuple[str, ...] = (),
         forget: Callable[[str, int], None] | None = None,
+        serves: Callable[[str], bool] | None = None,
+        served_by: str | None = None,
     ) -> None:
         """`forget(address, port)`: called when no target probes that endpoint any more (the checker closes what
-        it keeps open for it: a gRPC channel, idle connections)."""
+        it keeps open for it: a gRPC channel, idle connections). `serves(namespace)`: whether this replica serves
+        the namespace now (sharded mode); entries elsewhere cost no state, no probe and no write."""
         self.kube = kube
         self._namespaces = set(namespaces)
+        self._serves = serves or (lambda _namespace: True)
+        self._served_by = served_by  # sharded mode: this replica's name, shown in each entry's status
         self._entries: dict[EntryKey, _EntryState] = {}
         self._names: dict[str, set[str]] = defaultdict(set)  # namespace -> names of its entries
         # selector entries by namespace and anchor label; the pods they select, and which entries select each
@@ -256,6 +261,7 @@ class Discovery:
             owner_of=lambda _kind, meta: str(meta["namespace"]),
             in_scope=self._in_scope,
             min_interval=registry_interval_seconds,  # a namespace's whole catalog: at most one write per interval
+            alive=self._in_scope,
             on_error=self._forget_registry,
         )
         self._registry_names: dict[str, set[str]] = {}
@@ -280,6 +286,8 @@ class Discovery:
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
     async def entry_changed(self, body: Mapping[str, Any]) -> None:
+        if not self._in_scope(str((body.get("metadata") or {}).get("namespace", ""))):
+            return  # another replica serves it (sharded mode)
         entry = ServiceEntry.from_body(dict(body))
         labels = dict((body.get("metadata") or {}).get("labels") or {})
         state = self._entries.get(entry.key)
@@ -510,7 +518,45 @@ class Discovery:
         self.registries.watch_owned()
 
     def _in_scope(self, namespace: str) -> bool:
-        return not self._namespaces or namespace in self._namespaces
+        return (not self._namespaces or namespace in self._namespaces) and self._serves(namespace)
+
+    def held_namespaces(self) -> set[str]:
+        return {namespace for namespace, names in self._names.items() if names}
+
+    async def release(self, keep: Callable[[str], bool]) -> set[str]:
+        """Let go of every namespace `keep` rejects (sharded mode: another replica serves it from now on): stop
+        probing its entries, forget their state, and wait until no reconcile or registry write of them is still
+        under way. Nothing is written or deleted: the outputs stay as published, for the next owner to seed from.
+        Returns the namespaces released."""
+        tables = (self._names, self._records, self._expected, self._registry_names)
+        gone = {namespace for table in tables for namespace in table if not keep(namespace)}
+        keys = [(namespace, name) for namespace in gone for name in list(self._names.get(namespace, ()))]
+        held = {namespace for namespace in gone if self._names.get(namespace) or self._records.get(namespace)}
+        for namespace, name in keys:
+            state = self._entries.pop((namespace, name), None)
+            if state is not None:
+                self._names[namespace].discard(name)
+                self._by_uid.pop(state.entry.uid, None)
+                self._unindex(state)
+                for ep in state.endpoints:
+                    self.prober.remove((namespace, name, ep.address))
+            self.kube.forget_namespace_entry(namespace, name)
+        metrics.TARGETS.set(len(self.prober))
+        for key in keys:  # a reconcile under way finishes its request; the next one finds no state and stops
+            lock = self._locks.get(key)
+            if lock is not None:
+                async with lock:
+                    pass
+            self._drop_lock(self._locks, key)
+        for namespace in gone:
+            lock = self._registry_locks.get(namespace)
+            if lock is not None:
+                async with lock:
+                    pass
+            for table in tables:
+                table.pop(namespace, None)
+            self._drop_lock(self._registry_locks, namespace)
+        return held
 
     def _owner_key(self, _kind: str, meta: Mapping[str, Any]) -> EntryKey | None:
         """The entry an output belongs to: by its ownerReference (labels may be what someone edited)."""
@@ -874,7 +920,7 @@ class Discovery:
             # an entry never published (no slices when it was seeded) has no Endpoints object either
             await self.kube.ensure(desired_endpoints(entry, views), absent=not state.published)
             previous = (state.status or {}).get("conditions") or []
-            status = desired_status(entry, views, previous_conditions=previous, now=now)
+            status = desired_status(entry, views, previous_conditions=previous, now=now, served_by=self._served_by)
             if status_changed(state.status, status):
                 await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
                 state.status = status
@@ -935,6 +981,8 @@ class Discovery:
             self.kube.forget("ConfigMap", namespace, item)
 
     async def write_registry(self, namespace: str) -> None:
+        if not self._in_scope(namespace):
+            return  # released meanwhile: the namespace's registry is another replica's now
         if await self._write_registry(namespace):
             self._forget_namespace(namespace)
 

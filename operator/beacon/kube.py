@@ -23,7 +23,7 @@ import json
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -63,6 +63,10 @@ class _Unread(enum.Enum):
 
 
 UNREAD = _Unread.UNREAD  # `ensure(observed=...)` not given: read the object first
+
+
+class FencedError(RuntimeError):
+    """A write refused before it left: this replica's shard Lease is not valid (see beacon.shards)."""
 
 
 class NotOursError(RuntimeError):
@@ -149,6 +153,7 @@ class Kube:
         self._applied: dict[tuple[str, str, str], Obj] = {}
         self._versions: dict[tuple[str, str, str], str] = {}  # the resourceVersion of beacon's last write or read
         self._session: aiohttp.ClientSession | None = None
+        self.fence: Callable[[], bool] = lambda: True  # sharded mode: the replica's Lease is valid
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -213,8 +218,13 @@ class Kube:
         query: Sequence[tuple[str, str]] = (),
         content_type: str = "application/json",
         kind: str = "",
+        fenced: bool = True,
     ) -> Obj | None:
+        """One request. A write (anything but GET) is refused with FencedError while `fence` says this replica
+        may not write (sharded mode: its Lease is not valid); `fenced=False` is for the Lease renewal itself."""
         if method != "GET":
+            if fenced and not self.fence():
+                raise FencedError(f"{method} {path}: this replica's shard Lease is not valid; it writes nothing")
             metrics.API_WRITES.labels(verb=method.lower(), kind=kind or "other").inc()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(

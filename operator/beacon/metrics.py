@@ -64,6 +64,18 @@ RELOADS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+SHARD_MEMBERS = Gauge(
+    "beacon_shard_members", "Live members of this replica's shard group (sharded mode)", registry=REGISTRY
+)
+SHARD_NAMESPACES = Gauge(
+    "beacon_shard_namespaces", "Namespaces this replica serves now (sharded mode: its units)", registry=REGISTRY
+)
+SHARD_HANDOVERS = Counter(
+    "beacon_shard_handovers_total",
+    "Namespaces this replica released to another member or acquired from one (sharded mode)",
+    ["direction"],
+    registry=REGISTRY,
+)
 
 # (check type, ok) -> (PROBES child, PROBE_SECONDS child): every probe result is counted, and looking the label
 # values up again each time (a lock and a dict per call) is work the probe path need not do

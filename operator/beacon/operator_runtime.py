@@ -30,6 +30,8 @@ from beacon.kube import Kube
 from beacon.policy import ProbePolicy
 from beacon.registry import LABEL_REGISTRY
 from beacon.retries import RETRIES
+from beacon.sharding import owner
+from beacon.shards import Member
 from beacon.targets import ProbeResult, Target
 
 log = logging.getLogger("beacon")
@@ -46,6 +48,18 @@ def start_priority(now: float | None = None) -> int:
     pair)."""
     started_ms = int((time.time() if now is None else now) * 1000)
     return (10**13 - started_ms) * 100 + secrets.randbelow(100)
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """--shard: this replica is one of several active ones, each serving the namespaces rendezvous hashing gives
+    it (beacon.shards), coordinated by one Lease per replica in `namespace`."""
+
+    identity: str
+    namespace: str
+    group: str = "beacon"
+    lease_seconds: float = 10.0
+    renew_seconds: float = 2.0
 
 
 @dataclass
@@ -65,6 +79,7 @@ class Options:
     peering_lifetime: int = PEERING_LIFETIME
     peering_priority: int | None = None  # None: derived from the start time, so the oldest replica leads
     uvloop: bool = True  # run on uvloop (the probe path's event loop); --no-uvloop: asyncio's own loop
+    shard: ShardOptions | None = None  # --shard: sharded, active-active (see ShardOptions)
 
 
 @dataclass
@@ -78,6 +93,9 @@ class Runtime:
     _metrics_server: Any = None
     _active: bool = False
     _activation: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _member: Member | None = None
+    _adopting: asyncio.Task[None] | None = None
+    _adopt_again: bool = False
 
     @property
     def discovery(self) -> Discovery:
@@ -108,6 +126,21 @@ class Runtime:
 
     async def start(self) -> None:
         self._kube = Kube.from_environment()
+        serves: Callable[[str], bool] | None = None
+        shard = self.options.shard
+        if shard is not None:
+            self._member = Member(
+                kube=self._kube,
+                identity=shard.identity,
+                namespace=shard.namespace,
+                group=shard.group,
+                duration=shard.lease_seconds,
+                renew_every=shard.renew_seconds,
+                on_release=self._release,
+                on_acquire=self._acquired,
+            )
+            self._kube.fence = self._member.may_write  # every write checks this replica's Lease first
+            serves = self._member.serves
         policy = ProbePolicy.with_allowed(self.options.allow_probe_cidrs)
         discovery_ref: list[Discovery] = []
         self._checker = Checker(
@@ -127,6 +160,8 @@ class Runtime:
             concurrency=self.options.probe_concurrency,
             namespaces=self.options.namespaces,
             forget=checker.forget,
+            serves=serves,
+            served_by=shard.identity if shard is not None else None,
         )
         discovery_ref.append(discovery)
         self._discovery = discovery
@@ -136,13 +171,22 @@ class Runtime:
             self._metrics_server, _ = start_http_server(
                 self.options.metrics_port, addr=self.options.metrics_address, registry=metrics.REGISTRY
             )
-        self._configs = Configs(kube=self._kube, policy=self.options.reload_policy)
+        self._configs = Configs(kube=self._kube, policy=self.options.reload_policy, serves=serves)
         log.info(
             "beacon started: metrics on :%s, liveness on :%s, event loop %s",
             self.options.metrics_port,
             self.options.liveness_port,
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
+        if self._member is not None:
+            await self._member.start()
+            self._tasks.append(asyncio.create_task(self._member.run(), name="beacon-shard-member"))
+            log.info(
+                "shard %s: a member of group %r (Leases in %s); serving nothing until the group agrees",
+                self._member.identity,
+                self._member.group,
+                self._member.namespace,
+            )
         if self.options.standalone:
             await self.activate()
         else:
@@ -186,31 +230,103 @@ class Runtime:
             self._active = True
             log.info("beacon is active")
 
-    async def _resync_registries(self) -> None:
-        """Know every entry before writing registries; remove registries of namespaces that lost all entries
-        while the operator was down."""
+    # ------------------------------------------------------------------ sharded mode
+    async def _release(self, view: frozenset[str]) -> None:
+        """Before this replica announces `view`: let go of the namespaces it gives to another member."""
+        assert self._member is not None
+        me = self._member.identity
+
+        def keep(namespace: str) -> bool:
+            return owner(namespace, view) == me
+
+        released: set[str] = set()
+        if self._discovery is not None:
+            released |= await self._discovery.release(keep)
+        if self._configs is not None:
+            released |= await self._configs.release(keep)
+        if released:
+            metrics.SHARD_HANDOVERS.labels(direction="released").inc(len(released))
+            log.info("shard %s: released %d namespaces: %s", me, len(released), ", ".join(sorted(released)))
+
+    def _acquired(self) -> None:
+        """The group agreed on a view: serve what it gives this replica (list and adopt what is new)."""
+        if self._adopting is not None and not self._adopting.done():
+            self._adopt_again = True
+            return
+        self._adopting = asyncio.ensure_future(self._adopt())
+
+    async def _adopt(self) -> None:
+        assert self._member is not None
+        while True:
+            self._adopt_again = False
+            try:
+                await self._adopt_once()
+                RETRIES.forget("shard adoption")
+            except Exception as exc:  # the API unreachable: try again (the namespaces are served meanwhile)
+                wait = RETRIES.when("shard adoption")
+                log.warning("shard %s: adopting failed, retrying in %.1fs: %s", self._member.identity, wait, exc)
+                await asyncio.sleep(wait)
+                self._adopt_again = True
+            if not self._adopt_again:
+                return
+
+    async def _adopt_once(self) -> None:
+        """List every entry and workload and take those of the namespaces served now (the held ones are known
+        already and cost a comparison). A new entry seeds its health from the published EndpointSlices, as after
+        a restart: a handover never turns a healthy endpoint not-ready."""
         assert self._kube is not None
         assert self._discovery is not None
-        entries = await self._kube.request("GET", "/apis/beacon.dev/v1alpha1/serviceentries")
-        wanted = set(self.options.namespaces)
-        self._discovery.expect(
-            {
-                (i["metadata"]["namespace"], i["metadata"]["name"])
-                for i in (entries or {}).get("items", [])
-                if not wanted or i["metadata"]["namespace"] in wanted
-            }
-        )
+        assert self._configs is not None
+        assert self._member is not None
+        await self.activate()  # once: after it, the listings below find what this replica serves
+        before = self._discovery.held_namespaces()
+        await self._configs.start(namespaces=self.options.namespaces)
+        entries = await self._resync_registries()
+        for body in entries:
+            await self._discovery.entry_changed(body)
+        for kind in ("Deployment", "StatefulSet", "DaemonSet"):
+            for body in await self._kube.list_all(kind):
+                self._configs.workload_changed(kind, body)
+        gained = self._discovery.held_namespaces() - before
+        if gained:
+            metrics.SHARD_HANDOVERS.labels(direction="acquired").inc(len(gained))
+            log.info(
+                "shard %s: serving %d more namespaces: %s",
+                self._member.identity,
+                len(gained),
+                ", ".join(sorted(gained)),
+            )
+
+    def _serves(self, namespace: str) -> bool:
+        """Whether this replica serves `namespace`: among the watched ones and, sharded, given to it."""
+        wanted = self.options.namespaces
+        if wanted and namespace not in wanted:
+            return False
+        return self._member is None or self._member.serves(namespace)
+
+    async def _resync_registries(self) -> list[dict[str, Any]]:
+        """Know every entry before writing registries; remove registries of namespaces that lost all entries
+        while the operator was down. Returns the ServiceEntries of the namespaces served."""
+        assert self._kube is not None
+        assert self._discovery is not None
+        listed = await self._kube.request("GET", "/apis/beacon.dev/v1alpha1/serviceentries")
+        entries = [i for i in (listed or {}).get("items", []) if self._serves(i["metadata"]["namespace"])]
+        self._discovery.expect({(i["metadata"]["namespace"], i["metadata"]["name"]) for i in entries})
         result = await self._kube.request(
             "GET", "/api/v1/configmaps", query=[("labelSelector", f"{LABEL_REGISTRY}=true")]
         )
         for ns in sorted({i["metadata"]["namespace"] for i in (result or {}).get("items", [])}):
-            if not wanted or ns in wanted:
+            if self._serves(ns):
                 await self._discovery.registry_resync(ns)
+        return entries
 
     async def _gauges(self) -> None:
         while True:
             if self._discovery is not None:
                 metrics.QUEUE_DEPTH.set(self._discovery.prober.queue_depth)
+            if self._member is not None and self._discovery is not None:
+                metrics.SHARD_MEMBERS.set(len(self._member.view))
+                metrics.SHARD_NAMESPACES.set(len(self._discovery.held_namespaces()))
             await asyncio.sleep(1)
 
     async def stop(self) -> None:

@@ -291,7 +291,9 @@ def desired_status(
     *,
     previous_conditions: Sequence[Mapping[str, Any]] = (),
     now: float,
+    served_by: str | None = None,
 ) -> Obj:
+    """The entry's status. `served_by`: the replica that serves it (sharded mode), else omitted."""
     total = len(views)
     ready = sum(1 for v in views if v.ready)
     unknown = sum(1 for v in views if _state(v) == "Unknown")
@@ -333,6 +335,8 @@ def desired_status(
     }
     if total <= STATUS_ENDPOINTS_MAX:
         status["endpoints"] = [{"address": v.endpoint.address, "state": _state(v)} for v in views]
+    if served_by:
+        status["servedBy"] = served_by
     return status
 
 

@@ -163,6 +163,7 @@ class Member:
                 query=[("fieldManager", "beacon"), ("force", "true")],
                 content_type=APPLY,
                 kind="Lease",
+                fenced=False,  # renewing is how a replica becomes valid again
             )
         except (ApiError, OSError) as exc:
             log.warning("shard %s: cannot renew its Lease (writes stop once it expires): %s", self.identity, exc)
@@ -174,7 +175,10 @@ class Member:
         self._valid_until = float("-inf")
         with contextlib.suppress(ApiError, OSError):
             await self.kube.request(
-                "DELETE", self.kube.path("Lease", self.namespace, self.lease_name(self.identity)), kind="Lease"
+                "DELETE",
+                self.kube.path("Lease", self.namespace, self.lease_name(self.identity)),
+                kind="Lease",
+                fenced=False,
             )
 
     def _heard_everyone(self) -> bool:

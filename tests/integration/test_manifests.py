@@ -114,6 +114,37 @@ def test_samples_build_from_the_examples(cluster: DevCluster, repo: Path) -> Non
     assert kinds == ["ConfigEntry", "ConfigEntry", "Namespace", "ServiceEntry"]
 
 
+def test_the_sharded_overlay_runs_three_active_replicas_with_their_lease_role(
+    cluster: DevCluster, repo: Path, operator_kubeconfig: Path
+) -> None:
+    """(`operator_kubeconfig`: the namespace and kopf's CRDs are installed, so the dry run below can resolve.)"""
+    built = [
+        d for d in yaml.safe_load_all(cluster.kubectl("kustomize", str(repo / "manifests" / "sharded")).stdout) if d
+    ]
+    deployment = one(built, "Deployment", "beacon-operator")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert deployment["spec"]["replicas"] == 3
+    assert container["args"] == ["--shard"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    assert env["POD_NAME"] == "metadata.name"
+    assert env["POD_NAMESPACE"] == "metadata.namespace"
+    role = one(built, "Role", "beacon-shard-leases")
+    assert role["metadata"]["namespace"] == OPERATOR_NAMESPACE
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        }
+    ]
+    binding = one(built, "RoleBinding", "beacon-shard-leases")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": OPERATOR_SERVICE_ACCOUNT, "namespace": OPERATOR_NAMESPACE}
+    ]
+    # it applies as a whole (server-side dry run): the overlay is valid against the API
+    cluster.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(repo / "manifests" / "sharded"))
+
+
 # What the operator does (each backed by code; see the comments in manifests/rbac/role.yaml) ...
 NEEDED = [
     ("list", "serviceentries.beacon.dev", None),

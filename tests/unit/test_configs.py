@@ -500,3 +500,26 @@ async def test_the_config_map_is_written_before_its_revision_and_a_failure_betwe
     assert kube.writes == ["configmap 2", "configmap 2", "revision cfg-2"]
     assert sorted(configs._entries[("ns", "cfg")].history) == [1, 2]
     await configs.close()
+
+
+async def test_releasing_a_namespace_forgets_its_entries_and_writes_nothing() -> None:
+    """Sharded mode: entries of a namespace given to another replica are dropped, nothing is written for them,
+    and their later events cost nothing."""
+    kube = OrderKube()
+    served = {"ns", "other"}
+    configs = Configs(kube=kube, coalesce_seconds=0.0, serves=served.__contains__)  # type: ignore[arg-type]
+    mine, theirs = config_entry("cfg"), config_entry("cfg", namespace="other")
+    for body in (mine, theirs):
+        await configs.entry_changed(body)
+    await asyncio.sleep(SETTLE)
+    assert {key[0] for key in configs._entries} == {"ns", "other"}
+    served.discard("other")
+    assert await configs.release(served.__contains__) == {"other"}
+    assert set(configs._entries) == {("ns", "cfg")}
+    kube.writes = []
+    theirs["spec"]["data"] = {"k": "changed"}
+    await configs.entry_changed(theirs)
+    await asyncio.sleep(SETTLE)
+    assert kube.writes == []
+    assert set(configs._entries) == {("ns", "cfg")}
+    await configs.close()

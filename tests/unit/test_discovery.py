@@ -484,13 +484,15 @@ async def _turns(n: int = 10) -> None:
         await asyncio.sleep(0)
 
 
-def _fail(d: Discovery, name: str, address: str, times: int) -> None:
-    state = d._entries[("ns", name)]
+def _fail(d: Discovery, name: str, address: str, times: int, *, namespace: str = "ns") -> None:
+    state = d._entries[(namespace, name)]
     endpoint = next(e for e in state.endpoints if e.address == address)
     target = state.entry.target(endpoint)
     assert target is not None
     for _ in range(times):
-        d._on_result(("ns", name, address), target, ProbeResult(ok=False, detail="connection refused", seconds=0.0))
+        d._on_result(
+            (namespace, name, address), target, ProbeResult(ok=False, detail="connection refused", seconds=0.0)
+        )
 
 
 async def test_the_decisive_probe_of_an_idle_entry_is_written_at_once() -> None:
@@ -772,4 +774,39 @@ async def test_a_burst_of_pod_events_costs_one_refresh_per_write_not_one_per_eve
     assert refreshed == [("ns", "web")]
     assert len(d._entries[("ns", "web")].endpoints) == 200
     assert len(d.prober) == 200, "every new pod is handed to the prober by that one refresh"
+    await d.close()
+
+
+async def test_releasing_a_namespace_forgets_it_without_a_write_once_its_reconcile_in_flight_is_done() -> None:
+    """Sharded mode: a namespace given to another replica is dropped from memory and from the prober, nothing
+    is written or deleted (the next owner seeds from what stands), and a write under way finishes first."""
+    kube = GatedKube()
+    served = {"ns", "other"}
+    d = Discovery(kube=kube, probe=_ok, registry_interval_seconds=0.01, serves=served.__contains__)  # type: ignore[arg-type]
+    mine = entry("a", "uid-a", ["198.18.0.10"])
+    theirs = entry("b", "uid-b", ["198.18.0.11"])
+    theirs["metadata"]["namespace"] = "other"
+    for body in (mine, theirs):
+        kube.entries[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+        await d.entry_changed(body)
+    await _settle(d, 0.5)
+    assert len(d.prober) == 2
+    kube.gate.clear()  # the next EndpointSlice write of "other" hangs in flight
+    _fail(d, "b", "198.18.0.11", 3, namespace="other")
+    await _turns()
+    writes = len(kube.writes)
+    served.discard("other")
+    release = asyncio.ensure_future(d.release(served.__contains__))
+    await _turns()
+    assert not release.done(), "a write of the released namespace is still under way"
+    kube.gate.set()
+    assert await asyncio.wait_for(release, timeout=2) == {"other"}
+    assert ("other", "b") not in d._entries
+    assert len(d.prober) == 1
+    done = len(kube.writes)
+    assert not [w for w in kube.writes[writes:done] if w[0] == "delete"], kube.writes[writes:done]
+    await d.entry_changed(theirs)  # its events keep coming: they cost nothing now
+    await _settle(d, 0.3)
+    assert kube.writes[done:] == []
+    assert ("other", "b") not in d._entries
     await d.close()
