@@ -546,7 +546,9 @@ def desired_status(
     config_map: str | None,
     previous: Mapping[str, Any] | None,
     now: float,
+    served_by: str | None = None,
 ) -> Obj:
+    """The entry's status. `served_by`: the replica that serves it (sharded mode), else omitted."""
     status: Obj = {
         "observedGeneration": entry.generation,
         "conditions": merge_conditions(
@@ -558,6 +560,8 @@ def desired_status(
         status["hash"] = current.hash
     if config_map is not None:
         status["configMapName"] = config_map
+    if served_by:
+        status["servedBy"] = served_by
     return status
 
 

@@ -134,11 +134,13 @@ class Configs:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         serves: Callable[[str], bool] | None = None,
+        served_by: str | None = None,
     ) -> None:
         """`serves(namespace)`: whether this replica serves the namespace now (sharded mode); entries and
         workloads elsewhere cost no state and no write."""
         self.kube = kube
         self._serves = serves or (lambda _namespace: True)
+        self._served_by = served_by  # sharded mode: this replica's name, shown in each entry's status
         self.policy = policy or ReloadPolicy()
         self._coalesce = coalesce_seconds
         self._clock = clock
@@ -552,6 +554,7 @@ class Configs:
                 config_map=state.config_map,
                 previous=state.status,
                 now=self._wall(),
+                served_by=self._served_by,
             )
             if status_changed(state.status, status):
                 try:

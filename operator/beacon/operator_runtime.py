@@ -171,7 +171,12 @@ class Runtime:
             self._metrics_server, _ = start_http_server(
                 self.options.metrics_port, addr=self.options.metrics_address, registry=metrics.REGISTRY
             )
-        self._configs = Configs(kube=self._kube, policy=self.options.reload_policy, serves=serves)
+        self._configs = Configs(
+            kube=self._kube,
+            policy=self.options.reload_policy,
+            serves=serves,
+            served_by=shard.identity if shard is not None else None,
+        )
         log.info(
             "beacon started: metrics on :%s, liveness on :%s, event loop %s",
             self.options.metrics_port,

@@ -211,6 +211,26 @@ def test_sharded_replicas_serve_each_namespace_once_and_hand_over_without_flips(
             }
             assert writers == {_user(str(served[namespace]))}, (namespace, writers)
 
+        # a ConfigEntry is materialised by the replica that serves its namespace
+        config = {
+            "apiVersion": "beacon.dev/v1alpha1",
+            "kind": "ConfigEntry",
+            "metadata": {"name": "settings", "namespace": namespaces[0]},
+            "spec": {"data": {"greeting": "hello"}},
+        }
+        apply(cluster, config)
+        eventually(
+            lambda: (
+                (get_json(cluster, "configentry", "-n", namespaces[0], "settings") or {})
+                .get("status", {})
+                .get("servedBy")
+                == served[namespaces[0]]
+            ),
+            timeout=20,
+            what="the ConfigEntry served by its namespace's replica",
+        )
+        assert get_json(cluster, "configmap", "-n", namespaces[0], "settings")["data"] == {"greeting": "hello"}
+
         # SIGKILL one: the survivors take its namespaces over, with no healthy endpoint turned not ready
         victim = "shard-1"
         theirs = [ns for ns, by in served.items() if by == victim]
