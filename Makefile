@@ -15,6 +15,8 @@ BENCH_ARGS ?=
 BENCH_CONFIG_ARGS ?=
 # bench/bench_scale.py: 1,000 entries x 10 endpoints by default; e.g. BENCH_SCALE_ARGS="--entries 50" to run small
 BENCH_SCALE_ARGS ?=
+# bench/bench_shards.py: three --shard replicas, 3,000 entries x 10 endpoints; e.g. BENCH_SHARDS_ARGS="--entries 300"
+BENCH_SHARDS_ARGS ?=
 # the operator image for docker-build, deploy and kind-e2e
 IMG ?= beacon:dev
 # kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
@@ -106,12 +108,14 @@ run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control 
 ##@ Benchmarks
 
 .PHONY: bench
-bench: deps control-plane ## Discovery, ConfigEntry and scale (10k endpoints vs kcm) benchmarks; writes bench/results/.
+bench: deps control-plane ## Discovery, ConfigEntry, scale (10k endpoints vs kcm) and sharded (30k) benchmarks.
 	@rc=0; $(GUARD) egress-start; \
 	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS) \
 	  || rc=$$?; fi; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_scale.py $(BENCH_SCALE_ARGS) \
+	  || rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_shards.py $(BENCH_SHARDS_ARGS) \
 	  || rc=$$?; fi; \
 	$(GUARD) egress-stop --what "make bench" || rc=$$((rc ? rc : 1)); exit $$rc
 
