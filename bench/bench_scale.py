@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchlib import RESULTS, markdown_table, pct, save
+from benchlib import RESULTS, markdown_table, pct, save, settle
 
 from beacon_dev.devcluster import DevCluster
 from beacon_dev.netguard import GuardRoute
@@ -310,6 +310,7 @@ def summary(values: list[float], unit: float = 1.0, digits: int = 3) -> dict[str
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    waited = settle()
     entries, per, interval, threshold = args.entries, args.endpoints, args.interval, args.threshold
     total = entries * per
     results: dict[str, Any] = {
@@ -320,6 +321,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         "unhealthy_threshold": threshold,
         "cpus": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "waited_for_load_to_settle_seconds": waited,
     }
     raw: dict[str, Any] = {}
     # exits in reverse: the operator stops before the test network goes, inside the guard route

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_scale import Api, SliceWatch, entries_path, metric_sum, proc_stats, scrape, service_entry
-from benchlib import markdown_table, save
+from benchlib import markdown_table, save, settle
 
 from beacon_dev.devcluster import DevCluster
 from beacon_dev.netguard import GuardRoute
@@ -49,6 +49,7 @@ def _writes(text: str) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    waited = settle()
     entries, per, interval, namespaces = args.entries, args.endpoints, args.interval, args.namespaces
     total = entries * per
     results: dict[str, Any] = {
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "interval_seconds": interval,
         "lease_seconds": args.lease_seconds,
         "cpus": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "waited_for_load_to_settle_seconds": waited,
     }
     with GuardRoute(), DevCluster() as cluster, contextlib.ExitStack() as stack:
         # a /17 in loopback mode: 30,000 addresses (a /18 holds 16,373)

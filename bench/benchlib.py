@@ -7,6 +7,8 @@ bench/results/); one copy keeps the two reports alike.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,3 +37,13 @@ def save(name: str, results: dict[str, Any], table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+def settle(*, below: float = 1.0, at_most: float = 120.0) -> float:
+    """Wait until the 1-minute load average is under `below` (the benchmark before this one, a heavy one, has
+    finished its tail: its control plane torn down, its processes gone), for at most `at_most` seconds. Returns
+    the seconds waited; the load average at start is reported beside the figures either way."""
+    started = time.monotonic()
+    while os.getloadavg()[0] >= below and time.monotonic() - started < at_most:
+        time.sleep(2)
+    return round(time.monotonic() - started, 1)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import json
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -152,6 +153,7 @@ class Kube:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._applied: dict[tuple[str, str, str], Obj] = {}
         self._versions: dict[tuple[str, str, str], str] = {}  # the resourceVersion of beacon's last write or read
+        self._writing: dict[tuple[str, str, str], int] = {}  # objects with a write of beacon's in flight
         self._session: aiohttp.ClientSession | None = None
         self.fence: Callable[[], bool] = lambda: True  # sharded mode: the replica's Lease is valid
 
@@ -347,6 +349,10 @@ class Kube:
         would only write again, forever). Whether the other writer touched anything beacon owns is for the next
         `ensure` to find out (it reads the object, compares, and writes only on a difference)."""
         key = _key(kind, meta["namespace"], meta["name"])
+        if key in self._writing:
+            # the watch can deliver the echo of a write before its response is back: whatever it is, the write
+            # under way settles the object (a change by someone else after it shows up as a later version)
+            return False
         return key in self._applied and meta.get("resourceVersion") != self._versions.get(key)
 
     def holds(self, kind: str, meta: Mapping[str, Any]) -> bool:
@@ -393,13 +399,14 @@ class Kube:
             return False
         if cached is None and absent:
             try:
-                written = await self.request(
-                    "POST",
-                    self.path(kind, meta["namespace"]),
-                    body=obj,
-                    query=[("fieldManager", FIELD_MANAGER)],
-                    kind=kind,
-                )
+                with self._write_of(key):
+                    written = await self.request(
+                        "POST",
+                        self.path(kind, meta["namespace"]),
+                        body=obj,
+                        query=[("fieldManager", FIELD_MANAGER)],
+                        kind=kind,
+                    )
             except ApiError as exc:
                 if exc.status != 409:
                     raise
@@ -417,16 +424,30 @@ class Kube:
                 if covers(_owned_view(actual), desired) and not stale_fields(actual, obj):
                     self._remember(key, desired, actual)
                     return False
-        written = await self.request(
-            "PATCH",
-            self.path(kind, meta["namespace"], meta["name"]),
-            body=obj,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            content_type="application/apply-patch+yaml",
-            kind=kind,
-        )
-        self._remember(key, desired, written)
+        with self._write_of(key):
+            written = await self.request(
+                "PATCH",
+                self.path(kind, meta["namespace"], meta["name"]),
+                body=obj,
+                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                content_type="application/apply-patch+yaml",
+                kind=kind,
+            )
+            self._remember(key, desired, written)
         return True
+
+    @contextlib.contextmanager
+    def _write_of(self, key: tuple[str, str, str]) -> Iterator[None]:
+        """Mark a write of `key` in flight (see `written_by_others`)."""
+        self._writing[key] = self._writing.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._writing[key] - 1
+            if left:
+                self._writing[key] = left
+            else:
+                del self._writing[key]
 
     async def create(self, obj: Obj) -> bool:
         """Create `obj` (an object that never changes once written, e.g. a ControllerRevision) without caching it.

@@ -263,6 +263,26 @@ async def test_a_write_by_someone_else_is_told_from_the_echo_of_beacons_own() ->
         assert not kube.written_by_others("Service", {**meta, "resourceVersion": "5"})
 
 
+async def test_the_echo_of_a_write_that_arrives_before_its_response_is_not_someone_elses() -> None:
+    """The watch may deliver the event of beacon's own write before the write's response is back (a thread
+    finishes the request, the event loop reads the watch first): that event is not a change by someone else."""
+    async with fake_kube() as (kube, _fake):
+        meta = {"name": "payments", "namespace": "shop", "resourceVersion": "2"}
+        await kube.ensure(service())  # version "1" is beacon's
+        seen: list[bool] = []
+        original = kube.request
+
+        async def request(method: str, path: str, **options: Any) -> dict[str, Any] | None:
+            if method == "PATCH":  # the echo (version "2") arrives while the write is still in flight
+                seen.append(kube.written_by_others("Service", meta))
+            return await original(method, path, **options)
+
+        kube.request = request  # type: ignore[method-assign]
+        assert await kube.ensure(service(port=9090))
+        assert seen == [False]
+        assert kube.written_by_others("Service", {**meta, "resourceVersion": "7"}), "later versions are news again"
+
+
 async def test_forget_makes_ensure_read_the_api_again() -> None:
     async with fake_kube() as (kube, fake):
         await kube.ensure(service())
