@@ -184,9 +184,6 @@ def _writes(operator: OperatorProcess) -> float:
     )
 
 
-APPLY = "application/apply-patch+yaml"
-
-
 def _write_ceiling(kubeconfig: Path, namespace: str, n: int = 2500) -> float:
     """Writes per second this apiserver takes from beacon's own client with nothing else running: n ConfigMaps
     created, then each server-side applied with new data (what materialising does), 64 requests in flight."""
@@ -204,10 +201,8 @@ def _write_ceiling(kubeconfig: Path, namespace: str, n: int = 2500) -> float:
 
         async def write(i: int) -> None:
             async with gate:
-                path = kube.path("ConfigMap", namespace, body(i, "2")["metadata"]["name"])
                 await kube.request("POST", kube.path("ConfigMap", namespace), body=body(i, "1"), kind="ConfigMap")
-                query = [("fieldManager", "beacon"), ("force", "true")]
-                await kube.request("PATCH", path, body=body(i, "2"), query=query, content_type=APPLY)
+                await kube.apply(body(i, "2"))
 
         started = time.monotonic()
         await asyncio.gather(*(write(i) for i in range(n)))

@@ -425,16 +425,23 @@ class Kube:
                     self._remember(key, desired, actual)
                     return False
         with self._write_of(key):
-            written = await self.request(
-                "PATCH",
-                self.path(kind, meta["namespace"], meta["name"]),
-                body=obj,
-                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-                content_type="application/apply-patch+yaml",
-                kind=kind,
-            )
+            written = await self.apply(obj)
             self._remember(key, desired, written)
         return True
+
+    async def apply(self, obj: Obj, *, fenced: bool = True) -> Obj | None:
+        """One server-side apply of `obj` as beacon's field manager, taking over conflicting fields, uncached
+        (`ensure` is the cached, write-on-change way; the shard Lease renewal calls this with `fenced=False`)."""
+        meta = obj["metadata"]
+        return await self.request(
+            "PATCH",
+            self.path(obj["kind"], meta["namespace"], meta["name"]),
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+            kind=obj["kind"],
+            fenced=fenced,
+        )
 
     @contextlib.contextmanager
     def _write_of(self, key: tuple[str, str, str]) -> Iterator[None]:

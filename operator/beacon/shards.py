@@ -35,7 +35,6 @@ from beacon.sharding import Seen, live, observe, owner
 
 LABEL_GROUP = "beacon.dev/shard-group"
 ANNOTATION_VIEW = "beacon.dev/shard-view"
-APPLY = "application/apply-patch+yaml"
 
 log = logging.getLogger("beacon.shards")
 
@@ -156,15 +155,7 @@ class Member:
             },
         }
         try:
-            await self.kube.request(
-                "PATCH",
-                self.kube.path("Lease", self.namespace, name),
-                body=body,
-                query=[("fieldManager", "beacon"), ("force", "true")],
-                content_type=APPLY,
-                kind="Lease",
-                fenced=False,  # renewing is how a replica becomes valid again
-            )
+            await self.kube.apply(body, fenced=False)  # renewing is how a replica becomes valid again
         except (ApiError, OSError) as exc:
             log.warning("shard %s: cannot renew its Lease (writes stop once it expires): %s", self.identity, exc)
             return False

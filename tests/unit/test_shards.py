@@ -59,6 +59,11 @@ class LeaseKube:
         self.store.publish("MODIFIED", body)
         return body  # type: ignore[no-any-return]
 
+    async def apply(self, obj: dict[str, Any], **_: Any) -> dict[str, Any] | None:
+        return await self.request(
+            "PATCH", self.path("Lease", obj["metadata"]["namespace"], obj["metadata"]["name"]), body=obj
+        )
+
     async def list(self, kind: str, namespace: str, **_: Any) -> list[dict[str, Any]]:
         return [copy.deepcopy(lease) for lease in self.store.leases.values()]
 
