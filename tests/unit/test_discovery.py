@@ -219,23 +219,28 @@ async def test_deleted_entries_leave_no_locks_or_namespace_state_behind() -> Non
     await d.close()
 
 
+def _published_ready_slice(service: str, address: str) -> dict[str, Any]:
+    """The EndpointSlice a previous beacon process published for `service`: `address` ready."""
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-ipv4-0",
+            "namespace": "ns",
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "operator.beacon.dev",
+            },
+        },
+        "endpoints": [{"addresses": [address], "conditions": {"ready": True, "serving": True}}],
+    }
+
+
 async def test_seeding_keeps_published_ready_endpoints_ready() -> None:
     kube = FakeKube()
     body = entry("a", "uid-a", ["198.18.0.10"])
     body["spec"]["healthCheck"]["healthyThreshold"] = 5  # a fresh start would need 5 probes to turn ready
     kube.entries[("ns", "a")] = body
-    kube.objects[("EndpointSlice", "ns", "a-ipv4-0")] = {
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "a-ipv4-0",
-            "namespace": "ns",
-            "labels": {
-                "kubernetes.io/service-name": "a",
-                "endpointslice.kubernetes.io/managed-by": "operator.beacon.dev",
-            },
-        },
-        "endpoints": [{"addresses": ["198.18.0.10"], "conditions": {"ready": True, "serving": True}}],
-    }
+    kube.objects[("EndpointSlice", "ns", "a-ipv4-0")] = _published_ready_slice("a", "198.18.0.10")
     d = _engine(kube)
     await d.entry_changed(body)
     await _settle(d, 0.3)
@@ -268,18 +273,7 @@ async def test_a_second_event_never_seeds_over_fresher_probe_results() -> None:
     kube = SlowSliceReadsKube()
     body = entry("a", "uid-a", ["198.18.0.10"])
     kube.entries[("ns", "a")] = body
-    kube.objects[("EndpointSlice", "ns", "a-ipv4-0")] = {
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "a-ipv4-0",
-            "namespace": "ns",
-            "labels": {
-                "kubernetes.io/service-name": "a",
-                "endpointslice.kubernetes.io/managed-by": "operator.beacon.dev",
-            },
-        },
-        "endpoints": [{"addresses": ["198.18.0.10"], "conditions": {"ready": True, "serving": True}}],
-    }
+    kube.objects[("EndpointSlice", "ns", "a-ipv4-0")] = _published_ready_slice("a", "198.18.0.10")
     d = _engine(kube)
     first = asyncio.create_task(d.entry_changed(body))
     await _turns()
