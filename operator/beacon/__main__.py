@@ -2,11 +2,14 @@
 
 Why it exists: every flag of the operator is parsed and documented in one place, and `--help` lists them all.
 The development tooling (local control plane, `make run`) has its own command line: `python -m beacon_dev`.
+The connection-loss hint flags (--no-hints, --hint-reprobe-seconds, --hint-gap-seconds, --hint-rate,
+--hint-burst) became `Options.connection_loss_hints` and `Options.hint_policy` (a `beacon.prober.HintPolicy`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -21,6 +24,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from beacon.app import run
     from beacon.configs import ReloadPolicy
     from beacon.operator_runtime import Options, ShardOptions
+    from beacon.prober import HintPolicy
 
     kopf.configure(verbose=args.verbose, log_prefix=False)
     options = Options(
@@ -42,6 +46,13 @@ def cmd_operator(args: argparse.Namespace) -> int:
         peering_lifetime=args.peering_lifetime,
         peering_priority=args.peering_priority,
         uvloop=not args.no_uvloop,
+        connection_loss_hints=not args.no_hints,
+        hint_policy=HintPolicy(
+            reprobe_seconds=args.hint_reprobe_seconds,
+            gap_seconds=args.hint_gap_seconds,
+            rate=args.hint_rate,
+            burst=args.hint_burst,
+        ),
         shard=ShardOptions(
             identity=args.shard_identity,
             namespace=args.shard_namespace,
@@ -65,6 +76,36 @@ def _rate_limit(value: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _finite(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"not a finite number: {value!r}")
+    return number
+
+
+def _positive(value: str) -> float:
+    number = _finite(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
+    return number
+
+
+def _not_negative(value: str) -> float:
+    number = _finite(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return number
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {value!r}")
+    return int(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beacon", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +123,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeatable",
     )
     op.add_argument("--probe-concurrency", type=int, default=64, help="probes in flight at most (default 64)")
+    op.add_argument(
+        "--no-hints",
+        action="store_true",
+        help="never probe an endpoint because its idle probe connection was closed (connection-loss hints); "
+        "each ServiceEntry can opt out with spec.healthCheck.connectionLossHints: false",
+    )
+    op.add_argument(
+        "--hint-reprobe-seconds",
+        type=_positive,
+        default=0.1,
+        metavar="SECONDS",
+        help="after a connection-loss hint's probe fails, re-probe this often until unhealthyThreshold failures "
+        "or a pass (default 0.1)",
+    )
+    op.add_argument(
+        "--hint-gap-seconds",
+        type=_not_negative,
+        default=1.0,
+        metavar="SECONDS",
+        help="an endpoint takes its next connection-loss hint at least this long after its last one was answered, "
+        "doubled after each one that found it healthy, up to its interval (default 1)",
+    )
+    op.add_argument(
+        "--hint-rate",
+        type=_positive,
+        default=200.0,
+        metavar="PER_SECOND",
+        help="connection-loss hints answered per second at most, all endpoints together; the rest are dropped "
+        "(counted) and those endpoints stay on their interval (default 200)",
+    )
+    op.add_argument(
+        "--hint-burst",
+        type=_count,
+        default=400,
+        metavar="COUNT",
+        help="connection-loss hints answered at once at most, before --hint-rate applies (default 400)",
+    )
     op.add_argument(
         "--resync-seconds",
         type=float,

@@ -8,6 +8,21 @@ probes. Per probe it does no work that could be done once: policy verdicts are c
 per service. The prober calls `forget` when the last target of an endpoint goes, which closes that endpoint's
 connection and channel. It makes no Kubernetes API calls: Lease checks read a cache that the Lease watch fills.
 
+Connection-loss hints: the checker is where an endpoint's idle connections live, so it is where their loss is
+seen. `hint(address, port)` (wired by the runtime to `Prober.hint`) is told when the peer closes one while idle:
+- plain HTTP: the keep-alive connection in the pool (httpprobe.py tells us);
+- gRPC: the channel leaving READY while no probe's RPC is on it. grpc.aio reports connectivity only through the
+  awaitable `channel.wait_for_state_change`, so each channel of a target that wants hints has one watcher task.
+  It was chosen over polling `get_state` (a timer per channel, or a sweep over all: work while nothing happens,
+  and a loss seen only at the next poll) because an idle watcher costs no work at all: the wait is a C-core
+  connectivity watch completed through grpc's completion queue, and the task is a parked coroutine (about 1.5 KB
+  of Python heap, measured; no thread, no wake-up until the state changes). A loss during an RPC is the probe's
+  to report: an RPC in flight, or one that ended with the channel no longer READY, makes the change no hint;
+- TCP with `hold`: the check's connection is kept open (one per endpoint, the newest replacing the previous one)
+  and watched for EOF/RST; every probe still makes a new connection, as a TCP check must.
+Closes the checker makes itself (forget, a name resolving elsewhere, shutdown) are never hints. HTTPS through
+aiohttp gives no hints (aiohttp does not say when a pooled connection is closed by the peer).
+
 The SSRF guard (policy.py) is applied to the address actually connected to. A DNS name is resolved once per probe
 (DNS may change), every address it resolves to is checked, and the probe then connects to exactly those addresses,
 never to the name: a second lookup by the connection could answer an address nobody checked (DNS rebinding). The
@@ -17,6 +32,7 @@ name stays in the HTTP Host header, the TLS server name and the gRPC authority.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -43,6 +59,57 @@ _CACHE_SIZE = 65536  # endpoints whose request bytes are remembered; the cache i
 FILES_KEPT_FREE = 1024  # open files never used for idle probe connections (API client, watches, listeners)
 
 LeaseLookup = Callable[[str, str], LeaseRecord | None]
+HintSink = Callable[[str, int], None]  # (address, port) of an endpoint whose idle connection the peer closed
+
+log = logging.getLogger("beacon.checks")
+
+
+class _Held(asyncio.Protocol):
+    """A TCP check's connection, kept open after the check to watch it for the peer's EOF/RST."""
+
+    __slots__ = ("_checker", "closing", "endpoint", "held", "lost", "transport")
+
+    def __init__(self, checker: Checker, endpoint: tuple[str, int]) -> None:
+        self._checker = checker
+        self.endpoint = endpoint
+        self.transport: asyncio.BaseTransport | None = None
+        self.held = False  # handed over by its probe: from now on a close by the peer is a hint
+        self.closing = False  # closed by the checker: never a hint
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a banner or anything else: nobody reads it
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._checker._held_lost(self)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Channel:
+    """The gRPC channel and stub of one endpoint, and what its watcher needs to tell a peer's close from a probe's
+    failure."""
+
+    __slots__ = ("busy", "channel", "closed", "peers", "saw_loss", "stub", "watcher")
+
+    def __init__(self, channel: Any, stub: Any, peers: tuple[str, ...] | None) -> None:
+        self.channel = channel
+        self.stub = stub
+        self.peers = peers  # the addresses a name's channel connects to, None for an IP literal
+        self.watcher: asyncio.Task[None] | None = None  # watches connectivity (only for targets that want hints)
+        self.busy = 0  # RPCs in flight
+        self.saw_loss = False  # a probe ended with the channel not READY: the loss was that probe's to report
+        self.closed = False  # closed by the checker: its last state change is no hint
 
 
 class Checker:
@@ -57,9 +124,13 @@ class Checker:
         wall_clock: Callable[[], float] = time.time,
         native_http: bool = True,
         max_idle: int | None = None,
+        hint: HintSink | None = None,
     ) -> None:
         """`native_http=False` sends plain HTTP through aiohttp too (the path before httpprobe.py, kept for
-        comparison). `max_idle` caps idle keep-alive connections (default: what the open-file limit leaves)."""
+        comparison). `max_idle` caps idle keep-alive connections (default: what the open-file limit leaves), and
+        so do held TCP connections. `hint(address, port)`: told when the peer closes an idle connection (None: no
+        hints, no gRPC watchers, no held TCP connections)."""
+        self._hint = hint
         self._policy = policy
         self._leases = leases
         self._connection_limit = connection_limit
@@ -69,9 +140,10 @@ class Checker:
         self._session: aiohttp.ClientSession | None = None
         self._client: HttpProbeClient | None = None
         self._requests: dict[tuple[str, int], dict[HttpCheck, Request]] = {}  # per endpoint (address, port)
-        self._grpc_modules: Any = None  # (grpc.aio, health_pb2, health_pb2_grpc), imported with the first gRPC check
-        # (channel, stub, the addresses a name's channel connects to or None for an IP literal) per endpoint
-        self._channels: dict[tuple[str, int], tuple[Any, Any, tuple[str, ...] | None]] = {}
+        # (grpc.aio, health_pb2, health_pb2_grpc, ChannelConnectivity.READY), imported with the first gRPC check
+        self._grpc_modules: Any = None
+        self._channels: dict[tuple[str, int], _Channel] = {}  # per endpoint
+        self._held: dict[tuple[str, int], _Held] = {}  # held TCP connections, per endpoint
         self._closing: set[asyncio.Task[None]] = set()  # channels being closed
         self._grpc_requests: dict[str, Any] = {}
         self._grpc_details: dict[int, str] = {}
@@ -87,7 +159,8 @@ class Checker:
             connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
         )
         if self._native_http:
-            self._client = HttpProbeClient(max_idle=self._max_idle)
+            on_lost = self._hinted if self._hint is not None else None
+            self._client = HttpProbeClient(max_idle=self._max_idle, on_lost=on_lost)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -95,9 +168,14 @@ class Checker:
             await self._client.close()
         if self._session is not None:
             await self._session.close()
-        for channel, _, _ in self._channels.values():
-            await channel.close()
+        for held in list(self._held.values()):
+            held.close()
+        self._held.clear()
+        channels = list(self._channels.values())
         self._channels.clear()
+        for cached in channels:
+            self._unwatch(cached)
+            await cached.channel.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -108,7 +186,59 @@ class Checker:
         self._requests.pop((address, port), None)
         cached = self._channels.pop((address, port), None)
         if cached is not None:
-            self._close_later(cached[0].close())
+            self._unwatch(cached)
+            self._close_later(cached.channel.close())
+        held = self._held.pop((address, port), None)
+        if held is not None:
+            held.close()
+
+    # ------------------------------------------------------------------ connection-loss hints
+    def _hinted(self, address: str, port: int) -> None:
+        """The peer closed an idle connection to (address, port): tell the sink (which must not break a
+        transport callback by raising)."""
+        if self._hint is None:
+            return
+        try:
+            self._hint(address, port)
+        except Exception:
+            log.exception("connection-loss hint for %s:%s failed", address, port)
+
+    def _held_lost(self, held: _Held) -> None:
+        if self._held.get(held.endpoint) is held:
+            del self._held[held.endpoint]
+        if held.held and not held.closing:
+            self._hinted(*held.endpoint)
+
+    def _unwatch(self, cached: _Channel) -> None:
+        cached.closed = True
+        if cached.watcher is not None:
+            cached.watcher.cancel()
+            cached.watcher = None
+
+    def _watch(self, endpoint: tuple[str, int], cached: _Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._watch_channel(endpoint, cached))
+        cached.watcher = task
+
+    async def _watch_channel(self, endpoint: tuple[str, int], cached: _Channel) -> None:
+        """Hint when the channel leaves READY while no probe is on it (see the module docstring)."""
+        import grpc
+
+        ready, shutdown = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.SHUTDOWN
+        channel = cached.channel
+        try:
+            state = channel.get_state()
+            while True:
+                await channel.wait_for_state_change(state)
+                new = channel.get_state()
+                if cached.closed or new is shutdown:
+                    return
+                if new is ready:
+                    cached.saw_loss = False
+                elif state is ready and not cached.busy and not cached.saw_loss:
+                    self._hinted(*endpoint)
+                state = new
+        except Exception as exc:  # a channel grpc refuses to watch any more: no hints from it, nothing worse
+            log.debug("stopped watching the gRPC channel to %s:%s: %s", *endpoint, exc)
 
     def _close_later(self, closing: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(closing)
@@ -156,9 +286,9 @@ class Checker:
                     if kind is HttpCheck:
                         ok, detail = await self._http(address, peers, check)  # type: ignore[arg-type]
                     elif kind is TcpCheck:
-                        ok, detail = await self._tcp(address, peers, check)  # type: ignore[arg-type]
+                        ok, detail = await self._tcp(address, peers, check, target.hints)  # type: ignore[arg-type]
                     else:
-                        ok, detail = await self._grpc(address, peers, check)  # type: ignore[arg-type]
+                        ok, detail = await self._grpc(address, peers, check, target.hints)  # type: ignore[arg-type]
         except TimeoutError:
             ok, detail = False, f"timed out after {target.timeout:g}s"
         except ProbeError as exc:
@@ -219,24 +349,43 @@ class Checker:
                 resp.close()  # a body larger than we read: do not keep a half-read connection
             return _http_verdict(check, resp.status, body)
 
-    async def _tcp(self, address: str, peers: tuple[str, ...] | None, check: TcpCheck) -> tuple[bool, str]:
+    async def _tcp(self, address: str, peers: tuple[str, ...] | None, check: TcpCheck, hints: bool) -> tuple[bool, str]:
         loop = asyncio.get_running_loop()
-        transport, _ = await connect_first(loop, _tcp_protocol, (address,) if peers is None else peers, check.port)
-        transport.close()
+        addresses = (address,) if peers is None else peers
+        if not (check.hold and hints and self._hint is not None):
+            transport, _ = await connect_first(loop, _tcp_protocol, addresses, check.port)
+            transport.close()
+            return True, "TCP connect ok"
+        endpoint = (address, check.port)
+        transport, held = await connect_first(loop, lambda _peer: _Held(self, endpoint), addresses, check.port)
+        previous = self._held.get(endpoint)
+        if held.lost:
+            pass  # accepted, then closed before the probe ended: the check passed, there is nothing to hold
+        elif previous is None and len(self._held) >= self._max_idle:
+            held.close()  # no file descriptors to spare
+        else:
+            held.held = True
+            self._held[endpoint] = held
+            if previous is not None:
+                previous.close()  # the newest connection is the one watched
         return True, "TCP connect ok"
 
-    async def _grpc(self, address: str, peers: tuple[str, ...] | None, check: GrpcCheck) -> tuple[bool, str]:
+    async def _grpc(
+        self, address: str, peers: tuple[str, ...] | None, check: GrpcCheck, hints: bool
+    ) -> tuple[bool, str]:
         if self._grpc_modules is None:
+            import grpc
             from grpc import aio
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            self._grpc_modules = (aio, health_pb2, health_pb2_grpc)
-        aio, health_pb2, health_pb2_grpc = self._grpc_modules
+            self._grpc_modules = (aio, health_pb2, health_pb2_grpc, grpc.ChannelConnectivity.READY)
+        aio, health_pb2, health_pb2_grpc, ready = self._grpc_modules
         endpoint = (address, check.port)
         cached = self._channels.get(endpoint)
-        if cached is None or cached[2] != peers:
+        if cached is None or cached.peers != peers:
             if cached is not None:  # the name resolves elsewhere now: a channel to the addresses just checked
-                self._close_later(cached[0].close())
+                self._unwatch(cached)
+                self._close_later(cached.channel.close())
             if peers is None:
                 channel = aio.insecure_channel(f"{host_for_url(address)}:{check.port}")
             else:  # the checked addresses, never the name (gRPC would resolve it again); the name as the authority
@@ -244,11 +393,19 @@ class Checker:
                 channel = aio.insecure_channel(
                     _grpc_target(peers, check.port), options=(("grpc.default_authority", authority),)
                 )
-            cached = self._channels[endpoint] = (channel, health_pb2_grpc.HealthStub(channel), peers)
+            cached = self._channels[endpoint] = _Channel(channel, health_pb2_grpc.HealthStub(channel), peers)
+        if hints and cached.watcher is None and self._hint is not None:
+            self._watch(endpoint, cached)
         request = self._grpc_requests.get(check.service)
         if request is None:  # never mutated after this: one request object per service name is enough
             request = self._grpc_requests[check.service] = health_pb2.HealthCheckRequest(service=check.service)
-        status = (await cached[1].Check(request)).status
+        cached.busy += 1
+        try:
+            status = (await cached.stub.Check(request)).status
+        finally:
+            cached.busy -= 1
+            if cached.watcher is not None and cached.channel.get_state() is not ready:
+                cached.saw_loss = True  # the channel was lost under this probe, which reports it itself
         detail = self._grpc_details.get(status)
         if detail is None:
             detail = self._grpc_details[status] = f"gRPC {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"

@@ -13,6 +13,11 @@ with the first such entry and stopped with the last), so 10,000 pods elsewhere c
 Selector entries are indexed by namespace and by one of their labels, so a Pod event looks only at the entries
 that could select it; only pods some entry selects are cached. An entry that appears after its pods (or leases)
 lists them through `beacon.kube`, so filtering before caching misses nothing.
+
+A transition remembers what triggered its decisive probe (`ProbeResult.trigger`: the interval, or a probe
+connection the peer closed, see prober.py): the Event and the log line of a transition after a connection loss
+say so ("after the connection was lost"), and `beacon_detections_total{trigger}` counts transitions to unhealthy
+by trigger. The prober's hint policy (`HintPolicy`, from the operator's --hint-* flags) is passed through here.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from beacon.engine import Controller, Owns, owner_uids
 from beacon.health import EndpointHealth, Status, observe, seeded, settled
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.models import Endpoint, ServiceEntry
-from beacon.prober import Prober
+from beacon.prober import HintPolicy, Prober
 from beacon.reconcile import (
     LABEL_ENTRY,
     LABEL_MANAGED_BY,
@@ -48,7 +53,7 @@ from beacon.reconcile import (
     visible,
 )
 from beacon.registry import LABEL_REGISTRY, REGISTRY_NAME, desired_registry
-from beacon.targets import LeaseRecord, ProbeResult, Target, parse_micro_time
+from beacon.targets import LeaseRecord, ProbeResult, Target, Trigger, parse_micro_time
 from beacon.workqueue import repeat
 
 log = logging.getLogger("beacon.discovery")
@@ -60,6 +65,10 @@ FIRST_VERDICT_WAIT = 1.5
 EntryKey = tuple[str, str]
 ProbeKey = tuple[str, str, str]  # namespace, entry, address
 Anchor = tuple[str, str] | None  # the label an entry's selector is indexed by (None: it selects every pod)
+# an endpoint's health moved: (address, before, after, what triggered the probe that moved it)
+Transition = tuple[str, EndpointHealth, EndpointHealth, Trigger]
+# how an Event and the log name a transition's trigger (the interval, the usual case, goes unsaid)
+TRIGGER_PHRASES: dict[Trigger, str] = {"interval": "", "connection-loss": " after the connection was lost"}
 
 
 @dataclass
@@ -83,10 +92,10 @@ class _EntryState:
     # the entry's EndpointSlices as they are in the API (listed, then as written), by name: the membership
     # that desired_slices keeps stable; None when unknown (after a failed write), so reconcile lists them first
     slices: dict[str, dict[str, Any]] | None = None
-    transitions: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
     # the transitions the reconcile in flight publishes (announced once it succeeds); later ones wait in
     # `transitions` for the next reconcile, so an Event never names a change that is not published yet
-    in_flight: list[tuple[str, EndpointHealth, EndpointHealth]] = field(default_factory=list)
+    in_flight: list[Transition] = field(default_factory=list)
     deregistered: set[str] = field(default_factory=set)
     members: set[str] = field(default_factory=set)  # names of the pods its selector matches
     pods_listed: bool = True  # False until the pods its (new) selector matches have been listed
@@ -212,10 +221,12 @@ class Discovery:
         forget: Callable[[str, int], None] | None = None,
         serves: Callable[[str], bool] | None = None,
         served_by: str | None = None,
+        hints: HintPolicy | None = None,
     ) -> None:
         """`forget(address, port)`: called when no target probes that endpoint any more (the checker closes what
         it keeps open for it: a gRPC channel, idle connections). `serves(namespace)`: whether this replica serves
-        the namespace now (sharded mode); entries elsewhere cost no state, no probe and no write."""
+        the namespace now (sharded mode); entries elsewhere cost no state, no probe and no write. `hints`: how the
+        prober answers connection-loss hints (`Prober.hint`, which the runtime wires to the checker)."""
         self.kube = kube
         self._namespaces = set(namespaces)
         self._serves = serves or (lambda _namespace: True)
@@ -267,7 +278,9 @@ class Discovery:
         self._registry_names: dict[str, set[str]] = {}
         self._lease_listings: dict[str, asyncio.Task[None]] = {}  # a namespace's first lease check: its listing
         self._registry_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.prober = Prober(probe=probe, on_result=self._on_result, concurrency=concurrency, forget=forget)
+        self.prober = Prober(
+            probe=probe, on_result=self._on_result, concurrency=concurrency, forget=forget, hints=hints
+        )
         managed = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         # where a new (or restarted) entry's outputs stand: its published slices, and any Service of its name
         self._slice_reads = _BatchedReads(
@@ -814,7 +827,9 @@ class Discovery:
         state.health[address] = after
         if changed:
             metrics.TRANSITIONS.labels(to=after.status.value).inc()
-            state.transitions.append((address, before, after))
+            if after.status is Status.CRITICAL:
+                metrics.DETECTIONS.labels(trigger=result.trigger).inc()
+            state.transitions.append((address, before, after, result.trigger))
             dirty = True
         gone = after.deregistered(now=now, thresholds=thresholds)
         if gone != (address in state.deregistered):
@@ -823,9 +838,7 @@ class Discovery:
         if dirty:
             self._schedule(state.entry.key)
 
-    async def _post_transitions(
-        self, state: _EntryState, pending: list[tuple[str, EndpointHealth, EndpointHealth]]
-    ) -> None:
+    async def _post_transitions(self, state: _EntryState, pending: list[Transition]) -> None:
         """One Event per direction per reconcile, naming every endpoint that moved (with the probe's detail):
         a burst of transitions (a new entry, a rack going down) costs one or two writes, not one per endpoint.
         A new endpoint passing its first checks (unknown -> passing) is logged but is not news worth an Event
@@ -840,12 +853,15 @@ class Discovery:
             moved = [t for t in pending if (t[2].status is Status.PASSING) is healthy]
             if not moved:
                 continue
-            parts = [f"endpoint {a}: {b.status.value} -> {c.status.value} ({c.detail})" for a, b, c in moved[:10]]
+            parts = [
+                f"endpoint {a}: {b.status.value} -> {c.status.value} ({c.detail}){TRIGGER_PHRASES[trigger]}"
+                for a, b, c, trigger in moved[:10]
+            ]
             if len(moved) > 10:
                 parts.append(f"and {len(moved) - 10} more")
             # transitions are what an operator's log is for (one line per direction per reconcile, like the Event)
             log.info("%s/%s: %s", entry.namespace, entry.name, "; ".join(parts))
-            if healthy and all(before.status is Status.UNKNOWN for _, before, _ in moved):
+            if healthy and all(before.status is Status.UNKNOWN for _, before, _, _ in moved):
                 continue
             try:
                 await self.kube.event(

@@ -17,6 +17,13 @@ soon as the status line, the headers and the first body bytes (or the whole, pos
 background so the connection can be reused. A request that meets a closed or reset connection is retried once
 on a new one (aiohttp does the same for idempotent requests, RFC 9112 section 9.3.1). Failures carry a detail
 worded like aiohttp's exception of the same case. Redirects are never followed. No Kubernetes API calls.
+
+Connection-loss hints: when the server closes or resets a connection while it sits IDLE in the pool (no request on
+it, response complete), the client tells `on_lost(address, port)`: a backend process that exits or crashes
+closes its sockets, and the kernel says so within milliseconds, long before the next probe would notice. The
+prober answers with probes (prober.py); the close itself is no verdict. A close during a request is not reported
+(the request fails and says so), and neither is any close the client makes itself (forget, the idle sweep, a body
+too long, a full pool, shutdown): those set `closed` before the transport goes, which is how they are told apart.
 """
 
 from __future__ import annotations
@@ -151,13 +158,23 @@ class _Connection(asyncio.Protocol):
         self._client.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        idle = self._idle()
         self._forget()
         self._end(exc)
+        if idle:
+            self._client.peer_closed(self.key)
 
     def eof_received(self) -> bool:
+        idle = self._idle()
         self._forget()
         self._end(None)
-        return False  # the transport closes itself
+        if idle:
+            self._client.peer_closed(self.key)
+        return False  # the transport closes itself (connection_lost follows, and finds it closed: no second hint)
+
+    def _idle(self) -> bool:
+        """Whether the peer is closing this connection while it waits in the pool (not one the client closed)."""
+        return not self.closed and self._client.is_idle(self)
 
     def close(self, *, abort: bool = True) -> None:
         if self.closed:
@@ -378,15 +395,25 @@ class HttpProbeClient:
     """Runs GETs over one idle keep-alive connection per (address, port). Create and use it inside one loop;
     `close()` closes every connection."""
 
-    def __init__(self, *, idle_seconds: float = 60.0, max_idle: int = 16384, drain_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        idle_seconds: float = 60.0,
+        max_idle: int = 16384,
+        drain_seconds: float = 5.0,
+        on_lost: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """`on_lost(address, port)`: called when the peer closes or resets an idle connection (see above)."""
         self.loop = asyncio.get_running_loop()
         self.idle_seconds = idle_seconds
         self.max_idle = max_idle
         self.drain_seconds = drain_seconds  # how long a finished probe's remaining body may take to arrive
+        self.on_lost = on_lost
         self._idle: dict[tuple[str, int], _Connection] = {}
         self._open: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.connections_opened = 0
+        self.idle_losses = 0  # idle connections the peer closed (each one a hint to `on_lost`)
 
     @property
     def idle_connections(self) -> int:
@@ -447,6 +474,15 @@ class HttpProbeClient:
     def opened(self, conn: _Connection) -> None:
         self._open.add(conn)
         self.connections_opened += 1
+
+    def is_idle(self, conn: _Connection) -> bool:
+        return self._idle.get(conn.key) is conn
+
+    def peer_closed(self, key: tuple[str, int]) -> None:
+        """The peer closed an idle connection to `key`: a connection-loss hint."""
+        self.idle_losses += 1
+        if self.on_lost is not None:
+            self.on_lost(*key)
 
     def lost(self, conn: _Connection) -> None:
         self._open.discard(conn)

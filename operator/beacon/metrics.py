@@ -3,6 +3,10 @@
 Why it exists: "zero writes in steady state" and "probes keep up" are claims operators should be able to watch
 in production, not only in our tests: API writes by verb and kind, probe latency, health transitions and the
 probe queue depth are exported here and nowhere else.
+
+Connection-loss hints (prober.py) added three: detections (transitions to unhealthy) by what triggered the
+decisive probe, so the gain over polling can be watched; the probes hints ran; and the hints the rate limits
+dropped (those endpoints fell back to their interval).
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 API_WRITES = Counter(
     "beacon_api_writes_total", "Kubernetes API write requests made by beacon", ["verb", "kind"], registry=REGISTRY
 )
+API_PENDING = Gauge(
+    "beacon_api_requests_pending",
+    "Kubernetes API requests made by beacon and not answered yet (waiting for a client thread or under way)",
+    registry=REGISTRY,
+)
 PROBES = Counter("beacon_probes_total", "Probes run, by check kind and result", ["check", "result"], registry=REGISTRY)
 PROBE_SECONDS = Histogram(
     "beacon_probe_duration_seconds",
@@ -27,6 +36,27 @@ PROBE_SECONDS = Histogram(
 TRANSITIONS = Counter(
     "beacon_health_transitions_total", "Endpoint health transitions, by new status", ["to"], registry=REGISTRY
 )
+DETECTIONS = Counter(
+    "beacon_detections_total",
+    "Endpoint health transitions to unhealthy, by what triggered the decisive probe: its interval, or a connection "
+    "to it that the peer closed (connection-loss)",
+    ["trigger"],
+    registry=REGISTRY,
+)
+HINT_PROBES = Counter(
+    "beacon_hint_probes_total",
+    "Probes run because the peer closed an idle probe connection (connection-loss hints), re-probes included",
+    registry=REGISTRY,
+)
+HINTS_DROPPED = Counter(
+    "beacon_hints_dropped_total",
+    "Connection-loss hints dropped by a rate limit (endpoint: its last hint sequence is running or ended too "
+    "recently; global: the token bucket was empty); their endpoints stay on their interval",
+    ["limit"],
+    registry=REGISTRY,
+)
+for _trigger in ("interval", "connection-loss"):
+    DETECTIONS.labels(trigger=_trigger)  # both series exist from the start, at 0
 PROBE_LATENESS = Histogram(
     "beacon_probe_lateness_seconds",
     "How late probes start: from the time a probe was due to the time it started (scheduler and event-loop lag)",

@@ -3,6 +3,11 @@
 Why it exists: the CRD schema and CEL rules reject bad input at the API server; these models turn the accepted
 dict into typed values once, at the edge, so the reconcile core and the prober never poke at raw dicts. Anything
 the schema could not express (a port name that an endpoint override changes, for instance) is resolved here.
+
+Connection-loss hints (prober.py) are on unless `healthCheck.connectionLossHints: false`; a target carries that
+switch and its `unhealthyThreshold` (where a hint's fast re-probes stop). `healthCheck.tcp.holdConnection: true`
+makes a TCP check keep its connection open, so that a backend's exit can be seen on it (only with hints on: a held
+connection nobody listens to would be a file descriptor for nothing). Lease checks connect nowhere: no hints.
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ class PortSpec(_Model):
     port: int | str | None = None
 
 
+class TcpSpec(PortSpec):
+    hold_connection: bool = Field(default=False, alias="holdConnection")
+
+
 class GrpcSpec(_Model):
     port: int | str | None = None
     service: str = ""
@@ -81,7 +90,7 @@ DEFAULT_TIMEOUT_SECONDS = 2
 
 class HealthCheck(_Model):
     http: HttpSpec | None = None
-    tcp: PortSpec | None = None
+    tcp: TcpSpec | None = None
     grpc: GrpcSpec | None = None
     lease: LeaseSpec | None = None
     interval_seconds: int | None = Field(default=None, alias="intervalSeconds")
@@ -89,6 +98,7 @@ class HealthCheck(_Model):
     healthy_threshold: int = Field(default=1, alias="healthyThreshold")
     unhealthy_threshold: int = Field(default=3, alias="unhealthyThreshold")
     deregister_after_seconds: int | None = Field(default=None, alias="deregisterAfterSeconds")
+    connection_loss_hints: bool = Field(default=True, alias="connectionLossHints")
 
     @property
     def interval(self) -> int:
@@ -185,6 +195,7 @@ class ServiceEntry(_Model):
         if hc is None:
             return None
         check: Check
+        hints = hc.connection_loss_hints and hc.lease is None
         if hc.http is not None:
             check = HttpCheck(
                 port=self._port(hc.http.port, endpoint),
@@ -195,7 +206,7 @@ class ServiceEntry(_Model):
                 or ((200, 399),),
             )
         elif hc.tcp is not None:
-            check = TcpCheck(port=self._port(hc.tcp.port, endpoint))
+            check = TcpCheck(port=self._port(hc.tcp.port, endpoint), hold=hints and hc.tcp.hold_connection)
         elif hc.grpc is not None:
             check = GrpcCheck(port=self._port(hc.grpc.port, endpoint), service=hc.grpc.service)
         elif hc.lease is not None:
@@ -208,6 +219,8 @@ class ServiceEntry(_Model):
             check=check,
             interval=float(hc.interval),
             timeout=float(hc.timeout),
+            hints=hints,
+            unhealthy_threshold=hc.unhealthy_threshold,
         )
 
     def _port(self, ref: int | str | None, endpoint: Endpoint) -> int:

@@ -4,6 +4,11 @@ Why it exists: the handlers must stay thin, so something else builds the long-li
 checker with its connection pools, the prober task, the discovery engine, the metrics server), ties their
 lifetimes to kopf's startup/cleanup, and runs kopf. It is also where the few operator-level settings live
 (probe policy, concurrency, ports), so `python -m beacon operator --help` documents them all.
+
+Connection-loss hints are wired here, as `forget` is: the checker sees a peer close an idle probe connection and
+tells its `hint` sink, which is the prober's `hint(address, port)` (the prober then probes that endpoint's targets;
+see prober.py). The hint policy (re-probe spacing, per-endpoint gap, global rate and burst) comes from the
+--hint-* flags; --no-hints leaves the checker without a sink, so it watches and holds nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from beacon.configs import Configs, ReloadPolicy
 from beacon.discovery import Discovery
 from beacon.kube import Kube
 from beacon.policy import ProbePolicy
+from beacon.prober import HintPolicy
 from beacon.registry import LABEL_REGISTRY
 from beacon.retries import RETRIES
 from beacon.sharding import owner
@@ -80,6 +86,9 @@ class Options:
     peering_priority: int | None = None  # None: derived from the start time, so the oldest replica leads
     uvloop: bool = True  # run on uvloop (the probe path's event loop); --no-uvloop: asyncio's own loop
     shard: ShardOptions | None = None  # --shard: sharded, active-active (see ShardOptions)
+    connection_loss_hints: bool = True  # --no-hints: False (no probe on a lost connection, anywhere)
+    # --hint-reprobe-seconds, --hint-gap-seconds, --hint-rate, --hint-burst
+    hint_policy: HintPolicy = field(default_factory=HintPolicy)
 
 
 @dataclass
@@ -143,10 +152,16 @@ class Runtime:
             serves = self._member.serves
         policy = ProbePolicy.with_allowed(self.options.allow_probe_cidrs)
         discovery_ref: list[Discovery] = []
+
+        def hint(address: str, port: int) -> None:
+            if discovery_ref:
+                discovery_ref[0].prober.hint(address, port)
+
         self._checker = Checker(
             policy=policy,
             leases=lambda ns, name: discovery_ref[0].lease_lookup(ns, name),
             connection_limit=self.options.probe_concurrency * 2,
+            hint=hint if self.options.connection_loss_hints else None,
         )
         await self._checker.__aenter__()
         checker = self._checker
@@ -162,6 +177,7 @@ class Runtime:
             forget=checker.forget,
             serves=serves,
             served_by=shard.identity if shard is not None else None,
+            hints=self.options.hint_policy,
         )
         discovery_ref.append(discovery)
         self._discovery = discovery

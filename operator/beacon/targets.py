@@ -3,12 +3,22 @@
 Why it exists: the models (which build targets from a ServiceEntry), the checker (which runs them) and the
 scheduler (which orders them) all speak these types; keeping them in a module with no I/O lets the pure layers
 use them without importing aiohttp or grpc.
+
+Connection-loss hints (see prober.py): a Target carries what the prober needs to answer one, whether the entry
+wants them (`hints`) and how many consecutive failures make the endpoint unhealthy (`unhealthy_threshold`: the
+fast re-probes stop there); a TcpCheck says whether the checker keeps its connection open to watch it (`hold`);
+and a ProbeResult says what triggered the probe (`trigger`), so a transition can name its cause.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Final, Literal
+
+Trigger = Literal["interval", "connection-loss"]
+INTERVAL: Final = "interval"  # the probe came due on the target's schedule (its first probe included)
+CONNECTION_LOSS: Final = "connection-loss"  # the probe was run because the peer closed an idle probe connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +33,7 @@ class HttpCheck:
 @dataclass(frozen=True, slots=True)
 class TcpCheck:
     port: int
+    hold: bool = False  # keep the connection open after the check and watch it for EOF/RST (a connection-loss hint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,10 @@ class Target:
     check: Check
     interval: float
     timeout: float
+    hints: bool = (
+        True  # answer connection-loss hints of this endpoint with probes (spec.healthCheck.connectionLossHints)
+    )
+    unhealthy_threshold: int = 3  # a hint's re-probes stop after this many consecutive failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +71,7 @@ class ProbeResult:
     detail: str
     seconds: float
     refused: bool = False  # the probe policy forbade it; nothing was sent
+    trigger: Trigger = INTERVAL  # what made the prober run this probe (set by the prober, not by the checker)
 
 
 @dataclass(frozen=True, slots=True)

@@ -373,3 +373,12 @@ def test_kustomization_lists_both_crds() -> None:
     kustomization = _load(CRDS / "kustomization.yaml")
     assert sorted(kustomization["resources"]) == sorted(p.name for p in CRDS.glob("beacon.dev_*.yaml"))
     assert len(kustomization["resources"]) == 2
+
+
+def test_connection_loss_hint_fields_are_described_booleans_without_schema_defaults() -> None:
+    """Unset means on (hints) and off (held TCP connections); no schema default, so stored specs stay as written."""
+    check = _node(_schema(SERVICE_ENTRY), ".spec.healthCheck")["properties"]
+    for node in (check["connectionLossHints"], check["tcp"]["properties"]["holdConnection"]):
+        assert node["type"] == "boolean"
+        assert "default" not in node
+        assert len(node["description"]) > 80

@@ -1,6 +1,7 @@
 """The discovery engine's bookkeeping against an in-memory fake of beacon.kube (wiring only: the behaviour on a
 real apiserver is proven in tests/integration). Covers what watch events alone cannot: the periodic resync that
-repairs gaps after 410 Gone, seeding from published slices, and coalescing writes."""
+repairs gaps after 410 Gone, seeding from published slices, coalescing writes, and transitions that name what
+triggered them (a connection loss) in their Event and in the detections metric."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from beacon import discovery
 from beacon.discovery import Discovery
 from beacon.kube import NotOursError, covers
-from beacon.targets import ProbeResult, Target
+from beacon.targets import ProbeResult, Target, Trigger
 
 
 class FakeKube:
@@ -803,4 +804,51 @@ async def test_releasing_a_namespace_forgets_it_without_a_write_once_its_reconci
     await _settle(d, 0.3)
     assert kube.writes[done:] == []
     assert ("other", "b") not in d._entries
+    await d.close()
+
+
+# ---------------------------------------------------------------------------------------------- triggers
+class EventKube(FakeKube):
+    """Keeps every Event posted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+
+    async def event(self, **event: Any) -> None:
+        self.events.append(event)
+        await super().event()
+
+
+async def test_a_transition_after_a_connection_loss_says_so_in_its_event_and_counts_as_such_a_detection() -> None:
+    from beacon.metrics import REGISTRY
+
+    def detections(trigger: str) -> float:
+        return REGISTRY.get_sample_value("beacon_detections_total", {"trigger": trigger}) or 0.0
+
+    kube = EventKube()
+    body = entry("a", "uid-a", ["198.18.0.10", "198.18.0.11"])
+    kube.entries[("ns", "a")] = body
+    d = _engine(kube)
+    await d.entry_changed(body)
+    await _settle(d, 0.5)
+    assert _readiness(kube, "a") == {"198.18.0.10": True, "198.18.0.11": True}
+    before = {trigger: detections(trigger) for trigger in ("interval", "connection-loss")}
+    state = d._entries[("ns", "a")]
+    cases: list[tuple[str, Trigger]] = [("198.18.0.10", "connection-loss"), ("198.18.0.11", "interval")]
+    for address, trigger in cases:
+        target = state.entry.target(next(e for e in state.endpoints if e.address == address))
+        assert target is not None
+        for _ in range(3):
+            result = ProbeResult(ok=False, detail="connection refused", seconds=0.0, trigger=trigger)
+            d._on_result(("ns", "a", address), target, result)
+    await _turns()
+    assert _readiness(kube, "a") == {"198.18.0.10": False, "198.18.0.11": False}
+    (event,) = [e for e in kube.events if e["reason"] == "EndpointUnhealthy"]
+    parts = dict(part.split(": ", 1) for part in event["message"].split("; "))
+    assert parts == {
+        "endpoint 198.18.0.10": "passing -> critical (connection refused) after the connection was lost",
+        "endpoint 198.18.0.11": "passing -> critical (connection refused)",
+    }
+    assert {t: detections(t) - before[t] for t in before} == {"interval": 1.0, "connection-loss": 1.0}
     await d.close()

@@ -197,3 +197,32 @@ def test_equal_specs_give_equal_targets() -> None:
     spec = {"ports": PORTS, "endpoints": [{"address": "198.18.0.10"}], "healthCheck": {"http": {"path": "/h"}}}
     a, b = make_entry(spec), make_entry(spec)
     assert a.target(a.static_endpoints()[0]) == b.target(b.static_endpoints()[0])
+
+
+@pytest.mark.parametrize(
+    ("health_check", "hints", "hold"),
+    [
+        ({"tcp": {}}, True, False),  # hints on by default; a TCP connection is held only when asked
+        ({"tcp": {"holdConnection": True}}, True, True),
+        ({"tcp": {"holdConnection": True}, "connectionLossHints": False}, False, False),  # nobody would listen
+        ({"http": {}, "connectionLossHints": False}, False, None),
+        ({"grpc": {}}, True, None),
+        ({"lease": {}}, False, None),  # a Lease check connects nowhere
+    ],
+)
+def test_targets_carry_the_connection_loss_hint_switch_and_the_unhealthy_threshold(
+    health_check: dict[str, Any], hints: bool, hold: bool | None
+) -> None:
+    entry = make_entry(
+        {
+            "ports": PORTS,
+            "endpoints": [{"address": "198.18.0.10"}],
+            "healthCheck": {**health_check, "unhealthyThreshold": 4},
+        }
+    )
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert (target.hints, target.unhealthy_threshold) == (hints, 4)
+    if hold is not None:
+        assert isinstance(target.check, TcpCheck)
+        assert target.check.hold is hold
