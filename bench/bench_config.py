@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import threading
@@ -69,6 +70,35 @@ def _watch(seen: Seen, list_fn: Any, extract: Any, namespace: str = NS) -> None:
     except Exception:
         if not seen.stop.is_set():
             raise
+
+
+def _kube(kubeconfig: Path) -> Kube:
+    """beacon's own API client for `kubeconfig`."""
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    return Kube(client.ApiClient(configuration))
+
+
+def _watch_metadata(seen: Seen, kubeconfig: Path, namespace: str) -> None:
+    """ConfigMap hashes as they change, from a metadata-only watch on beacon's own aiohttp client, in a thread
+    with its own event loop. The scale scenario's observer: a typed watch (`_watch`) builds model objects for
+    every event, and at 5,000 events that work, not the operator, set the pace of what it saw."""
+
+    async def follow() -> None:
+        kube = _kube(kubeconfig)
+        try:
+            async for _, obj in kube.watch("ConfigMap", namespace, metadata_only=True):
+                meta = obj.get("metadata") or {}
+                digest = (meta.get("annotations") or {}).get(ANNOTATION_HASH)
+                if digest:
+                    seen.record(meta["name"], [digest])
+                if seen.stop.is_set():
+                    return
+        finally:
+            await kube.aclose()
+
+    with contextlib.suppress(Exception):
+        asyncio.run(follow())
 
 
 def _cm_hash(obj: Any) -> tuple[str, list[str]]:
@@ -184,15 +214,28 @@ def _writes(operator: OperatorProcess) -> float:
     )
 
 
+def _settle(operator: OperatorProcess, *, quiet: float = 2.0, limit: float = 300.0) -> float:
+    """Wait until the operator has made no API write and had no request pending for `quiet` seconds (at most
+    `limit`); returns when (the monotonic clock) the last one was seen, within 0.25 s. A write is counted when
+    it is made, so the counter alone stops while a backlog of writes is still being sent. Start-up writes every
+    ConfigMap first and the bookkeeping (revisions, then status patches) after them: an edit made before that
+    backlog drained would queue behind it and measure start-up, not the edit."""
+    started = time.monotonic()
+    last, since = _writes(operator), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() - started < limit:
+        time.sleep(0.25)
+        now = _writes(operator)
+        if now != last or _metric(operator, "beacon_api_requests_pending") > 0:
+            last, since = now, time.monotonic()
+    return since
+
+
 def _write_ceiling(kubeconfig: Path, namespace: str, n: int = 2500) -> float:
     """Writes per second this apiserver takes from beacon's own client with nothing else running: n ConfigMaps
     created, then each server-side applied with new data (what materialising does), 64 requests in flight."""
 
     async def measure() -> float:
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        configuration.connection_pool_maxsize = 16
-        kube = Kube(client.ApiClient(configuration), threads=16)
+        kube = _kube(kubeconfig)
         gate = asyncio.Semaphore(64)
 
         def body(i: int, value: str) -> dict[str, Any]:
@@ -207,7 +250,7 @@ def _write_ceiling(kubeconfig: Path, namespace: str, n: int = 2500) -> float:
         started = time.monotonic()
         await asyncio.gather(*(write(i) for i in range(n)))
         elapsed = time.monotonic() - started
-        kube.close()
+        await kube.aclose()
         return 2 * n / elapsed
 
     return asyncio.run(measure())
@@ -220,7 +263,7 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
         cluster.kubectl("wait", "--for=condition=Established", "crd/configentries.beacon.dev")
         cluster.kubectl("create", "namespace", SCALE_NS)
         api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-        custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+        custom = client.CustomObjectsApi(api_client)
         names = [f"cfg-{i:05d}" for i in range(entries)]
         winner = names[-1]  # the last name wins the shared key: its edit changes every entry's content
 
@@ -236,12 +279,10 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
                 future.result()
         create_seconds = time.monotonic() - created
 
-        cms = Seen()
-        watcher = threading.Thread(
-            target=_watch, args=(cms, core.list_namespaced_config_map, _cm_hash, SCALE_NS), daemon=True
-        )
-        watcher.start()
         kubeconfig = cluster.client_kubeconfig(user="beacon-bench-operator", groups=("system:masters",))
+        cms = Seen()
+        watcher = threading.Thread(target=_watch_metadata, args=(cms, kubeconfig, SCALE_NS), daemon=True)
+        watcher.start()
         operator = OperatorProcess(cluster=cluster, kubeconfig=kubeconfig, log_dir=cluster.workdir)
         started = time.monotonic()
         operator.start()
@@ -252,7 +293,7 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
             time.sleep(0.5)
         materialised = sum((n, first) in cms.at for n in names)
         start_all = max((cms.at[(n, first)] for n in names if (n, first) in cms.at), default=float("nan")) - started
-        time.sleep(3)  # the status patches of the last entries
+        start_settled = _settle(operator) - started  # the revisions and status patches follow the ConfigMaps
         start_hold = _metric(operator, "beacon_config_start_hold_seconds")
         start_planning = _metric(operator, "beacon_config_planning_seconds_total")
         start_cpu = _cpu_seconds(operator.proc.pid)
@@ -268,7 +309,7 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
         while sum((n, digest) in cms.at for n in names) < entries and time.monotonic() < deadline:
             time.sleep(0.2)
         updated = [cms.at[(n, digest)] - edited for n in names if (n, digest) in cms.at]
-        time.sleep(3)
+        edit_settled = _settle(operator) - edited
         edit_planning = _metric(operator, "beacon_config_planning_seconds_total") - start_planning
         edit_cpu = _cpu_seconds(operator.proc.pid) - start_cpu
         edit_writes = _writes(operator) - writes_before
@@ -283,6 +324,7 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
         "start_up": {
             "materialised": materialised,
             "all_materialised_after_s": round(start_all, 2),
+            "all_written_after_s": round(start_settled, 2),
             "event_loop_hold_s": round(start_hold + start_planning, 3),
             "start_hold_s": round(start_hold, 3),
             "layering_and_planning_s": round(start_planning, 3),
@@ -293,6 +335,8 @@ def run_scale(*, entries: int, threads: int = CREATE_THREADS) -> dict[str, Any]:
             "updated": len(updated),
             "all_updated_after_s": round(max(updated, default=float("nan")), 2),
             "p50_s": round(pct(updated, 0.5), 2),
+            "first_s": round(min(updated, default=float("nan")), 2),
+            "all_written_after_s": round(edit_settled, 2),
             "layering_and_planning_s": round(edit_planning, 3),
             "operator_cpu_s": round(edit_cpu, 1),
             "api_writes": int(edit_writes),
@@ -315,12 +359,18 @@ def scale_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             f"layering {s['layering_and_planning_s']} s)",
         ),
         (
-            "start-up: every ConfigMap materialised after / operator CPU",
-            f"{s['all_materialised_after_s']} s ({s['materialised']}/{n}) / {s['operator_cpu_s']} s",
+            "start-up: every ConfigMap materialised after / every revision and status written after / operator CPU",
+            f"{s['all_materialised_after_s']} s ({s['materialised']}/{n}) / {s.get('all_written_after_s', '-')} s / "
+            f"{s['operator_cpu_s']} s",
         ),
         (
-            "namespace-wide edit -> every ConfigMap updated",
-            f"{e['all_updated_after_s']} s (target <= {e['target_s']:g} s; p50 {e['p50_s']} s; {e['updated']}/{n})",
+            "namespace-wide edit (start-up settled first) -> every ConfigMap updated",
+            f"{e['all_updated_after_s']} s (target <= {e['target_s']:g} s; first {e.get('first_s', '-')} s, "
+            f"p50 {e['p50_s']} s; {e['updated']}/{n})",
+        ),
+        (
+            "namespace-wide edit -> every revision recorded and status written (the bookkeeping after the ConfigMaps)",
+            f"{e.get('all_written_after_s', '-')} s",
         ),
         (
             "namespace-wide edit: layering/planning / operator CPU",
@@ -328,8 +378,9 @@ def scale_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "namespace-wide edit: API writes / the apiserver's write ceiling (beacon's client, nothing else running)",
-            f"{e['api_writes']} / {results['write_ceiling_per_s']} per s: no operator does it under "
-            f"{results['edit_floor_s']} s here (edit / floor {e['all_updated_after_s'] / results['edit_floor_s']:.2f})",
+            f"{e['api_writes']} / {results['write_ceiling_per_s']} per s: no operator makes them under "
+            f"{results['edit_floor_s']} s here (all written / floor "
+            f"{e.get('all_written_after_s', e['all_updated_after_s']) / results['edit_floor_s']:.2f})",
         ),
     ]
 

@@ -707,7 +707,7 @@ class Configs:
         number, record = choose_revision(
             history=list(state.history.values()), current=state.current, desired_hash=digest
         )
-        await self.kube.ensure(desired_config_map(entry, data=data, digest=digest, revision=number))
+        await self.kube.ensure(desired_config_map(entry, data=data, digest=digest, revision=number), merge=True)
         if record:
             obj = desired_revision(entry, data=data, digest=digest, revision=number, rollback_of=rollback_of)
             await self.kube.create(obj)

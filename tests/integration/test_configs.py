@@ -395,6 +395,40 @@ def test_a_change_made_while_the_operator_was_down_rolls_out_once(
     assert len(replica_sets(cluster, namespace, "app")) == 2
 
 
+def _beacon_updates(cm: dict[str, Any]) -> set[str]:
+    """The data keys that beacon's field manager holds through an Update (a merge patch), not an Apply."""
+    held: set[str] = set()
+    for entry in cm["metadata"].get("managedFields") or []:
+        if entry.get("manager") == "beacon" and entry.get("operation") == "Update":
+            held |= {k[2:] for k in (entry.get("fieldsV1") or {}).get("f:data", {})}
+    return held
+
+
+def test_keys_written_by_merge_patch_go_when_the_entry_drops_them_running_or_restarted(
+    cluster: DevCluster, namespace: str, operator_running: OperatorProcess
+) -> None:
+    """An update that only changes data goes as a merge patch, so beacon holds those keys through an Update entry,
+    which no apply prunes; a key dropped later, with the operator running or while it was down, must still go."""
+    data = {"a": "1", "b": "1", "c": "1"}
+    apply(cluster, config_entry("merged", namespace, data))
+    materialised(cluster, namespace, "merged", data)
+    data = {"a": "2", "b": "2", "c": "2"}
+    apply(cluster, config_entry("merged", namespace, data))
+    materialised(cluster, namespace, "merged", data)
+    cm = get_json(cluster, "configmap", "-n", namespace, "merged", "--show-managed-fields")
+    assert _beacon_updates(cm) == set(config_map_data(data))  # the values went by merge patch
+    data = {"a": "2", "c": "2"}
+    apply(cluster, config_entry("merged", namespace, data))
+    materialised(cluster, namespace, "merged", data)
+    assert cm_data(cluster, namespace, "merged") == config_map_data(data)
+    operator_running.stop()
+    data = {"a": "3"}
+    apply(cluster, config_entry("merged", namespace, data))
+    operator_running.start()
+    materialised(cluster, namespace, "merged", data)
+    assert cm_data(cluster, namespace, "merged") == config_map_data(data)
+
+
 def _workload(kind: str, name: str, ns: str, configs: str) -> dict[str, Any]:
     labels = {"app": name}
     spec: dict[str, Any] = {

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from kubernetes import client as k8s
 
-from beacon.kube import Kube, NotOursError, _owned_view, covers, stale_fields
+from beacon.kube import Kube, NotOursError, _owned_view, covers, merge_patch_between, merged_leftovers, stale_fields
 
 
 # ------------------------------------------------------------------------------------------------ covers
@@ -69,12 +69,27 @@ def test_owned_view_drops_status_and_server_managed_metadata() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ ensure
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(out.get(key), value)
+    return out
+
+
 class FakeApiserver:
-    """Objects by path; GET, POST (create) and server-side-apply PATCH only; each request kept as (method, path)."""
+    """Objects by path; GET, POST (create), server-side-apply and merge PATCH only; each request kept as (method,
+    path)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.merges: list[dict[str, Any]] = []  # bodies of JSON merge patches
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path))
@@ -87,6 +102,12 @@ class FakeApiserver:
             if obj is None:
                 return web.json_response({"kind": "Status", "code": 404}, status=404)
             return web.json_response(obj)
+        if request.method == "PATCH" and request.content_type == "application/merge-patch+json":
+            assert request.query["fieldManager"] == "beacon"
+            self.merges.append(json.loads(await request.read()))
+            merged = _merge(self.objects[request.path], self.merges[-1])
+            self.objects[request.path] = merged
+            return web.json_response(merged)
         if request.method == "PATCH":
             assert request.content_type == "application/apply-patch+yaml"
             assert request.query["fieldManager"] == "beacon"
@@ -120,11 +141,11 @@ async def fake_kube() -> AsyncIterator[tuple[Kube, FakeApiserver]]:
     port = int(runner.addresses[0][1])
     configuration = k8s.Configuration()
     configuration.host = f"http://127.0.0.1:{port}"
-    kube = Kube(k8s.ApiClient(configuration), threads=2)
+    kube = Kube(k8s.ApiClient(configuration), concurrency=2)
     try:
         yield kube, fake
     finally:
-        kube.close()
+        await kube.aclose()
         await runner.cleanup()
 
 
@@ -291,3 +312,62 @@ async def test_forget_makes_ensure_read_the_api_again() -> None:
         kube.forget("Service", "shop", "payments")
         assert await kube.ensure(service())
         assert SVC_PATH in fake.objects
+
+
+# ------------------------------------------------------------------------------------------------ merge patches
+CM_PATH = "/api/v1/namespaces/shop/configmaps/settings"
+
+
+def config_map(data: dict[str, str], digest: str = "h1", labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "settings",
+            "namespace": "shop",
+            "labels": labels or {"beacon.dev/config-entry": "settings"},
+            "annotations": {"beacon.dev/hash": digest},
+        },
+        "data": data,
+    }
+
+
+def test_merge_patch_between_covers_data_and_annotations_only() -> None:
+    before = _owned_view(config_map({"a": "1", "b": "1"}))
+    after = _owned_view(config_map({"a": "2", "c": "3"}, digest="h2"))
+    assert merge_patch_between(before, after) == {
+        "data": {"a": "2", "c": "3", "b": None},
+        "metadata": {"annotations": {"beacon.dev/hash": "h2"}},
+    }
+    assert merge_patch_between(before, before) is None
+    relabelled = _owned_view(config_map({"a": "2"}, labels={"beacon.dev/config-entry": "other"}))
+    assert merge_patch_between(before, relabelled) is None  # anything else: an apply
+
+
+def test_merged_leftovers_removes_what_beacon_holds_by_any_operation_and_no_longer_wants() -> None:
+    actual = config_map({"kept": "1", "updated-by-beacon": "1", "applied-by-beacon": "1", "theirs": "1"})
+    actual["metadata"]["managedFields"] = [
+        {"manager": "beacon", "operation": "Apply", "fieldsV1": {"f:data": {"f:kept": {}, "f:applied-by-beacon": {}}}},
+        {"manager": "beacon", "operation": "Update", "fieldsV1": {"f:data": {"f:updated-by-beacon": {}}}},
+        {"manager": "kubectl", "operation": "Update", "fieldsV1": {"f:data": {"f:theirs": {}}}},
+    ]
+    desired = _owned_view(config_map({"kept": "1"}))
+    assert merged_leftovers(actual, desired) == {"data": {"updated-by-beacon": None, "applied-by-beacon": None}}
+    assert merged_leftovers(actual, _owned_view(actual)) is None
+
+
+async def test_ensure_merge_sends_changes_of_data_and_annotations_as_merge_patches() -> None:
+    async with fake_kube() as (kube, fake):
+        assert await kube.ensure(config_map({"a": "1", "b": "1"}), merge=True)
+        assert fake.writes() == [("PATCH", CM_PATH)]  # nothing cached yet: an apply
+        assert not fake.merges
+        assert await kube.ensure(config_map({"a": "2", "b": "1"}, digest="h2"), merge=True)
+        assert fake.merges == [{"data": {"a": "2"}, "metadata": {"annotations": {"beacon.dev/hash": "h2"}}}]
+        assert await kube.ensure(config_map({"a": "2"}, digest="h2"), merge=True)
+        assert fake.merges[-1] == {"data": {"b": None}}  # a key that goes is sent as null
+        assert fake.objects[CM_PATH]["data"] == {"a": "2"}
+        assert not await kube.ensure(config_map({"a": "2"}, digest="h2"), merge=True)  # unchanged: no request
+        assert await kube.ensure(config_map({"a": "2"}, labels={"x": "y"}), merge=True)
+        assert len(fake.merges) == 2  # a label changed: an apply, as without merge
+        assert await kube.ensure(config_map({"a": "3"}))
+        assert len(fake.merges) == 2  # not asked for: always an apply
