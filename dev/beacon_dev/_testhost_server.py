@@ -14,6 +14,11 @@ Each listener (HTTP via aiohttp, plain TCP via asyncio, gRPC health via grpc.aio
 binds exactly one address:port, so stopping one test host's server leaves the others untouched. Stopping a
 listener really closes its listening socket and its connections (clients then see "connection refused").
 
+An HTTP listener can close every connection that sits idle for `keepalive` seconds (aiohttp's keep-alive timeout;
+by default aiohttp's own, about an hour), as servers with a short keep-alive timeout do, and it counts the
+connections it accepted and the ones it closed itself (`connections`, `closes` in `info`): what a test of beacon's
+connection-loss hints needs to see from the server's side.
+
 HTTP listeners log every request to their health path in one ring buffer of the process (`PROBE_LOG`: the
 CLOCK_MONOTONIC time the answer was made, the address and the status; one deque append per request, the newest
 `PROBE_LOG_SIZE` kept). The `probe_log` op returns it since a given time, so a benchmark knows exactly when each
@@ -91,17 +96,41 @@ class Listener:
         return {"kind": self.kind, "address": self.address, "port": self.port, "running": self.running}
 
 
+class _CountingServer(web.Server):
+    """aiohttp's low-level server, counting the connections it accepts and those it closes itself (its keep-alive
+    timeout, a stop) apart from those the client closes."""
+
+    def __init__(self, handler: Any, *, listener: HttpListener, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._listener = listener
+
+    def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        self._listener.connections += 1
+        super().connection_made(handler, transport)
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        # aiohttp marks a connection it closes itself (force_close) before the transport goes; a client's close
+        # reaches here first, unmarked
+        if getattr(handler, "_force_close", False):
+            self._listener.closes += 1
+        super().connection_lost(handler, exc)
+
+
 class HttpListener(Listener):
-    """HTTP server: `path` answers with the configured status; every other path answers 200 with address:port."""
+    """HTTP server: `path` answers with the configured status; every other path answers 200 with address:port.
+    `keepalive`: close a connection idle for this many seconds (None: aiohttp's default)."""
 
     kind = "http"
 
-    def __init__(self, address: str, port: int, *, path: str, status: int) -> None:
+    def __init__(self, address: str, port: int, *, path: str, status: int, keepalive: float | None = None) -> None:
         super().__init__(address, port)
         self.path = path
         self.status = status
+        self.keepalive = keepalive
         self.delay = 0.0
         self.requests = 0
+        self.connections = 0  # accepted
+        self.closes = 0  # closed by this server (keep-alive timeout, stop), not by the client
         self._runner: web.ServerRunner | None = None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -114,8 +143,13 @@ class HttpListener(Listener):
         return web.Response(status=self.status, text=f"{self.status}\n")
 
     async def _start(self) -> None:
+        options: dict[str, Any] = {"access_log": None}
+        if self.keepalive is not None:
+            options["keepalive_timeout"] = self.keepalive
         runner = web.ServerRunner(
-            web.Server(self._handle, access_log=None), handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+            _CountingServer(self._handle, listener=self, **options),
+            handle_signals=False,
+            shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
         )
         await runner.setup()
         try:
@@ -153,6 +187,9 @@ class HttpListener(Listener):
             "status": self.status,
             "delay": self.delay,
             "requests": self.requests,
+            "keepalive": self.keepalive,
+            "connections": self.connections,
+            "closes": self.closes,
         }
 
 
@@ -321,7 +358,18 @@ class Controller:
             path = _str(request, "path", "/healthz")
             if not path.startswith("/"):
                 raise ControlError(f"HTTP path must start with '/', not {path!r}")
-            listener = HttpListener(address, port, path=path, status=_int(request, "status"))
+            keepalive = request.get("keepalive")
+            if keepalive is not None and (
+                isinstance(keepalive, bool) or not isinstance(keepalive, int | float) or keepalive <= 0
+            ):
+                raise ControlError(f"keepalive must be a positive number of seconds or null, not {keepalive!r}")
+            listener = HttpListener(
+                address,
+                port,
+                path=path,
+                status=_int(request, "status"),
+                keepalive=None if keepalive is None else float(keepalive),
+            )
         elif kind == "tcp":
             listener = TcpListener(address, port)
         elif kind == "grpc":

@@ -11,6 +11,9 @@ and the `ip` tool from iproute2)::
         srv.set_healthy(False)                # GET /healthz -> 503
         srv.stop()                            # connection refused
         hosts = net.add_hosts(250)            # one `ip -batch` call
+        crashy = net.add_hosts(20, own_process=True)  # served by a server process of their own
+        crashy[0].crash()                     # SIGKILL that process: the kernel closes its sockets
+        crashy[0].revive()                    # a new process; the same servers listen again
 
     with TestNetwork(loopback=True) as big:   # a /18: up to LOOPBACK_MAX_HOSTS (16,373) test hosts
         hosts = big.add_hosts(10_000)
@@ -43,8 +46,12 @@ plus a connection per client, and a process cannot hold more descriptors than it
 only CAP_SYS_RESOURCE raises it). At that limit accept() fails with EMFILE and asyncio stops accepting on the
 socket for a second, so probes would time out for reasons that have nothing to do with the endpoint. This side
 talks to them with blocking request/response calls over their stdin/stdout; a helper exits by itself if this
-process dies. On exit from the `with` block (also on exceptions and Ctrl-C) the helpers and anything else left
-in the namespace are killed and the veth pair and namespace are deleted.
+process dies. Hosts added with `own_process=True` get a helper of their own (one per `add_hosts` call), so a
+test can crash their server the way a real backend crashes (`TestHost.crash()`: SIGKILL, and the kernel closes
+every socket the process held, sending FIN or RST to its clients) without touching any other host, and bring it
+back (`TestHost.revive()`: a new process whose servers listen again on the same ports with the same settings).
+On exit from the `with` block (also on exceptions and Ctrl-C) the helpers and anything else left in the
+namespace are killed and the veth pair and namespace are deleted.
 
 Nothing leaves the machine. A test host's routes vanish with its veth, so `open()` first makes sure the guard route
 (`beacon_dev.netguard`: a blackhole for 198.18.0.0/15 with a high metric) exists: a probe still in flight towards a
@@ -303,6 +310,7 @@ class _ServerProcess:
         self._lock = threading.Lock()
         self._buffer = b""
         self._next_id = 1
+        self._closed = False
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         argv = ["ip", "netns", "exec", netns, sys.executable, "-P", str(_SERVER_SCRIPT)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -375,8 +383,25 @@ class _ServerProcess:
         del response["id"]
         return response
 
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int) -> None:
+        """Send `sig` to the process (a crash when it is SIGKILL), wait for it to end and close the channel."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.close()
+
     def close(self) -> None:
-        """Ask the process to exit (closing its stdin), then kill it if it does not."""
+        """Ask the process to exit (closing its stdin), then kill it if it does not. Closing twice is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(OSError, ValueError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
@@ -401,11 +426,13 @@ class TestServer:
     __test__ = False
     kind: ClassVar[str] = ""
 
-    def __init__(self, host: TestHost, listener: int, port: int) -> None:
+    def __init__(self, host: TestHost, listener: int, port: int, fields: dict[str, Any]) -> None:
         self.host = host
         self.port = port
         self._listener = listener
         self._running = True
+        self._fields = fields  # what it was created with, kept up to date by its setters: what revive() replays
+        self._options: dict[str, Any] = {}  # settings made after creation that creation cannot take (configure)
 
     @property
     def address(self) -> str:
@@ -417,6 +444,15 @@ class TestServer:
 
     def _request(self, op: str, **fields: Any) -> dict[str, Any]:
         return self.host.network._server(self.host.shard).request(op, listener=self._listener, **fields)
+
+    def _recreate(self, process: _ServerProcess) -> None:
+        """Create this server again in `process` (a revived one), as it is now: same port, settings, running or not."""
+        response = process.request(
+            "create", kind=self.kind, address=self.address, port=self.port, start=self._running, **self._fields
+        )
+        self._listener = int(response["listener"])
+        if self._options:
+            process.request("configure", listener=self._listener, options=self._options)
 
     def start(self) -> None:
         """Listen again (on the same port); a no-op if running."""
@@ -449,9 +485,9 @@ class HttpServer(TestServer):
 
     kind = "http"
 
-    def __init__(self, host: TestHost, listener: int, port: int, *, path: str) -> None:
-        super().__init__(host, listener, port)
-        self.path = path
+    def __init__(self, host: TestHost, listener: int, port: int, fields: dict[str, Any]) -> None:
+        super().__init__(host, listener, port, fields)
+        self.path = str(fields["path"])
 
     @property
     def url(self) -> str:
@@ -461,6 +497,7 @@ class HttpServer(TestServer):
     def set_status(self, status: int) -> None:
         """Answer `path` with this HTTP status from now on."""
         self._request("configure", options={"status": status})
+        self._fields["status"] = status
 
     def set_healthy(self, healthy: bool) -> None:
         """200 if healthy, else 503."""
@@ -469,11 +506,18 @@ class HttpServer(TestServer):
     def set_delay(self, seconds: float) -> None:
         """Wait this long before answering `path` (for probe-timeout tests); 0 to answer at once."""
         self._request("configure", options={"delay": seconds})
+        self._options["delay"] = seconds
 
     @property
     def requests(self) -> int:
         """How many requests (any path) this server has answered."""
         return int(self.info()["requests"])
+
+    def counters(self) -> dict[str, int]:
+        """`requests` answered, `connections` accepted and `closes` (connections this server closed itself: its
+        keep-alive timeout, a stop), read at once. Counted per process: a revived server starts from 0."""
+        info = self.info()
+        return {name: int(info[name]) for name in ("requests", "connections", "closes")}
 
 
 class TcpServer(TestServer):
@@ -500,6 +544,7 @@ class GrpcServer(TestServer):
     def set_status(self, service: str, status: GrpcStatus) -> None:
         """Set the serving status of `service` ("" is the whole server); it survives stop()/start()."""
         self._request("grpc_status", service=service, status=status)
+        self._fields["statuses"] = {**self._fields["statuses"], service: status}
 
     def set_serving(self, serving: bool, *, service: str = "") -> None:
         """SERVING or NOT_SERVING."""
@@ -511,10 +556,12 @@ class TestHost:
 
     __test__ = False
 
-    def __init__(self, network: TestNetwork, address: str, index: int) -> None:
+    def __init__(self, network: TestNetwork, address: str, index: int, *, shard: int | None = None) -> None:
         self.network = network
         self.address = address
-        self.shard = index // HOSTS_PER_SERVER_PROCESS  # which of the network's server processes serves it
+        # which of the network's server processes serves it: hosts share them by index, unless they have their own
+        # (a negative key, one per `add_hosts(..., own_process=True)` call)
+        self.shard = index // HOSTS_PER_SERVER_PROCESS if shard is None else shard
         self.servers: list[TestServer] = []
 
     def _create(self, kind: str, port: int, **fields: Any) -> tuple[int, int]:
@@ -522,26 +569,50 @@ class TestHost:
         response = server.request("create", kind=kind, address=self.address, port=port, **fields)
         return int(response["listener"]), int(response["port"])
 
-    def http(self, *, port: int = 8080, path: str = "/healthz", status: int = 200) -> HttpServer:
-        """Start an HTTP server on this host's address (port 0: pick a free port; see `.port`)."""
-        listener, bound = self._create("http", port, path=path, status=status)
-        server = HttpServer(self, listener, bound, path=path)
+    def http(
+        self, *, port: int = 8080, path: str = "/healthz", status: int = 200, keepalive: float | None = None
+    ) -> HttpServer:
+        """Start an HTTP server on this host's address (port 0: pick a free port; see `.port`). `keepalive`: close
+        every connection idle for that many seconds, as a server with a short keep-alive timeout does (None:
+        aiohttp's default, about an hour)."""
+        fields: dict[str, Any] = {"path": path, "status": status, "keepalive": keepalive}
+        listener, bound = self._create("http", port, **fields)
+        server = HttpServer(self, listener, bound, fields)
         self.servers.append(server)
         return server
 
     def tcp(self, *, port: int = 9000) -> TcpServer:
         """Start a TCP (echo) server on this host's address."""
         listener, bound = self._create("tcp", port)
-        server = TcpServer(self, listener, bound)
+        server = TcpServer(self, listener, bound, {})
         self.servers.append(server)
         return server
 
     def grpc(self, *, port: int = 50051, status: GrpcStatus = "SERVING") -> GrpcServer:
         """Start a gRPC health server on this host's address; the overall ("") service starts as `status`."""
-        listener, bound = self._create("grpc", port, statuses={"": status})
-        server = GrpcServer(self, listener, bound)
+        fields: dict[str, Any] = {"statuses": {"": status}}
+        listener, bound = self._create("grpc", port, **fields)
+        server = GrpcServer(self, listener, bound, fields)
         self.servers.append(server)
         return server
+
+    @property
+    def server_pid(self) -> int | None:
+        """The pid of the process serving this host (None until its first server exists, or once it crashed)."""
+        process = self.network._processes.get(self.shard)
+        return process.proc.pid if process is not None and process.alive else None
+
+    def crash(self, sig: int = signal.SIGKILL) -> float:
+        """Kill the server process of this host, which must have been added with `own_process=True`, with `sig`:
+        a crash (with SIGKILL the kernel closes every socket the process held: its clients get FIN, or RST where
+        data was unread, and connecting is refused). Every host of that process goes with it. Returns
+        `time.monotonic()` just before the signal was sent; returns when the process is gone."""
+        return self.network._crash(self.shard, sig)
+
+    def revive(self) -> None:
+        """Start a new server process for the hosts of a crashed one, with their servers listening again on the
+        same ports and with the same settings (health status, delay, keep-alive; stopped ones stay stopped)."""
+        self.network._revive(self.shard)
 
     def block(self) -> None:
         """Drop every packet to this host, inside its namespace (a broken path: probes time out). The link stays
@@ -591,6 +662,7 @@ class TestNetwork:
         self._next_offset = FIRST_HOST_OFFSET
         self._lock = threading.RLock()
         self._processes: dict[int, _ServerProcess] = {}  # by shard: hosts [shard * HOSTS_PER_SERVER_PROCESS, ...)
+        self._own_processes = 0  # shards -1, -2, ...: hosts with a server process of their own
         self._closed = False
         self._blocked: set[str] = set()
 
@@ -711,8 +783,9 @@ class TestNetwork:
         """Allocate the next address (B+10, B+11, ...) in the namespace."""
         return self.add_hosts(1)[0]
 
-    def add_hosts(self, count: int) -> list[TestHost]:
-        """Allocate `count` addresses at once (a single `ip -batch` call)."""
+    def add_hosts(self, count: int, *, own_process: bool = False) -> list[TestHost]:
+        """Allocate `count` addresses at once (a single `ip -batch` call). `own_process`: their servers run in a
+        server process of their own, shared with no other host, which `TestHost.crash()` can kill."""
         with self._lock:
             network = self._require_open()
             if count < 0:
@@ -728,7 +801,11 @@ class TestNetwork:
             _ip(netns=self.name, batch=[f"address add {a}/32 dev {device}" for a in addresses])
             self._next_offset += count
             first = self._next_offset - count - FIRST_HOST_OFFSET
-            hosts = [TestHost(self, a, first + i) for i, a in enumerate(addresses)]
+            shard: int | None = None
+            if own_process:
+                self._own_processes += 1
+                shard = -self._own_processes
+            hosts = [TestHost(self, a, first + i, shard=shard) for i, a in enumerate(addresses)]
             self.hosts.extend(hosts)
             return hosts
 
@@ -773,14 +850,41 @@ class TestNetwork:
                 process = self._processes[shard] = _ServerProcess(self.name, timeout=self.timeout)
             return process
 
+    def _crash(self, shard: int, sig: int) -> float:
+        if shard >= 0:
+            raise TestHostError("only hosts added with own_process=True can crash (their process serves no other)")
+        with self._lock:
+            self._require_open()
+            process = self._processes.get(shard)
+            if process is None or not process.alive:
+                raise TestHostError("the host's server process is not running (no server yet, or crashed already)")
+            at = time.monotonic()
+            process.kill(sig)
+            return at
+
+    def _revive(self, shard: int) -> None:
+        with self._lock:
+            self._require_open()
+            process = self._processes.get(shard)
+            if process is not None and process.alive:
+                raise TestHostError("the host's server process is running: crash() it first")
+            if process is not None:
+                process.close()  # one that died by itself, not through crash()
+            process = self._processes[shard] = _ServerProcess(self.name, timeout=self.timeout)
+            for host in self.hosts:
+                if host.shard == shard:
+                    for server in host.servers:
+                        server._recreate(process)
+
     def probe_log(
         self, *, since: float = 0.0, first_only: bool = False, not_status: int | None = None
     ) -> list[tuple[float, str, int]]:
         """When this network's HTTP servers answered their health path since `since` (`time.monotonic()` seconds:
-        the same clock here and in the server process): `(time, address, status)`, oldest first. `first_only`:
+        the same clock here and in the server process): `(time, address, status)`, oldest first (what a crashed
+        server process logged is gone with it; a revived one logs afresh). `first_only`:
         each address's first answer only; `not_status`: leave out answers with that status."""
         with self._lock:
-            processes = list(self._processes.values())
+            processes = [p for p in self._processes.values() if p.alive]  # a crashed process's log went with it
         processes = processes or [self._server()]
         entries: list[tuple[float, str, int]] = []
         for process in processes:  # an address lives in one process: its first answer is in that one's log

@@ -9,15 +9,19 @@ attributed to it in the apiserver's audit log), wait for conditions, and ask Cor
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -133,6 +137,129 @@ class OperatorProcess:
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+
+
+def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """The sum of the samples of metric `name` in Prometheus text `text` whose labels include `labels` (0 when
+    there are none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric != name:
+            continue
+        have = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part)
+        if all(have.get(k) == json.dumps(v) for k, v in (labels or {}).items()):
+            total += float(value)
+    return total
+
+
+class SliceWatch:
+    """One watch on beacon's EndpointSlices (every namespace), recording for each published (namespace, address)
+    every change of its `ready` condition with the `time.monotonic()` at which the event was read: what a test or
+    benchmark needs to say when an endpoint left (or joined) what clients are given, and that nothing else moved.
+    Use as a context manager. A watch that ends is started again (its replay of the current slices records only
+    what changed meanwhile)."""
+
+    LABEL_SELECTOR = "endpointslice.kubernetes.io/managed-by=operator.beacon.dev"
+
+    def __init__(self, cluster: DevCluster) -> None:
+        self._host, self._port = "127.0.0.1", int(cluster.server.rsplit(":", 1)[1])
+        self._context = cluster.admin_ssl_context()
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, str], bool] = {}
+        self._changes: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+        self.events = 0
+        self._stop = threading.Event()
+        self._conn: http.client.HTTPSConnection | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="slice-watch")
+
+    def __enter__(self) -> SliceWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop watching: the socket is shut down (closing it would wait for the reader's buffer lock)."""
+        self._stop.set()
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def ready(self, namespace: str, address: str) -> bool | None:
+        """Whether the address is published ready now (None: not seen in any slice)."""
+        with self._lock:
+            return self._state.get((namespace, address))
+
+    def changes(self, namespace: str, address: str, *, since: float = -math.inf) -> list[tuple[float, bool]]:
+        """(time, ready) for each change of the address's readiness at or after `since`, its first sighting
+        included, oldest first."""
+        with self._lock:
+            return [c for c in self._changes.get((namespace, address), []) if c[0] >= since]
+
+    def first_not_ready(self, namespace: str, address: str, *, after: float) -> float | None:
+        return next((t for t, ready in self.changes(namespace, address, since=after) if not ready), None)
+
+    def flips(self, namespace: str, *, since: float) -> list[tuple[str, float]]:
+        """(address, time) of every turn from ready to not-ready in `namespace` at or after `since`."""
+        out = []
+        with self._lock:
+            for (ns, address), changes in self._changes.items():
+                if ns != namespace:
+                    continue
+                out += [
+                    (address, t)
+                    for (t, ready), (_, was) in zip(changes[1:], changes, strict=False)
+                    if was and not ready and t >= since
+                ]
+        return sorted(out, key=lambda item: item[1])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._watch()
+            except Exception:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.2)
+
+    def _watch(self) -> None:
+        conn = self._conn = http.client.HTTPSConnection(self._host, self._port, context=self._context, timeout=None)
+        try:
+            query = urllib.parse.urlencode({"watch": "1", "labelSelector": self.LABEL_SELECTOR})
+            conn.request("GET", f"/apis/discovery.k8s.io/v1/endpointslices?{query}")
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"EndpointSlice watch: {resp.status} {resp.read()[:300]!r}")
+            while not self._stop.is_set():
+                line = resp.readline()
+                if not line:
+                    return
+                now = time.monotonic()
+                event = json.loads(line)
+                if event.get("type") not in ("ADDED", "MODIFIED"):
+                    continue
+                obj = event.get("object") or {}
+                namespace = (obj.get("metadata") or {}).get("namespace", "")
+                with self._lock:
+                    self.events += 1
+                    for endpoint in obj.get("endpoints") or []:
+                        ready = bool((endpoint.get("conditions") or {}).get("ready"))
+                        for address in endpoint.get("addresses") or []:
+                            key = (namespace, address)
+                            if self._state.get(key) is not ready:
+                                self._state[key] = ready
+                                self._changes.setdefault(key, []).append((now, ready))
+        finally:
+            conn.close()
 
 
 def stop_probing(cluster: DevCluster, operator: OperatorProcess, *, namespace_prefix: str = "t-") -> None:

@@ -183,6 +183,62 @@ def test_http_stop_closes_keepalive_connections(net: TestNetwork) -> None:
         conn.close()
 
 
+def test_http_keepalive_closes_idle_connections_and_counts_them(net: TestNetwork) -> None:
+    srv = net.add_host().http(port=8080, keepalive=0.5)
+    conn = http.client.HTTPConnection(srv.address, 8080, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b"200\n"
+        assert conn.sock is not None
+        assert conn.sock.recv(1) == b""  # idle: the server closes it (FIN) after its keep-alive timeout
+    finally:
+        conn.close()
+    assert wait_for(lambda: srv.counters() == {"requests": 1, "connections": 1, "closes": 1})
+    conn = http.client.HTTPConnection(srv.address, 8080, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+    finally:
+        conn.close()  # closed by the client: no close of the server's
+    time.sleep(1.0)
+    assert srv.counters() == {"requests": 2, "connections": 2, "closes": 1}
+
+
+def test_crash_kills_only_its_own_process_and_revive_brings_its_servers_back(net: TestNetwork) -> None:
+    shared = net.add_host()
+    crashing, neighbour = net.add_hosts(2, own_process=True)
+    shared_srv = shared.http(port=8080)
+    srv = crashing.http(port=8080)
+    neighbour.tcp(port=9000)
+    srv.set_status(503)
+    assert crashing.server_pid is not None
+    assert crashing.server_pid == neighbour.server_pid != shared.server_pid
+    with pytest.raises(TestHostError, match="own_process"):
+        shared.crash()
+    pid = crashing.server_pid
+    held = tcp_connect(neighbour.address, 9000)  # an open connection: the crash closes it from the server's side
+    try:
+        before = time.monotonic()
+        at = crashing.crash()
+        assert before <= at <= time.monotonic()
+        assert held.recv(1) == b""
+    finally:
+        held.close()
+    assert not pid_alive(pid)
+    assert crashing.server_pid is None
+    assert http_refused(srv.url)
+    assert http_status(shared_srv.url) == 200  # the other process serves on
+    with pytest.raises(TestHostError, match="not running"):
+        crashing.crash()
+
+    crashing.revive()
+    assert crashing.server_pid not in (None, pid)
+    assert http_status(srv.url) == 503  # same port, same settings
+    tcp_connect(neighbour.address, 9000).close()
+    with pytest.raises(TestHostError, match="running"):
+        neighbour.revive()
+
+
 def test_http_delay(net: TestNetwork) -> None:
     srv = net.add_host().http(port=8080)
     srv.set_delay(30)
