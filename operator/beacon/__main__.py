@@ -4,6 +4,8 @@ Why it exists: every flag of the operator is parsed and documented in one place,
 The development tooling (local control plane, `make run`) has its own command line: `python -m beacon_dev`.
 The connection-loss hint flags (--no-hints, --hint-reprobe-seconds, --hint-gap-seconds, --hint-rate,
 --hint-burst) became `Options.connection_loss_hints` and `Options.hint_policy` (a `beacon.prober.HintPolicy`).
+`--log-format json` makes every log line one JSON object (kopf's JSON formatter, with beacon's `beacon.logfields`
+extras as keys); `plain`, the default, keeps the human format.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from collections.abc import Sequence
 def cmd_operator(args: argparse.Namespace) -> int:
     """Run the operator against the cluster in KUBECONFIG (or in-cluster credentials)."""
 
-    import kopf
-
     from beacon.app import run
     from beacon.configs import ReloadPolicy
     from beacon.operator_runtime import Options, ShardOptions
     from beacon.prober import HintPolicy
 
-    kopf.configure(verbose=args.verbose, log_prefix=False)
+    configure_logging(verbose=args.verbose, log_format=args.log_format)
     options = Options(
         metrics_address=args.metrics_address,
         metrics_port=args.metrics_port,
@@ -65,6 +65,40 @@ def cmd_operator(args: argparse.Namespace) -> int:
     )
     run(options)
     return 0
+
+
+def configure_logging(*, verbose: bool, log_format: str) -> None:
+    """kopf's logging set-up in either format. JSON: one object per line with `timestamp`, `severity`, `logger`,
+    `message` and the record's extras (`event`, `namespace`, `entry`, `endpoint`, ...); Python warnings go through
+    logging too, so nothing else reaches stderr as plain text."""
+    import logging
+
+    import kopf
+
+    if log_format == "json":
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON, log_prefix=False, log_refkey="object")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_json_fields)
+        logging.captureWarnings(True)
+    else:
+        kopf.configure(verbose=verbose, log_prefix=False)
+
+
+BEACON_KINDS = ("ServiceEntry", "ConfigEntry")
+
+
+def _json_fields(record: object) -> bool:
+    """Name the logger in JSON lines (`logger`: beacon.discovery, kopf.objects, ...), as the plain format does,
+    and give kopf's per-object lines (a handler's failure, say) beacon's `namespace`, `entry` and `endpoint`
+    fields from kopf's object reference, so one query finds every line about an entry."""
+    fields = record.__dict__
+    fields.setdefault("logger", getattr(record, "name", ""))
+    ref = fields.get("k8s_ref")
+    if isinstance(ref, dict) and "namespace" not in fields:
+        fields["namespace"] = ref.get("namespace")
+        fields["entry"] = ref.get("name") if ref.get("kind") in BEACON_KINDS else None
+        fields["endpoint"] = None
+    return True
 
 
 def _rate_limit(value: str) -> tuple[int, float]:
@@ -238,6 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         default=os.environ.get("BEACON_UVLOOP", "1") == "0",
         help="run on asyncio's own event loop instead of uvloop (also BEACON_UVLOOP=0)",
+    )
+    op.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=os.environ.get("BEACON_LOG_FORMAT", "plain"),
+        help="plain: human-readable lines (default); json: one JSON object per line, with the fields event, "
+        "namespace, entry and endpoint on transition, drain, write and error lines (also BEACON_LOG_FORMAT)",
     )
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=cmd_operator)

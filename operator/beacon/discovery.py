@@ -18,6 +18,10 @@ A transition remembers what triggered its decisive probe (`ProbeResult.trigger`:
 connection the peer closed, see prober.py): the Event and the log line of a transition after a connection loss
 say so ("after the connection was lost"), and `beacon_detections_total{trigger}` counts transitions to unhealthy
 by trigger. The prober's hint policy (`HintPolicy`, from the operator's --hint-* flags) is passed through here.
+
+Drain: a Pod's `beacon.dev/drain` annotation is kept with the cached pod (a change of it refreshes the entries that
+select it, like any pod change), and a ServiceEntry's is part of its model; `beacon.reconcile` decides what a
+drained endpoint publishes. Transition, drain, write and error lines carry `beacon.logfields` extras.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from beacon import metrics
+from beacon import logfields, metrics
 from beacon.engine import Controller, Owns, owner_uids
 from beacon.health import EndpointHealth, Status, observe, seeded, settled
 from beacon.kube import ApiError, Kube, NotOursError
-from beacon.models import Endpoint, ServiceEntry
+from beacon.logfields import fields
+from beacon.models import Endpoint, ServiceEntry, pod_drained
 from beacon.prober import HintPolicy, Prober
 from beacon.reconcile import (
     LABEL_ENTRY,
@@ -78,6 +83,7 @@ class _Pod:
     labels: dict[str, str]
     terminating: bool
     node: str | None
+    draining: bool = False  # annotated beacon.dev/drain: "true"
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _EntryState:
     unprobed: set[str] = field(default_factory=set)
     first_deadline: float = 0.0
     first_timer: asyncio.TimerHandle | None = None
+    draining: set[str] = field(default_factory=set)  # the drained endpoints last published (for the log)
 
     def spec_changed(self) -> None:
         self.static, self.pod_endpoints, self.probed = None, {}, {}
@@ -140,6 +147,7 @@ def pod_from_body(body: Mapping[str, Any]) -> _Pod:
         labels=dict(meta.get("labels") or {}),
         terminating=bool(meta.get("deletionTimestamp")),
         node=(body.get("spec") or {}).get("nodeName"),
+        draining=pod_drained(meta.get("annotations")),
     )
 
 
@@ -720,6 +728,7 @@ class Discovery:
                         pod=pod.name,
                         node=pod.node,
                         terminating=pod.terminating,
+                        draining=pod.draining,
                         labels={},
                     )
                     hit = built[name] = (pod, endpoint)
@@ -823,7 +832,9 @@ class Discovery:
         now = self._clock()
         before = state.health.get(address, EndpointHealth(since=now))
         thresholds = hc.thresholds
-        after, changed = observe(before, ok=result.ok, detail=result.detail, now=now, thresholds=thresholds)
+        after, changed = observe(
+            before, ok=result.ok, detail=result.detail, now=now, thresholds=thresholds, latency=result.seconds
+        )
         state.health[address] = after
         if changed:
             metrics.TRANSITIONS.labels(to=after.status.value).inc()
@@ -860,7 +871,19 @@ class Discovery:
             if len(moved) > 10:
                 parts.append(f"and {len(moved) - 10} more")
             # transitions are what an operator's log is for (one line per direction per reconcile, like the Event)
-            log.info("%s/%s: %s", entry.namespace, entry.name, "; ".join(parts))
+            log.info(
+                "%s/%s: %s",
+                entry.namespace,
+                entry.name,
+                "; ".join(parts),
+                extra=fields(
+                    logfields.TRANSITION,
+                    namespace=entry.namespace,
+                    entry=entry.name,
+                    endpoint=[a for a, _, _, _ in moved],
+                    to=moved[0][2].status.value,
+                ),
+            )
             if healthy and all(before.status is Status.UNKNOWN for _, before, _, _ in moved):
                 continue
             try:
@@ -872,7 +895,13 @@ class Discovery:
                     now_iso=_iso(self._clock()),
                 )
             except Exception as exc:  # an Event is best effort; never worth a retry storm
-                log.warning("cannot post event for %s/%s: %s", entry.namespace, entry.name, exc)
+                log.warning(
+                    "cannot post event for %s/%s: %s",
+                    entry.namespace,
+                    entry.name,
+                    exc,
+                    extra=fields(logfields.ERROR, namespace=entry.namespace, entry=entry.name),
+                )
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self, key: EntryKey) -> None:
@@ -915,6 +944,7 @@ class Discovery:
             views = visible(entry, state.endpoints, state.health, state.refused, now=now)
             state.in_flight += state.transitions  # what these views publish
             state.transitions = []
+            written: list[str] = []  # what this reconcile writes, for its log line
             tags = dict(state.labels)
             record = registry_record(entry, views, tags=tags)
             if self._records[entry.namespace].get(entry.name) != record:
@@ -922,29 +952,75 @@ class Discovery:
                 self._schedule_registry(entry.namespace)
             service = desired_service(entry)
             if self.kube.cached(service):
-                await self.kube.ensure(service)
+                wrote = await self.kube.ensure(service)
             else:  # not written by this process yet: what stands there is read in a batch with other entries'
-                await self.kube.ensure(service, observed=next(iter(await self._service_reads.of(*key)), None))
+                wrote = await self.kube.ensure(service, observed=next(iter(await self._service_reads.of(*key)), None))
+            written += [f"Service {entry.name}"] if wrote else []
             observed = state.slices if state.slices is not None else await self._observe_slices(state)
             slices = desired_slices(entry, views, observed)
             for item in slices:
-                await self.kube.ensure(item, absent=item["metadata"]["name"] not in observed)
+                if await self.kube.ensure(item, absent=item["metadata"]["name"] not in observed):
+                    written.append(f"EndpointSlice {item['metadata']['name']}")
             wanted = {item["metadata"]["name"]: item for item in slices}
             for stale in sorted(set(observed) - set(wanted)):
-                await self.kube.delete("EndpointSlice", entry.namespace, stale)
+                if await self.kube.delete("EndpointSlice", entry.namespace, stale):
+                    written.append(f"EndpointSlice {stale} (deleted)")
             state.slices = wanted
             # an entry never published (no slices when it was seeded) has no Endpoints object either
-            await self.kube.ensure(desired_endpoints(entry, views), absent=not state.published)
-            previous = (state.status or {}).get("conditions") or []
-            status = desired_status(entry, views, previous_conditions=previous, now=now, served_by=self._served_by)
+            if await self.kube.ensure(desired_endpoints(entry, views), absent=not state.published):
+                written.append(f"Endpoints {entry.name}")
+            previous = state.status or {}
+            status = desired_status(
+                entry,
+                views,
+                previous_conditions=previous.get("conditions") or [],
+                previous_endpoints=previous.get("endpoints") or [],
+                now=now,
+                served_by=self._served_by,
+            )
             if status_changed(state.status, status):
                 await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
                 state.status = status
+                written.append("status")
             state.published = True
             state.unprobed.clear()
             pending, state.in_flight = state.in_flight, []
+            draining = {v.endpoint.address for v in views if v.endpoint.draining}
+            if written:
+                moved = sorted({a for a, _, _, _ in pending} | (draining ^ state.draining))
+                log.debug(
+                    "%s/%s: wrote %s",
+                    entry.namespace,
+                    entry.name,
+                    ", ".join(written),
+                    extra=fields(
+                        logfields.WRITE, namespace=entry.namespace, entry=entry.name, endpoint=moved, objects=written
+                    ),
+                )
+            self._log_drains(state, draining)
             if pending:
                 await self._post_transitions(state, pending)
+
+    def _log_drains(self, state: _EntryState, draining: set[str]) -> None:
+        """One line per direction when endpoints were published drained, or undrained, by this reconcile."""
+        entry = state.entry
+        for what, addresses in (("draining", draining - state.draining), ("undrained", state.draining - draining)):
+            if addresses:
+                log.info(
+                    "%s/%s: endpoint %s: %s",
+                    entry.namespace,
+                    entry.name,
+                    ", ".join(sorted(addresses)),
+                    what,
+                    extra=fields(
+                        logfields.DRAIN,
+                        namespace=entry.namespace,
+                        entry=entry.name,
+                        endpoint=sorted(addresses),
+                        draining=what == "draining",
+                    ),
+                )
+        state.draining = draining
 
     def _await_first_verdicts(self, state: _EntryState) -> bool:
         """Whether the entry's first write should wait: some endpoints' first probes have not answered and the
@@ -983,7 +1059,13 @@ class Discovery:
         merged = {**(state.status or {}), **status}
         if not status_changed(state.status, merged):
             return  # reported already: health flips meanwhile cost no writes
-        log.error("%s/%s: %s", entry.namespace, entry.name, message)
+        log.error(
+            "%s/%s: %s",
+            entry.namespace,
+            entry.name,
+            message,
+            extra=fields(logfields.ERROR, namespace=entry.namespace, entry=entry.name),
+        )
         with contextlib.suppress(ApiError):
             await self.kube.patch_status("ServiceEntry", entry.namespace, entry.name, status)
             state.status = merged
@@ -1021,7 +1103,13 @@ class Discovery:
             shards = desired_registry(namespace, records, previous=previous)
             self._registry_names[namespace] = {s["metadata"]["name"] for s in shards}
             for shard in shards:
-                await self.kube.ensure(shard)
+                if await self.kube.ensure(shard):
+                    log.debug(
+                        "registry %s/%s written",
+                        namespace,
+                        shard["metadata"]["name"],
+                        extra=fields(logfields.WRITE, namespace=namespace, objects=[shard["metadata"]["name"]]),
+                    )
             for stale in sorted(existing_names - {s["metadata"]["name"] for s in shards}):
                 await self.kube.delete("ConfigMap", namespace, stale)
             return False

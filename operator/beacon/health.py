@@ -13,6 +13,8 @@ Rules (Consul's and Kubernetes' readiness semantics combined):
 - After an operator restart, an endpoint is seeded with the status it was last published with (read back from
   its EndpointSlice), so a healthy endpoint stays ready while its first probes run.
 - With `deregister_after`, an endpoint CRITICAL for that long is dropped from the outputs until it passes again.
+- A transition remembers the probe that made it (`Decision`: its detail, latency and the consecutive count that
+  reached the threshold). It changes only at a transition, so the status can show it without a write per probe.
 """
 
 from __future__ import annotations
@@ -39,14 +41,26 @@ class Thresholds:
 
 
 @dataclass(frozen=True, slots=True)
+class Decision:
+    """The probe that moved an endpoint into its current status: its detail, its latency in seconds (None when
+    unknown) and the consecutive results of its kind, counting it (the threshold that was reached)."""
+
+    detail: str
+    latency: float | None
+    consecutive: int
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointHealth:
-    """What beacon knows about one endpoint's health; `since` is when `status` last changed (seconds, any epoch)."""
+    """What beacon knows about one endpoint's health; `since` is when `status` last changed (seconds, any epoch).
+    `decision`: the probe that made that change (None before the first transition, and for a seeded status)."""
 
     status: Status = Status.UNKNOWN
     successes: int = 0
     failures: int = 0
     since: float = 0.0
     detail: str = "not probed yet"
+    decision: Decision | None = None
 
     @property
     def ready(self) -> bool:
@@ -83,9 +97,16 @@ def settled(health: EndpointHealth, *, ok: bool, detail: str) -> bool:
 
 
 def observe(
-    health: EndpointHealth, *, ok: bool, detail: str, now: float, thresholds: Thresholds
+    health: EndpointHealth,
+    *,
+    ok: bool,
+    detail: str,
+    now: float,
+    thresholds: Thresholds,
+    latency: float | None = None,
 ) -> tuple[EndpointHealth, bool]:
-    """Apply one probe result. Returns the new health and whether `status` changed (a transition)."""
+    """Apply one probe result (`latency`: how long the probe took, in seconds). Returns the new health and whether
+    `status` changed (a transition); a transition records its `Decision`."""
     if ok:
         successes, failures = health.successes + 1, 0
         target = Status.PASSING if successes >= thresholds.healthy else health.status
@@ -101,6 +122,7 @@ def observe(
             failures=failures,
             since=now if changed else health.since,
             detail=detail,
+            decision=Decision(detail, latency, successes or failures) if changed else health.decision,
         ),
         changed,
     )

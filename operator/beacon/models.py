@@ -8,10 +8,17 @@ Connection-loss hints (prober.py) are on unless `healthCheck.connectionLossHints
 switch and its `unhealthyThreshold` (where a hint's fast re-probes stop). `healthCheck.tcp.holdConnection: true`
 makes a TCP check keep its connection open, so that a backend's exit can be seen on it (only with hints on: a held
 connection nobody listens to would be a file descriptor for nothing). Lease checks connect nowhere: no hints.
+
+Drain (Consul's maintenance mode) is operational state, not desired configuration, so it lives in annotations, the
+same way for both kinds of endpoint: the ServiceEntry's `beacon.dev/drain` lists the static endpoints to drain
+(comma-separated addresses), and a Pod annotated `beacon.dev/drain: "true"` is drained in every entry that selects
+it. Neither changes the spec or its generation, so GitOps tools that own the spec do not revert a drain. What a
+drained endpoint publishes is decided in `beacon.reconcile`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,6 +91,21 @@ class LeaseSpec(_Model):
     name_prefix: str | None = Field(default=None, alias="namePrefix")
 
 
+# on a ServiceEntry: the static endpoints to drain, comma-separated addresses; on a Pod: "true" drains it
+ANNOTATION_DRAIN = "beacon.dev/drain"
+
+
+def drained_addresses(annotations: Mapping[str, str] | None) -> frozenset[str]:
+    """The addresses a ServiceEntry's drain annotation lists (commas and blanks separate them)."""
+    value = (annotations or {}).get(ANNOTATION_DRAIN) or ""
+    return frozenset(part for part in value.replace(",", " ").split() if part)
+
+
+def pod_drained(annotations: Mapping[str, str] | None) -> bool:
+    """Whether a Pod's drain annotation asks for it to be drained ("true", any case)."""
+    return str((annotations or {}).get(ANNOTATION_DRAIN, "")).strip().lower() == "true"
+
+
 DEFAULT_INTERVAL_SECONDS = 10
 DEFAULT_TIMEOUT_SECONDS = 2
 
@@ -147,6 +169,7 @@ class Endpoint:
     pod: str | None = None  # pod name for selector endpoints
     node: str | None = None
     terminating: bool = False
+    draining: bool = False  # drained by annotation: published not ready (terminating), still probed
 
     @property
     def lease_key(self) -> str:
@@ -161,6 +184,7 @@ class ServiceEntry(_Model):
     uid: str
     generation: int
     spec: ServiceEntrySpec
+    drained: frozenset[str] = frozenset()  # static endpoints drained by the beacon.dev/drain annotation
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ServiceEntry:
@@ -171,6 +195,7 @@ class ServiceEntry(_Model):
             uid=meta["uid"],
             generation=int(meta.get("generation", 1)),
             spec=ServiceEntrySpec.model_validate(body.get("spec") or {}),
+            drained=drained_addresses(meta.get("annotations")),
         )
 
     @property
@@ -185,6 +210,7 @@ class ServiceEntry(_Model):
                 zone=e.zone,
                 hostname=e.hostname,
                 labels=dict(e.labels),
+                draining=e.address in self.drained,
             )
             for e in self.spec.endpoints
         ]

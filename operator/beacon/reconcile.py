@@ -4,6 +4,15 @@ EndpointSlices, Endpoints, status and registry record out. No I/O, no clock (tim
 Why it exists: everything beacon publishes is a function of (spec, endpoints, health). Computing it in one pure
 place (crate-operator's `get_*` builders) makes every output unit-testable without a cluster and lets the writer
 compare desired against actual and write only on change.
+
+Drain is decided here too: a drained endpoint (`Endpoint.draining`, from the annotations read in `beacon.models`)
+is published not ready, so it leaves DNS and the registry at once, with `terminating: true` and `serving` from its
+health, so load balancers that honour `serving` let in-flight work finish. It stays probed, so undraining a healthy
+endpoint publishes it ready at once, without waiting for a probe. Its status state is `Draining`.
+
+The status shows, per endpoint (all of them up to 16; above that the first 16 that are not Healthy), its state,
+since when, and the probe that decided its health (detail, latency, consecutive count). All of these change only
+at a transition or a drain, so status is still written only when what it shows changes, never per probe.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ LABEL_ENTRY = "beacon.dev/service-entry"
 MAX_PER_SLICE = 100
 MAX_ENDPOINTS_ADDRESSES = 1000  # the Endpoints API's own cap; above it Kubernetes marks the object truncated
 STATUS_ENDPOINTS_MAX = 16
+STATUS_PROBE_MAX = 64  # characters of a probe's detail kept in an endpoint's status
 
 Obj = dict[str, Any]
 
@@ -91,11 +101,18 @@ class View:
 
     @property
     def ready(self) -> bool:
-        return self.health.ready and not self.endpoint.terminating and self.refused is None
+        """Published for new traffic: healthy, and neither terminating nor drained."""
+        return self.health.ready and not self.terminating and self.refused is None
 
     @property
     def serving(self) -> bool:
+        """Healthy, whatever else: a terminating or drained endpoint still finishes what it has."""
         return self.health.ready and self.refused is None
+
+    @property
+    def terminating(self) -> bool:
+        """On its way out: a pod being deleted, or a drained endpoint (Kubernetes' terminating endpoints)."""
+        return self.endpoint.terminating or self.endpoint.draining
 
     @property
     def publishable(self) -> bool:
@@ -141,7 +158,7 @@ def _slice_endpoint(view: View, *, namespace: str) -> Obj:
     ep = view.endpoint
     out: Obj = {
         "addresses": [ep.address],
-        "conditions": {"ready": view.ready, "serving": view.serving, "terminating": ep.terminating},
+        "conditions": {"ready": view.ready, "serving": view.serving, "terminating": view.terminating},
     }
     if ep.hostname:
         out["hostname"] = ep.hostname
@@ -278,6 +295,8 @@ def merge_conditions(
 
 
 def _state(view: View) -> str:
+    if view.endpoint.draining:
+        return "Draining"
     if view.ready:
         return "Healthy"
     if view.health.status is Status.UNKNOWN and view.refused is None:
@@ -285,27 +304,66 @@ def _state(view: View) -> str:
     return "Unhealthy"
 
 
+def _names(views: Sequence[View], limit: int = 5) -> str:
+    names = ", ".join(v.endpoint.address for v in views[:limit])
+    return names + (f" and {len(views) - limit} more" if len(views) > limit else "")
+
+
+def endpoint_status(view: View, previous: Mapping[str, Any] | None, *, now: float) -> Obj:
+    """One endpoint's status item: state (Healthy, Unhealthy, Unknown, Draining), `check` (the health check's
+    own verdict, also while draining), `since` (when it entered that state), and the probe that decided its health
+    (`probe` detail, `latencyMs`, `consecutive`). `previous` is the item as last published: a health restored after
+    a restart has no decision of its own, and keeps what was published, so a restart writes nothing."""
+    state, health = _state(view), view.health
+    item: Obj = {"address": view.endpoint.address, "state": state, "check": health.status.value}
+    decision = health.decision
+    if decision is not None:
+        item["probe"] = decision.detail[:STATUS_PROBE_MAX]
+        if decision.latency is not None:
+            item["latencyMs"] = round(decision.latency * 1000, 2)
+        item["consecutive"] = decision.consecutive
+    elif previous is not None and previous.get("check") == item["check"]:
+        item |= {k: previous[k] for k in ("probe", "latencyMs", "consecutive") if k in previous}
+    if previous is not None and previous.get("state") == state and previous.get("since"):
+        item["since"] = previous["since"]
+    elif state == "Draining" or (previous is not None and previous.get("state") == "Draining") or not health.since:
+        item["since"] = _iso(now)  # a drain or an undrain happens now; its health may be older
+    else:
+        item["since"] = _iso(health.since)
+    return item
+
+
 def desired_status(
     entry: ServiceEntry,
     views: Sequence[View],
     *,
     previous_conditions: Sequence[Mapping[str, Any]] = (),
+    previous_endpoints: Sequence[Mapping[str, Any]] = (),
     now: float,
     served_by: str | None = None,
 ) -> Obj:
-    """The entry's status. `served_by`: the replica that serves it (sharded mode), else omitted."""
+    """The entry's status. `previous_endpoints`: the per-endpoint items as last published (see
+    `endpoint_status`). `served_by`: the replica that serves it (sharded mode), else omitted."""
     total = len(views)
     ready = sum(1 for v in views if v.ready)
     unknown = sum(1 for v in views if _state(v) == "Unknown")
     refused = [v for v in views if v.refused]
     unhealthy = [v for v in views if _state(v) == "Unhealthy" and not v.refused]
+    draining = [v for v in views if v.endpoint.draining]
 
     if total == 0:
         ready_c = Condition("Ready", "False", "NoEndpoints", "the entry has no endpoints to publish")
     elif ready == total:
         ready_c = Condition("Ready", "True", "Healthy", f"all {total} endpoints are healthy")
+    elif ready > 0 and ready + len(draining) == total:
+        ready_c = Condition(
+            "Ready", "True", "Draining", f"{ready} of {total} endpoints are healthy; draining: {_names(draining)}"
+        )
     elif ready > 0:
-        ready_c = Condition("Ready", "True", "Degraded", f"{ready} of {total} endpoints are healthy")
+        also = f"; draining: {_names(draining)}" if draining else ""
+        ready_c = Condition("Ready", "True", "Degraded", f"{ready} of {total} endpoints are healthy{also}")
+    elif len(draining) == total:
+        ready_c = Condition("Ready", "False", "Draining", f"every endpoint is draining: {_names(draining)}")
     elif refused and len(refused) == total:
         ready_c = Condition("Ready", "False", "ProbeRefused", refused[0].refused or "")
     elif unknown and not unhealthy and not refused:
@@ -318,11 +376,11 @@ def desired_status(
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         degraded = Condition("Degraded", "True", "ProbeRefused", first + more)
     elif unhealthy:
-        names = ", ".join(v.endpoint.address for v in unhealthy[:5])
-        more = f" and {len(unhealthy) - 5} more" if len(unhealthy) > 5 else ""
         # no probe detail here: it changes without a transition, and status is written only on transitions
         # (Events carry the detail of each transition)
-        degraded = Condition("Degraded", "True", "EndpointsUnhealthy", f"unhealthy: {names}{more}")
+        degraded = Condition("Degraded", "True", "EndpointsUnhealthy", f"unhealthy: {_names(unhealthy)}")
+    elif draining:  # taken out on purpose: not a degradation worth an alert
+        degraded = Condition("Degraded", "False", "Draining", f"no endpoint is unhealthy; draining: {_names(draining)}")
     else:
         degraded = Condition("Degraded", "False", "AsExpected", "no endpoint is unhealthy")
 
@@ -333,15 +391,22 @@ def desired_status(
         "totalEndpoints": total,
         "readySummary": f"{ready}/{total}",
     }
-    if total <= STATUS_ENDPOINTS_MAX:
-        status["endpoints"] = [{"address": v.endpoint.address, "state": _state(v)} for v in views]
+    # every endpoint while few; above that the ones worth a look (not Healthy), so a drained or failing endpoint of
+    # a big entry still shows; the EndpointSlices list the rest
+    listed = views if total <= STATUS_ENDPOINTS_MAX else [v for v in views if _state(v) != "Healthy"]
+    if total <= STATUS_ENDPOINTS_MAX or listed:
+        before = {str(p.get("address")): p for p in previous_endpoints}
+        status["endpoints"] = [
+            endpoint_status(v, before.get(v.endpoint.address), now=now) for v in listed[:STATUS_ENDPOINTS_MAX]
+        ]
     if served_by:
         status["servedBy"] = served_by
     return status
 
 
 def status_changed(actual: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
-    """Compare two statuses ignoring lastTransitionTime (which merge_conditions preserves)."""
+    """Compare two statuses ignoring the conditions' lastTransitionTime and the endpoints' `since` (which
+    merge_conditions and endpoint_status preserve while nothing else of theirs changes)."""
     if not actual:
         return True
 
@@ -350,6 +415,8 @@ def status_changed(actual: Mapping[str, Any] | None, desired: Mapping[str, Any])
         out["conditions"] = [
             {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []
         ]
+        if "endpoints" in status:
+            out["endpoints"] = [{k: v for k, v in e.items() if k != "since"} for e in status["endpoints"] or []]
         return out
 
     return strip(actual) != strip(desired)

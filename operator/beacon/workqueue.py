@@ -25,7 +25,8 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
-from beacon import metrics
+from beacon import logfields, metrics
+from beacon.logfields import key_fields
 from beacon.retries import RETRIES, Retries
 
 K = TypeVar("K", bound=Hashable)
@@ -105,7 +106,14 @@ class WorkQueue(Generic[K]):
             except Exception as exc:  # anything: retry, never let the worker die silently
                 metrics.RECONCILES.labels(kind=self._name, outcome="error").inc()
                 wait = self._retries.when((self._name, key))
-                log.warning("%s %s failed, retrying in %.1fs: %s", self._name, key, wait, exc)
+                log.warning(
+                    "%s %s failed, retrying in %.1fs: %s",
+                    self._name,
+                    key,
+                    wait,
+                    exc,
+                    extra=key_fields(logfields.ERROR, key, kind=self._name),
+                )
                 self._on_error(key, exc)
                 self._dirty.add(key)
                 await asyncio.sleep(wait)
@@ -121,4 +129,4 @@ async def repeat(*, every: float, action: Callable[[], Awaitable[None]], what: s
         try:
             await action()
         except Exception as exc:
-            log.warning("%s failed: %s", what, exc)
+            log.warning("%s failed: %s", what, exc, extra=logfields.fields(logfields.ERROR, namespace=None))

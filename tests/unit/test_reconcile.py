@@ -346,10 +346,11 @@ def test_status_counts_and_summary() -> None:
         make_entry(), views({"198.18.0.1": PASSING, "198.18.0.2": CRITICAL, "198.18.0.3": UNKNOWN}), now=NOW
     )
     assert (status["readyEndpoints"], status["totalEndpoints"], status["readySummary"]) == (1, 3, "1/3")
+    since = "2023-11-14T22:13:20Z"  # NOW: these healths carry no time of their own
     assert status["endpoints"] == [
-        {"address": "198.18.0.1", "state": "Healthy"},
-        {"address": "198.18.0.2", "state": "Unhealthy"},
-        {"address": "198.18.0.3", "state": "Unknown"},
+        {"address": "198.18.0.1", "state": "Healthy", "check": "passing", "since": since},
+        {"address": "198.18.0.2", "state": "Unhealthy", "check": "critical", "since": since},
+        {"address": "198.18.0.3", "state": "Unknown", "check": "unknown", "since": since},
     ]
 
 

@@ -1,0 +1,215 @@
+"""The kubectl plugin's pure part (kubectl_beacon.render): what each command prints from the objects beacon
+publishes, and the names it shares with the operator (kept in step here, since the plugin never imports beacon).
+tests/integration/test_day2.py runs the commands themselves against a real control plane."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from beacon import config_core, models, reconcile, registry
+from kubectl_beacon import render
+from kubectl_beacon.cli import parser
+
+NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def test_the_plugin_uses_beacons_own_names() -> None:
+    assert render.ANNOTATION_DRAIN == models.ANNOTATION_DRAIN
+    assert render.LABEL_SERVICE_NAME == reconcile.LABEL_SERVICE_NAME
+    assert render.LABEL_MANAGED_BY == reconcile.LABEL_MANAGED_BY
+    assert render.MANAGED_BY == reconcile.MANAGED_BY
+    assert render.REGISTRY_NAME == registry.REGISTRY_NAME
+    assert render.REGISTRY_DATA_KEY == registry.DATA_KEY
+    assert render.LABEL_CONFIG_ENTRY_UID == config_core.LABEL_ENTRY_UID
+    assert render.ANNOTATION_CONFIG_HASH == config_core.ANNOTATION_HASH
+    assert render.ANNOTATION_ROLLBACK_OF == config_core.ANNOTATION_ROLLBACK_OF
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0s"),
+        (59, "59s"),
+        (119, "119s"),
+        (130, "2m10s"),
+        (600, "10m"),
+        (3 * 3600 + 5 * 60, "3h5m"),
+        (30 * 3600, "30h"),
+    ],
+)
+def test_ages_read_like_kubectl(seconds: int, shown: str) -> None:
+    stamp = (NOW - dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert render.age(stamp, NOW) == shown
+    assert render.age(None, NOW) == "-"
+
+
+def service_entry(status_endpoints: list[dict[str, Any]], **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "payments", "namespace": "shop"},
+        "spec": {"endpoints": [{"address": "198.18.0.10", "zone": "a"}, {"address": "198.18.0.11", "zone": "b"}]},
+        "status": {
+            "readySummary": "1/3",
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Draining", "message": "1 of 3 ..."}],
+            "endpoints": status_endpoints,
+            **status,
+        },
+    }
+
+
+SLICES = [
+    {
+        "endpoints": [
+            {"addresses": ["198.18.0.10"], "zone": "a", "conditions": {"ready": True, "serving": True}},
+            {"addresses": ["198.18.0.11"], "zone": "b", "conditions": {"serving": True, "terminating": True}},
+            {
+                "addresses": ["198.18.0.20"],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "targetRef": {"kind": "Pod", "name": "web-1"},
+            },
+        ]
+    }
+]
+
+
+def test_status_combines_the_status_the_slices_and_the_spec() -> None:
+    items = [
+        {
+            "address": "198.18.0.11",
+            "state": "Draining",
+            "check": "passing",
+            "since": "2030-01-01T11:58:00Z",
+            "probe": "HTTP 200",
+            "latencyMs": 0.84,
+            "consecutive": 1,
+        }
+    ]
+    rows = render.endpoint_rows(service_entry(items), SLICES)
+    by = {r["address"]: r for r in rows}
+    assert [r["address"] for r in rows] == ["198.18.0.10", "198.18.0.11", "198.18.0.20"]
+    assert by["198.18.0.11"]["state"] == "Draining"
+    assert by["198.18.0.11"]["conditions"] == {"ready": False, "serving": True, "terminating": True}
+    assert (by["198.18.0.10"]["state"], by["198.18.0.10"]["zone"]) == ("Healthy", "a")  # from the slice
+    assert by["198.18.0.20"]["pod"] == "web-1"
+    text = render.status_text([(service_entry(items), rows)], now=NOW)
+    assert text.splitlines() == [
+        "shop/payments   READY 1/3   Draining: 1 of 3 ...",
+        "ADDRESS       ZONE   POD     STATE      CHECK     SINCE   PROBE      LATENCY   CONSECUTIVE",
+        "198.18.0.10   a      -       Healthy    -         -       -          -         -",
+        "198.18.0.11   b      -       Draining   passing   2m      HTTP 200   0.8ms     1",
+        "198.18.0.20   -      web-1   Healthy    -         -       -          -         -",
+    ]
+    assert render.status_json([(service_entry(items), rows)])[0]["endpoints"][1]["latencyMs"] == 0.84
+
+
+def test_an_endpoint_in_no_slice_and_not_in_status_is_not_published() -> None:
+    rows = render.endpoint_rows(service_entry([]), [])
+    assert {r["state"] for r in rows} == {"NotPublished"}
+
+
+def registry_map(name: str, document: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "data": {"registry.json": json.dumps(document)}}
+
+
+def test_the_registry_merges_its_shards() -> None:
+    base = {"namespace": "shop", "revision": 7, "shards": ["beacon-registry", "beacon-registry-1"]}
+    payments = {
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "tags": {"team": "pay"},
+        "dns": "payments.shop.svc",
+        "endpoints": [{"address": "198.18.0.10", "zone": "a"}],
+        "readyEndpoints": 1,
+        "totalEndpoints": 2,
+    }
+    shards = {
+        "beacon-registry": registry_map("beacon-registry", {**base, "services": {"payments": payments}}),
+        "beacon-registry-1": registry_map("beacon-registry-1", {**base, "services": {"cart": {"endpoints": []}}}),
+    }
+    document = render.registry_document(shards)
+    assert (document["revision"], list(document["services"])) == (7, ["cart", "payments"])
+    assert render.registry_text(document).splitlines() == [
+        "registry shop   revision 7",
+        "SERVICE    READY   DNS                 PORTS           HEALTHY ENDPOINTS   TAGS",
+        "cart       0/0     -                   -               -                   -",
+        "payments   1/2     payments.shop.svc   http:8080/TCP   198.18.0.10@a       team=pay",
+    ]
+    stale = {**shards, "beacon-registry-1": registry_map("beacon-registry-1", {**base, "revision": 6})}
+    with pytest.raises(ValueError, match="different revisions"):
+        render.registry_document(stale)
+    with pytest.raises(LookupError):
+        render.registry_document({})
+
+
+def revision(number: int, data: dict[str, str], *, digest: str, rollback_of: int | None = None) -> dict[str, Any]:
+    annotations = {"beacon.dev/config-hash": digest}
+    if rollback_of is not None:
+        annotations["beacon.dev/rollback-of"] = str(rollback_of)
+    meta = {"name": f"payments-{number}", "annotations": annotations, "creationTimestamp": "2030-01-01T11:00:00Z"}
+    return {"metadata": meta, "revision": number, "data": {"data": data}}
+
+
+REVISIONS = [
+    revision(3, {"db.pool.size": "10"}, digest="c3", rollback_of=1),
+    revision(1, {"db.pool.size": "10"}, digest="c1"),
+    revision(2, {"db.pool.size": "25", "upstream.url": "http://ledger"}, digest="c2"),
+]
+
+
+def test_history_lists_revisions_oldest_first_with_the_current_and_the_pinned_one() -> None:
+    entry = {
+        "metadata": {"name": "payments", "namespace": "shop"},
+        "spec": {"rollbackTo": 1},
+        "status": {"currentRevision": 3, "configMapName": "payments-config"},
+    }
+    assert render.history_text(entry, REVISIONS, now=NOW).splitlines() == [
+        "configentry shop/payments   current revision 3   ConfigMap payments-config",
+        "REVISION   CURRENT   HASH   KEYS   AGE   NOTE",
+        "1                    c1     1      60m   pinned by spec.rollbackTo",
+        "2                    c2     2      60m   -",
+        "3          *         c3     1      60m   rollback of 1",
+    ]
+    assert render.previous_revision(REVISIONS, 3) == 2
+    assert render.previous_revision(REVISIONS, 1) is None
+
+
+def test_diff_shows_keys_in_their_own_form() -> None:
+    old, new = render.revision_data(REVISIONS[2]), render.revision_data(REVISIONS[0])
+    assert old == {"db/pool/size": "25", "upstream/url": "http://ledger"}
+    assert render.diff_text(old, new, old_label="revision 2", new_label="revision 3 (current)").splitlines() == [
+        "--- revision 2",
+        "+++ revision 3 (current)",
+        "@@ -1,2 +1 @@",
+        "-db/pool/size: 25",
+        "-upstream/url: http://ledger",
+        "+db/pool/size: 10",
+    ]
+    same = render.diff_text(new, new, old_label="revision 1", new_label="revision 3")
+    assert same == "revision 1 and revision 3 hold the same data"
+    block = render.diff_text({"a": "x"}, {"a": "x\ny"}, old_label="1", new_label="2")
+    assert "+a: |" in block
+    assert "+  y" in block
+
+
+def test_the_drain_annotation_is_a_sorted_address_list() -> None:
+    assert render.drain_value(None, "198.18.0.10", drain=True) == "198.18.0.10"
+    assert render.drain_value("198.18.0.9,198.18.0.10", "198.18.0.2", drain=True) == "198.18.0.2,198.18.0.9,198.18.0.10"
+    assert render.drain_value("198.18.0.10", "198.18.0.10", drain=True) == "198.18.0.10"
+    assert render.drain_value("198.18.0.10, 2001:db8::1", "198.18.0.10", drain=False) == "2001:db8::1"
+    assert render.drain_value("198.18.0.10", "198.18.0.10", drain=False) is None
+    # what the operator reads back is exactly the set the plugin wrote
+    value = render.drain_value("198.18.0.9", "2001:db8::1", drain=True)
+    assert models.drained_addresses({models.ANNOTATION_DRAIN: value or ""}) == {"198.18.0.9", "2001:db8::1"}
+
+
+def test_the_command_line() -> None:
+    args = parser().parse_args(["config", "diff", "payments", "2", "3", "-n", "shop"])
+    assert (args.entry, args.revision, args.other, args.namespace) == ("payments", 2, 3, "shop")
+    args = parser().parse_args(["drain", "payments", "198.18.0.10", "--wait", "--timeout", "5"])
+    assert (args.address, args.wait, args.timeout) == ("198.18.0.10", True, 5.0)
+    args = parser().parse_args(["registry", "-o", "json"])
+    assert args.output == "json"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["config", "rollback"])
