@@ -10,6 +10,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # written by `make control-plane`: the directory of the cached binaries
 BIN_DIR_FILE := .control-plane-bin
+# written by `make chart-tools`: the directory of the cached helm, promtool and Prometheus Operator CRDs
+CHART_TOOLS_FILE := .chart-tools-bin
+CHART := manifests/helm/beacon
+# where `make helm-package` writes the chart archive
+CHART_DIST ?= dist
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH_CONFIG_ARGS ?=
@@ -17,6 +22,9 @@ BENCH_CONFIG_ARGS ?=
 BENCH_SCALE_ARGS ?=
 # bench/bench_shards.py: three --shard replicas, 3,000 entries x 10 endpoints; e.g. BENCH_SHARDS_ARGS="--entries 300"
 BENCH_SHARDS_ARGS ?=
+# bench/bench_detect.py: crash -> not-ready with and without connection-loss hints among 10,000 endpoints;
+# e.g. BENCH_DETECT_ARGS="--entries 50"
+BENCH_DETECT_ARGS ?=
 # the operator image for docker-build, deploy and kind-e2e
 IMG ?= beacon:dev
 # kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
@@ -38,12 +46,13 @@ help: ## Show this help.
 
 ##@ Setup (what `make test` and `make run` install)
 
-$(VENV)/.installed: pyproject.toml dev/pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml dev/pyproject.toml plugins/kubectl-beacon/pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "beacon needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# the operator (beacon) and, beside it, the development tooling (beacon_dev), at the versions of constraints.txt
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' -e ./dev
+	@# the operator (beacon) and, beside it, the development tooling (beacon_dev) and the kubectl plugin
+	@# (kubectl_beacon: .venv/bin/kubectl-beacon), at the versions of constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' -e ./dev -e ./plugins/kubectl-beacon
 	@touch $@
 
 .PHONY: deps
@@ -62,41 +71,47 @@ control-plane: ## Build (or reuse from ~/.cache/beacon) etcd, kube-apiserver, ku
 	@bash tools/k8s/build.sh > $(BIN_DIR_FILE)
 	@echo "control-plane binaries: $$(cat $(BIN_DIR_FILE))"
 
+.PHONY: chart-tools
+chart-tools: ## Build (or reuse from ~/.cache/beacon) helm, promtool and the Prometheus Operator CRDs the chart tests use.
+	@bash tools/chart/build.sh > $(CHART_TOOLS_FILE)
+	@echo "chart tools: $$(cat $(CHART_TOOLS_FILE))"
+
 ##@ Development
 
 .PHONY: lint
 lint: deps ## ruff check + format --check, mypy --strict, import-linter, yamllint, shellcheck, hadolint.
-	$(VENV)/bin/ruff check operator dev tests bench hack/kind/runc-wrapper hack/kind/e2e
-	$(VENV)/bin/ruff format --check operator dev tests bench hack/kind/runc-wrapper hack/kind/e2e
+	$(VENV)/bin/ruff check operator dev plugins tests bench hack/kind/runc-wrapper hack/kind/e2e
+	$(VENV)/bin/ruff format --check operator dev plugins tests bench hack/kind/runc-wrapper hack/kind/e2e
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict hack/kind/runc-wrapper
 	$(VENV)/bin/mypy --strict hack/kind/e2e
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/yamllint -s crds examples manifests
 	$(VENV)/bin/shellcheck -x hack/*.sh hack/kind/*.sh hack/kind/node/beacon-cni \
-	  hack/kind/node/beacon-import-images tools/k8s/*.sh .ci/run
+	  hack/kind/node/beacon-import-images tools/k8s/*.sh tools/chart/*.sh .ci/run
 	$(VENV)/bin/hadolint Dockerfile hack/kind/node/Dockerfile hack/kind/node/Dockerfile.kube-proxy
 	@# the kind bases install Debian's current packages of the suite: pinning versions would break with every update
 	$(VENV)/bin/hadolint --ignore DL3008 hack/kind/base/*/Dockerfile
 
 .PHONY: fmt
 fmt: deps ## Format and autofix.
-	$(VENV)/bin/ruff format operator dev tests bench
-	$(VENV)/bin/ruff check --fix operator dev tests bench
+	$(VENV)/bin/ruff format operator dev plugins tests bench
+	$(VENV)/bin/ruff check --fix operator dev plugins tests bench
 
 .PHONY: test-unit
-test-unit: deps ## Unit tests only (no cluster).
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+test-unit: deps chart-tools ## Unit tests only (no cluster).
+	BEACON_CHART_TOOLS_DIR=$$(cat $(CHART_TOOLS_FILE)) $(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # Under CI=true (`.ci/run` sets it), `make test` counts every packet for 198.18.0.0/15 that tries to leave the
 # machine (beacon_dev.netguard: any such packet fails the run, and pytest names the test) and ends with the kind e2e.
 EGRESS_GUARD ?= $(if $(filter true,$(CI)),1,0)
 GUARD := $(PY) -m beacon_dev.netguard
 .PHONY: test
-test: deps control-plane lint ## Install everything, lint, run unit + integration tests (+ under CI=true the kind e2e).
+test: deps control-plane chart-tools lint ## Install everything, lint, run unit + integration tests (+ under CI=true the kind e2e).
 	@rc=0; \
 	if [ "$(EGRESS_GUARD)" = 1 ]; then $(GUARD) egress-start; fi; \
-	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) BEACON_CHART_TOOLS_DIR=$$(cat $(CHART_TOOLS_FILE)) \
+	  $(PY) -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ] && [ "$${CI:-}" = true ]; then $(MAKE) --no-print-directory kind-e2e || rc=$$?; fi; \
 	if [ "$(EGRESS_GUARD)" = 1 ]; then $(GUARD) egress-stop --what "make test" || rc=$$((rc ? rc : 1)); fi; \
 	exit $$rc
@@ -108,7 +123,7 @@ run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control 
 ##@ Benchmarks
 
 .PHONY: bench
-bench: deps control-plane ## Discovery, ConfigEntry, scale (10k endpoints vs kcm) and sharded (30k) benchmarks.
+bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded (30k) and detection benchmarks.
 	@rc=0; $(GUARD) egress-start; \
 	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS) \
@@ -116,6 +131,8 @@ bench: deps control-plane ## Discovery, ConfigEntry, scale (10k endpoints vs kcm
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_scale.py $(BENCH_SCALE_ARGS) \
 	  || rc=$$?; fi; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_shards.py $(BENCH_SHARDS_ARGS) \
+	  || rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_detect.py $(BENCH_DETECT_ARGS) \
 	  || rc=$$?; fi; \
 	$(GUARD) egress-stop --what "make bench" || rc=$$((rc ? rc : 1)); exit $$rc
 
@@ -130,6 +147,17 @@ uninstall: control-plane ## Remove the CRDs (and with them every ServiceEntry an
 	$$(cat $(BIN_DIR_FILE))/kubectl delete --ignore-not-found -k crds
 
 ##@ Deployment
+
+.PHONY: helm-lint
+helm-lint: chart-tools ## helm lint --strict the chart; promtool checks and unit-tests its alert rules.
+	@tools=$$(cat $(CHART_TOOLS_FILE)); \
+	"$$tools/helm" lint --strict $(CHART) && \
+	"$$tools/promtool" check rules $(CHART)/rules/beacon.rules.yaml && \
+	(cd $(CHART)/rules && "$$tools/promtool" test rules beacon.rules.test.yaml)
+
+.PHONY: helm-package
+helm-package: chart-tools ## Package the chart into CHART_DIST (default dist/), CRDs and RBAC rules copied from their sources.
+	$$(cat $(CHART_TOOLS_FILE))/helm package $(CHART) --destination $(CHART_DIST)
 
 .PHONY: docker-build
 docker-build: ## Build the operator image IMG (default beacon:dev; needs Docker).
