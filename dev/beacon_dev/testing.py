@@ -136,7 +136,10 @@ class OperatorProcess:
         return 0
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+        # in the order of the starts (operator-10.log comes after operator-9.log), so a test can slice off what
+        # came before it by length
+        files = sorted(self.log_dir.glob("operator-*.log"), key=lambda p: int(p.stem.rpartition("-")[2] or 0))
+        return "\n".join(p.read_text(errors="replace") for p in files)
 
 
 def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
