@@ -156,6 +156,13 @@ def _at(obj: Mapping[str, Any], path: tuple[str, ...]) -> Mapping[str, Any]:
     return obj
 
 
+def _put(patch: Obj, path: tuple[str, ...], value: Obj) -> None:
+    """Set `value` at `path` in the nested dict `patch`, making the levels on the way."""
+    for part in path[:-1]:
+        patch = patch.setdefault(part, {})
+    patch[path[-1]] = value
+
+
 def _without_maps(view: Mapping[str, Any]) -> Obj:
     """`view` without the maps of MERGED_MAPS."""
     rest = {k: v for k, v in view.items() if k != "data"}
@@ -174,10 +181,7 @@ def merge_patch_between(basis: Mapping[str, Any], desired: Mapping[str, Any]) ->
         old, new = _at(basis, path), _at(desired, path)
         changes = {k: v for k, v in new.items() if old.get(k) != v} | {k: None for k in old if k not in new}
         if changes:
-            target = patch
-            for part in path[:-1]:
-                target = target.setdefault(part, {})
-            target[path[-1]] = changes
+            _put(patch, path, changes)
     return patch or None
 
 
@@ -194,10 +198,7 @@ def merged_leftovers(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> O
         wanted = _at(desired, path)
         gone = {k: None for k in _at(actual, path) if (*path, k) in held and k not in wanted}
         if gone:
-            target = patch
-            for part in path[:-1]:
-                target = target.setdefault(part, {})
-            target[path[-1]] = gone
+            _put(patch, path, gone)
     return patch or None
 
 
