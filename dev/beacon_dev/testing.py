@@ -84,6 +84,12 @@ class OperatorProcess:
         return self.log_dir / f"operator-{self.starts}.log"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_live()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (several replicas started together: launch each, then
+        `wait_live` each)."""
         self.starts += 1
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         argv = [
@@ -98,6 +104,8 @@ class OperatorProcess:
         ]
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_live(self) -> None:
         eventually(self._live, timeout=60, what="operator liveness endpoint answering")
 
     def _live(self) -> bool:
