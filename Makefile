@@ -25,6 +25,9 @@ BENCH_SHARDS_ARGS ?=
 # bench/bench_detect.py: crash -> not-ready with and without connection-loss hints among 10,000 endpoints;
 # e.g. BENCH_DETECT_ARGS="--entries 50"
 BENCH_DETECT_ARGS ?=
+# bench/bench_failsafe.py: a 90 s partition of 1,000 endpoints (self-preservation on and off) and a flapping endpoint
+# (flap damping on and off); e.g. BENCH_FAILSAFE_ARGS="--entries 30 --outage 30 --flap-seconds 60"
+BENCH_FAILSAFE_ARGS ?=
 # the operator image for docker-build, deploy and kind-e2e
 IMG ?= beacon:dev
 # kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
@@ -123,7 +126,7 @@ run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control 
 ##@ Benchmarks
 
 .PHONY: bench
-bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded (30k) and detection benchmarks.
+bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded (30k), detection and failing-safe benchmarks.
 	@rc=0; $(GUARD) egress-start; \
 	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS) \
@@ -133,6 +136,8 @@ bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_shards.py $(BENCH_SHARDS_ARGS) \
 	  || rc=$$?; fi; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_detect.py $(BENCH_DETECT_ARGS) \
+	  || rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_failsafe.py $(BENCH_FAILSAFE_ARGS) \
 	  || rc=$$?; fi; \
 	$(GUARD) egress-stop --what "make bench" || rc=$$((rc ? rc : 1)); exit $$rc
 

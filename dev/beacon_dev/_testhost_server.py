@@ -128,6 +128,8 @@ class HttpListener(Listener):
         self.status = status
         self.keepalive = keepalive
         self.delay = 0.0
+        self.cycle: list[int] = []  # statuses answered in turn, one per request of `path` (empty: `status`)
+        self._turn = 0
         self.requests = 0
         self.connections = 0  # accepted
         self.closes = 0  # closed by this server (keep-alive timeout, stop), not by the client
@@ -139,8 +141,12 @@ class HttpListener(Listener):
             return web.Response(text=f"{self.address}:{self.port}\n")
         if self.delay > 0:
             await asyncio.sleep(self.delay)
-        PROBE_LOG.append((time.monotonic(), self.address, self.status))
-        return web.Response(status=self.status, text=f"{self.status}\n")
+        status = self.status
+        if self.cycle:
+            status = self.cycle[self._turn % len(self.cycle)]
+            self._turn += 1
+        PROBE_LOG.append((time.monotonic(), self.address, status))
+        return web.Response(status=status, text=f"{status}\n")
 
     async def _start(self) -> None:
         options: dict[str, Any] = {"access_log": None}
@@ -173,6 +179,11 @@ class HttpListener(Listener):
             if not isinstance(status, int) or not 100 <= status <= 599:
                 raise ControlError(f"HTTP status must be an int in 100..599, not {status!r}")
             self.status = status
+        if "cycle" in options:
+            cycle = options.pop("cycle")
+            if not isinstance(cycle, list) or not all(isinstance(c, int) and 100 <= c <= 599 for c in cycle):
+                raise ControlError(f"cycle must be a list of HTTP statuses in 100..599, not {cycle!r}")
+            self.cycle, self._turn = cycle, 0
         if "delay" in options:
             delay = options.pop("delay")
             if not isinstance(delay, int | float) or delay < 0:
@@ -186,6 +197,7 @@ class HttpListener(Listener):
             "path": self.path,
             "status": self.status,
             "delay": self.delay,
+            "cycle": self.cycle,
             "requests": self.requests,
             "keepalive": self.keepalive,
             "connections": self.connections,

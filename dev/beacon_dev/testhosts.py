@@ -503,6 +503,12 @@ class HttpServer(TestServer):
         """200 if healthy, else 503."""
         self.set_status(200 if healthy else 503)
 
+    def set_cycle(self, statuses: Sequence[int]) -> None:
+        """Answer `path` with these statuses in turn, one per request (a flapping backend: [200, 503]); an empty
+        sequence goes back to the single status."""
+        self._request("configure", options={"cycle": list(statuses)})
+        self._options["cycle"] = list(statuses)
+
     def set_delay(self, seconds: float) -> None:
         """Wait this long before answering `path` (for probe-timeout tests); 0 to answer at once."""
         self._request("configure", options={"delay": seconds})
@@ -808,6 +814,15 @@ class TestNetwork:
             hosts = [TestHost(self, a, first + i, shard=shard) for i, a in enumerate(addresses)]
             self.hosts.extend(hosts)
             return hosts
+
+    def partition(self) -> None:
+        """Drop every packet to every host of this network, inside its namespace, with one rule: the path to all
+        of them breaks at once (probes time out), links and routes stay as they are."""
+        self._filter(str(self._require_open()), drop=True)
+
+    def heal(self) -> None:
+        """Undo `partition()` (hosts blocked on their own stay blocked)."""
+        self._filter(str(self._require_open()), drop=False)
 
     def _filter(self, address: str, *, drop: bool) -> None:
         """Add or remove a DROP rule for `address` in the namespace's own nftables input chain."""

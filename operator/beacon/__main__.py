@@ -4,6 +4,9 @@ Why it exists: every flag of the operator is parsed and documented in one place,
 The development tooling (local control plane, `make run`) has its own command line: `python -m beacon_dev`.
 The connection-loss hint flags (--no-hints, --hint-reprobe-seconds, --hint-gap-seconds, --hint-rate,
 --hint-burst) became `Options.connection_loss_hints` and `Options.hint_policy` (a `beacon.prober.HintPolicy`).
+The self-preservation flags (--self-preservation, --self-preservation-window, -min-endpoints, -enter, -exit)
+became `Options.self_preservation` (a `beacon.failsafe.SelfPreservationPolicy`, validated there: a bad combination
+is a usage error at start-up).
 `--log-format json` makes every log line one JSON object (kopf's JSON formatter, with beacon's `beacon.logfields`
 extras as keys); `plain`, the default, keeps the human format.
 """
@@ -23,11 +26,24 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from beacon.app import run
     from beacon.configs import ReloadPolicy
+    from beacon.failsafe import SelfPreservationPolicy
     from beacon.operator_runtime import Options, ShardOptions
     from beacon.prober import HintPolicy
 
     configure_logging(verbose=args.verbose, log_format=args.log_format)
+    try:
+        self_preservation = SelfPreservationPolicy(
+            enabled=args.self_preservation == "on",
+            window=args.self_preservation_window,
+            min_endpoints=args.self_preservation_min_endpoints,
+            enter_share=args.self_preservation_enter / 100,
+            exit_share=args.self_preservation_exit / 100,
+        )
+    except ValueError as exc:
+        print(f"beacon operator: error: self-preservation: {exc}", file=sys.stderr)
+        return 2
     options = Options(
+        self_preservation=self_preservation,
         metrics_address=args.metrics_address,
         metrics_port=args.metrics_port,
         liveness_port=args.liveness_port,
@@ -162,6 +178,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="never probe an endpoint because its idle probe connection was closed (connection-loss hints); "
         "each ServiceEntry can opt out with spec.healthCheck.connectionLossHints: false",
+    )
+    op.add_argument(
+        "--self-preservation",
+        choices=("on", "off"),
+        default="on",
+        help="stop withdrawing endpoints on failed probes while most probes fail at once, which is more likely "
+        "this operator's own network than the backends (default on)",
+    )
+    op.add_argument(
+        "--self-preservation-window",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="each endpoint counts by its latest probe in this window (default 10, one default interval)",
+    )
+    op.add_argument(
+        "--self-preservation-min-endpoints",
+        type=_count,
+        default=20,
+        metavar="COUNT",
+        help="fewer endpoints than this in the window never start the mode (default 20)",
+    )
+    op.add_argument(
+        "--self-preservation-enter",
+        type=float,
+        default=50.0,
+        metavar="PERCENT",
+        help="the mode starts when more than this share of endpoints failed their latest probe (default 50)",
+    )
+    op.add_argument(
+        "--self-preservation-exit",
+        type=float,
+        default=30.0,
+        metavar="PERCENT",
+        help="the mode ends when fewer than this share did, below --self-preservation-enter (default 30)",
     )
     op.add_argument(
         "--hint-reprobe-seconds",

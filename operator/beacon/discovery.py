@@ -22,6 +22,16 @@ by trigger. The prober's hint policy (`HintPolicy`, from the operator's --hint-*
 Drain: a Pod's `beacon.dev/drain` annotation is kept with the cached pod (a change of it refreshes the entries that
 select it, like any pod change), and a ServiceEntry's is part of its model; `beacon.reconcile` decides what a
 drained endpoint publishes. Transition, drain, write and error lines carry `beacon.logfields` extras.
+
+Failing safe (`beacon.failsafe`): every probe result of a network check feeds the operator-wide
+`SelfPreservation` before anything else, so the mode starts from the raw results, ahead of the threshold
+crossings it exists to hold. Each entry with flap damping keeps its own `FlapDamper`. A reconcile hands both, with
+what its slices last published, to `reconcile.visible`, which applies the precedence. Here live their effects in
+time: a mode change is logged (one WARNING), counted and, on exit, re-queues the entries that held endpoints; an
+endpoint whose withdrawal is confirmed by probes after the exit re-queues its entry; a suppressed endpoint's entry
+is re-queued when its penalty will have decayed. An entry's SelfPreservation condition coming and going posts one
+Event each, in place of the transition Events of the endpoints it holds, and a suppressed endpoint's flaps post
+none: a flapping backend costs no write per flap.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from typing import Any
 
 from beacon import logfields, metrics
 from beacon.engine import Controller, Owns, owner_uids
+from beacon.failsafe import FlapDamper, Reason, SelfPreservation, SelfPreservationPolicy, check_kind
 from beacon.health import EndpointHealth, Status, observe, seeded, settled
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.logfields import fields
@@ -48,7 +59,11 @@ from beacon.reconcile import (
     LABEL_MANAGED_BY,
     LABEL_SERVICE_NAME,
     MANAGED_BY,
+    Guard,
+    ProbeKey,
     RegistryRecord,
+    View,
+    damping_policy,
     desired_endpoints,
     desired_service,
     desired_slices,
@@ -68,7 +83,6 @@ log = logging.getLogger("beacon.discovery")
 FIRST_VERDICT_WAIT = 1.5
 
 EntryKey = tuple[str, str]
-ProbeKey = tuple[str, str, str]  # namespace, entry, address
 Anchor = tuple[str, str] | None  # the label an entry's selector is indexed by (None: it selects every pod)
 # an endpoint's health moved: (address, before, after, what triggered the probe that moved it)
 Transition = tuple[str, EndpointHealth, EndpointHealth, Trigger]
@@ -118,6 +132,11 @@ class _EntryState:
     first_deadline: float = 0.0
     first_timer: asyncio.TimerHandle | None = None
     draining: set[str] = field(default_factory=set)  # the drained endpoints last published (for the log)
+    damper: FlapDamper[ProbeKey] | None = None  # flap damping, when the entry asks for it
+    release_timer: asyncio.TimerHandle | None = None  # re-queues the entry when a suppressed endpoint may go free
+    held: set[str] = field(default_factory=set)  # endpoints held ready by self-preservation at the last publish
+    flapping: int = 0  # endpoints suppressed by flap damping at the last publish
+    panic: bool = False  # below its panic floor at the last publish
 
     def spec_changed(self) -> None:
         self.static, self.pod_endpoints, self.probed = None, {}, {}
@@ -230,11 +249,14 @@ class Discovery:
         serves: Callable[[str], bool] | None = None,
         served_by: str | None = None,
         hints: HintPolicy | None = None,
+        self_preservation: SelfPreservationPolicy | None = None,
     ) -> None:
         """`forget(address, port)`: called when no target probes that endpoint any more (the checker closes what
         it keeps open for it: a gRPC channel, idle connections). `serves(namespace)`: whether this replica serves
         the namespace now (sharded mode); entries elsewhere cost no state, no probe and no write. `hints`: how the
-        prober answers connection-loss hints (`Prober.hint`, which the runtime wires to the checker)."""
+        prober answers connection-loss hints (`Prober.hint`, which the runtime wires to the checker).
+        `self_preservation`: when this replica stops trusting its own probes (`beacon.failsafe`; default on)."""
+        self.self_preservation: SelfPreservation[ProbeKey] = SelfPreservation(self_preservation)
         self.kube = kube
         self._namespaces = set(namespaces)
         self._serves = serves or (lambda _namespace: True)
@@ -349,6 +371,14 @@ class Discovery:
         for namespace, name in keys:
             self._expected[namespace].add(name)
 
+    def _unprobe(self, key: ProbeKey) -> None:
+        """Stop probing an endpoint, and let the fail-safe policies forget it."""
+        self.prober.remove(key)
+        self.self_preservation.forget(key)
+        state = self._entries.get(key[:2])
+        if state is not None and state.damper is not None:
+            state.damper.forget(key)
+
     async def entry_deleted(self, namespace: str, name: str) -> None:
         self._expected[namespace].discard(name)
         state = self._entries.pop((namespace, name), None)
@@ -358,7 +388,7 @@ class Discovery:
             self._by_uid.pop(state.entry.uid, None)
             self._unindex(state)
             for ep in state.endpoints:
-                self.prober.remove((namespace, name, ep.address))
+                self._unprobe((namespace, name, ep.address))
             metrics.TARGETS.set(len(self.prober))
         self.kube.forget_namespace_entry(namespace, name)
         self._records[namespace].pop(name, None)
@@ -560,7 +590,7 @@ class Discovery:
                 self._by_uid.pop(state.entry.uid, None)
                 self._unindex(state)
                 for ep in state.endpoints:
-                    self.prober.remove((namespace, name, ep.address))
+                    self._unprobe((namespace, name, ep.address))
             self.kube.forget_namespace_entry(namespace, name)
         metrics.TARGETS.set(len(self.prober))
         for key in keys:  # a reconcile under way finishes its request; the next one finds no state and stops
@@ -774,7 +804,7 @@ class Discovery:
         old_addresses = {e.address for e in state.endpoints}
         new_addresses = {e.address for e in new}
         for gone in old_addresses - new_addresses:
-            self.prober.remove((entry.namespace, entry.name, gone))
+            self._unprobe((entry.namespace, entry.name, gone))
             state.health.pop(gone, None)
             state.refused.pop(gone, None)
         state.endpoints = new
@@ -789,7 +819,7 @@ class Discovery:
             target = entry.target(ep)
             key = (entry.namespace, entry.name, ep.address)
             if target is None:
-                self.prober.remove(key)
+                self._unprobe(key)
             else:
                 self.prober.upsert(key, target)
                 if fresh and not state.published:
@@ -809,6 +839,17 @@ class Discovery:
         hc = state.entry.spec.health_check if state is not None else None
         if state is None or hc is None:
             return
+        if not result.refused:  # the raw result, before any threshold: the mode must start ahead of the crossings
+            sp = self.self_preservation
+            now = self._clock()
+            kind = check_kind(target.check)
+            confirmed = sp.observe(
+                key, ok=result.ok, kind=kind, now=now, started=now - result.seconds, threshold=hc.unhealthy_threshold
+            )
+            if confirmed:  # an endpoint held ready failed enough probes after the mode ended: withdraw it now
+                self._schedule(state.entry.key)
+            if sp.pending_changes:
+                self._mode_changed(now)
         if address in state.unprobed:  # a first verdict before the first write: the write waits for the last one
             state.unprobed.discard(address)
             if not state.unprobed:
@@ -855,11 +896,6 @@ class Discovery:
         A new endpoint passing its first checks (unknown -> passing) is logged but is not news worth an Event
         (Kubernetes posts none when a Pod becomes Ready): 1,000 new entries do not cost 1,000 Events."""
         entry = state.entry
-        involved = {
-            "apiVersion": "beacon.dev/v1alpha1",
-            "kind": "ServiceEntry",
-            "metadata": {"name": entry.name, "namespace": entry.namespace, "uid": entry.uid},
-        }
         for healthy in (False, True):
             moved = [t for t in pending if (t[2].status is Status.PASSING) is healthy]
             if not moved:
@@ -886,22 +922,33 @@ class Discovery:
             )
             if healthy and all(before.status is Status.UNKNOWN for _, before, _, _ in moved):
                 continue
-            try:
-                await self.kube.event(
-                    involved=involved,
-                    type_="Normal" if healthy else "Warning",
-                    reason="EndpointHealthy" if healthy else "EndpointUnhealthy",
-                    message="; ".join(parts),
-                    now_iso=_iso(self._clock()),
-                )
-            except Exception as exc:  # an Event is best effort; never worth a retry storm
-                log.warning(
-                    "cannot post event for %s/%s: %s",
-                    entry.namespace,
-                    entry.name,
-                    exc,
-                    extra=fields(logfields.ERROR, namespace=entry.namespace, entry=entry.name),
-                )
+            await self._event(
+                state,
+                type_="Normal" if healthy else "Warning",
+                reason="EndpointHealthy" if healthy else "EndpointUnhealthy",
+                message="; ".join(parts),
+            )
+
+    async def _event(self, state: _EntryState, *, type_: str, reason: str, message: str) -> None:
+        """One Event on the entry: best effort, never worth a retry storm."""
+        entry = state.entry
+        involved = {
+            "apiVersion": "beacon.dev/v1alpha1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": entry.name, "namespace": entry.namespace, "uid": entry.uid},
+        }
+        try:
+            await self.kube.event(
+                involved=involved, type_=type_, reason=reason, message=message, now_iso=_iso(self._clock())
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot post event for %s/%s: %s",
+                entry.namespace,
+                entry.name,
+                exc,
+                extra=fields(logfields.ERROR, namespace=entry.namespace, entry=entry.name),
+            )
 
     # ------------------------------------------------------------------ scheduling
     def _schedule(self, key: EntryKey) -> None:
@@ -941,7 +988,10 @@ class Discovery:
             if not state.published and state.unprobed and self._await_first_verdicts(state):
                 return
             now = self._clock()
-            views = visible(entry, state.endpoints, state.health, state.refused, now=now)
+            observed = state.slices if state.slices is not None else await self._observe_slices(state)
+            views = visible(
+                entry, state.endpoints, state.health, state.refused, now=now, guard=self._guard(state, observed)
+            )
             state.in_flight += state.transitions  # what these views publish
             state.transitions = []
             written: list[str] = []  # what this reconcile writes, for its log line
@@ -956,7 +1006,6 @@ class Discovery:
             else:  # not written by this process yet: what stands there is read in a batch with other entries'
                 wrote = await self.kube.ensure(service, observed=next(iter(await self._service_reads.of(*key)), None))
             written += [f"Service {entry.name}"] if wrote else []
-            observed = state.slices if state.slices is not None else await self._observe_slices(state)
             slices = desired_slices(entry, views, observed)
             for item in slices:
                 if await self.kube.ensure(item, absent=item["metadata"]["name"] not in observed):
@@ -998,8 +1047,122 @@ class Discovery:
                     ),
                 )
             self._log_drains(state, draining)
+            # the news of a held or suppressed endpoint is the policy's (told below), and one that recovers while
+            # held never left: neither is an endpoint transition worth an Event
+            overridden = {v.endpoint.address for v in views if v.verdict in (Reason.HELD, Reason.FLAPPING)}
+            pending = [t for t in pending if t[0] not in overridden and t[0] not in state.held]
             if pending:
                 await self._post_transitions(state, pending)
+            await self._failsafe_published(state, views, now)
+
+    def _guard(self, state: _EntryState, observed: Mapping[str, Mapping[str, Any]]) -> Guard:
+        """What the fail-safe policies need for one reconcile: what the entry's slices publish now, the
+        operator's self-preservation, and the entry's damper (made, or remade, when its policy changes)."""
+        policy = damping_policy(state.entry)
+        if policy is None:
+            state.damper = None
+        elif state.damper is None or state.damper.policy != policy:
+            state.damper = FlapDamper(policy)
+        published = {
+            str(ep["addresses"][0]): bool((ep.get("conditions") or {}).get("ready"))
+            for item in observed.values()
+            for ep in item.get("endpoints") or []
+            if ep.get("addresses")
+        }
+        hc = state.entry.spec.health_check
+        check = next((kind for kind in ("http", "tcp", "grpc", "lease") if getattr(hc, kind, None)), None)
+        return Guard(published=published, check=check, self_preservation=self.self_preservation, damper=state.damper)
+
+    async def _failsafe_published(self, state: _EntryState, views: list[View], now: float) -> None:
+        """After a publish: the policies' news (an Event when the entry starts or stops holding endpoints, or
+        enters or leaves panic) and their timers (a suppressed endpoint's entry is re-queued when its penalty
+        will have decayed)."""
+        entry = state.entry
+        held = [v.endpoint.address for v in views if v.verdict is Reason.HELD]
+        flapping = [v.endpoint.address for v in views if v.verdict is Reason.FLAPPING]
+        panic = [v.endpoint.address for v in views if v.verdict is Reason.PANIC]
+        if bool(held) != bool(state.held):
+            if held:
+                await self._event(
+                    state,
+                    type_="Warning",
+                    reason="HeldBySelfPreservation",
+                    message=f"{len(held)} failing endpoints held ready: most of the operator's probes fail at "
+                    f"once, more likely its own network than the backends ({', '.join(held[:5])}"
+                    f"{' and more' if len(held) > 5 else ''})",
+                )
+            else:
+                await self._event(
+                    state,
+                    type_="Normal",
+                    reason="SelfPreservationEnded",
+                    message="no endpoint is held by self-preservation any more",
+                )
+        if bool(panic) != state.panic:
+            metrics.PANIC_CHANGES.labels(to="on" if panic else "off").inc()
+            healthy = sum(1 for v in views if v.ready) - len(panic)
+            hc = entry.spec.health_check
+            floor = hc.min_healthy_percent if hc is not None else None
+            log.warning(
+                "%s/%s: %s",
+                entry.namespace,
+                entry.name,
+                f"panic: {healthy} of {len(views)} endpoints healthy, below the floor of {floor}%; publishing all"
+                if panic
+                else f"out of panic: {healthy} of {len(views)} endpoints healthy",
+                extra=fields(logfields.TRANSITION, namespace=entry.namespace, entry=entry.name),
+            )
+            await self._event(
+                state,
+                type_="Warning" if panic else "Normal",
+                reason="Panic" if panic else "PanicEnded",
+                message=f"{healthy} of {len(views)} endpoints healthy, below the floor of {floor}%: every endpoint "
+                "is published ready"
+                if panic
+                else f"{healthy} of {len(views)} endpoints healthy: only the healthy ones are published again",
+            )
+        state.held, state.flapping, state.panic = set(held), len(flapping), bool(panic)
+        if state.release_timer is not None:
+            state.release_timer.cancel()
+            state.release_timer = None
+        damper = state.damper
+        if damper is not None and flapping:
+            due = [t for a in flapping if (t := damper.release_at((entry.namespace, entry.name, a))) is not None]
+            if due:
+                key = entry.key
+
+                def release() -> None:
+                    state.release_timer = None
+                    if self._entries.get(key) is state:
+                        self._schedule(key)
+
+                delay = max(0.0, min(due) - now) + 0.05  # just past the decay, so the penalty is at reuse
+                state.release_timer = asyncio.get_running_loop().call_later(delay, release)
+
+    def _mode_changed(self, now: float) -> None:
+        """Self-preservation started or ended: one WARNING line each, a metric; on exit, re-queue the entries
+        that hold endpoints (their status clears; the held endpoints stay until probes after now confirm them)."""
+        for change in self.self_preservation.take_changes():
+            log.warning("%s", change.describe())
+            metrics.SELF_PRESERVATION.set(1 if change.entered else 0)
+            metrics.SELF_PRESERVATION_CHANGES.labels(to="on" if change.entered else "off").inc()
+            if not change.entered:
+                for key, state in self._entries.items():
+                    if state.held:
+                        self._schedule(key)
+
+    def tick(self) -> None:
+        """Once a second (the runtime's gauge loop): re-judge the mode as time passes, and set the gauges."""
+        now = self._clock()
+        mode = self.self_preservation.state(now)
+        if self.self_preservation.pending_changes:
+            self._mode_changed(now)
+        metrics.SELF_PRESERVATION.set(1 if mode.active else 0)
+        metrics.SELF_PRESERVATION_FAILING.set(mode.share)
+        states = self._entries.values()
+        metrics.ENDPOINTS_HELD.set(sum(len(s.held) for s in states))
+        metrics.ENDPOINTS_FLAPPING.set(sum(s.flapping for s in states))
+        metrics.ENTRIES_IN_PANIC.set(sum(1 for s in states if s.panic))
 
     def _log_drains(self, state: _EntryState, draining: set[str]) -> None:
         """One line per direction when endpoints were published drained, or undrained, by this reconcile."""

@@ -279,6 +279,11 @@ class SelfPreservation(Generic[K]):
         active = self.active(now)
         return ModeState(active, self._failing, self._population, len(self._latest), self._since if active else None)
 
+    @property
+    def pending_changes(self) -> bool:
+        """Whether `take_changes` has something to give (cheap: for a caller that checks after every result)."""
+        return bool(self._changes)
+
     def take_changes(self) -> list[ModeChange]:
         """The mode's starts and ends since the last call, oldest first."""
         changes = list(self._changes)

@@ -94,6 +94,27 @@ RELOADS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+SELF_PRESERVATION = Gauge(
+    "beacon_self_preservation_active",
+    "1 while self-preservation is on: most probes fail at once, so probe failures withdraw nothing",
+    registry=REGISTRY,
+)
+SELF_PRESERVATION_FAILING = Gauge(
+    "beacon_self_preservation_failing_ratio",
+    "Share of endpoints (network checks) whose latest probe in the window failed: what self-preservation judges",
+    registry=REGISTRY,
+)
+SELF_PRESERVATION_CHANGES = Counter(
+    "beacon_self_preservation_transitions_total", "Self-preservation turned on or off", ["to"], registry=REGISTRY
+)
+ENDPOINTS_HELD = Gauge("beacon_endpoints_held", "Failing endpoints held ready by self-preservation", registry=REGISTRY)
+ENDPOINTS_FLAPPING = Gauge("beacon_endpoints_flapping", "Endpoints held not ready by flap damping", registry=REGISTRY)
+ENTRIES_IN_PANIC = Gauge(
+    "beacon_entries_in_panic", "Entries below their panic floor, publishing every endpoint", registry=REGISTRY
+)
+PANIC_CHANGES = Counter(
+    "beacon_panic_transitions_total", "Entries entering or leaving panic", ["to"], registry=REGISTRY
+)
 SHARD_MEMBERS = Gauge(
     "beacon_shard_members", "Live members of this replica's shard group (sharded mode)", registry=REGISTRY
 )

@@ -91,6 +91,14 @@ class LeaseSpec(_Model):
     name_prefix: str | None = Field(default=None, alias="namePrefix")
 
 
+class FlapDampingSpec(_Model):
+    """Route-flap damping of the entry's endpoints (`beacon.failsafe.FlapDamper`); the penalties are BGP's."""
+
+    enabled: bool = True
+    half_life_seconds: int = Field(default=60, alias="halfLifeSeconds")
+    max_suppress_seconds: int = Field(default=240, alias="maxSuppressSeconds")
+
+
 # on a ServiceEntry: the static endpoints to drain, comma-separated addresses; on a Pod: "true" drains it
 ANNOTATION_DRAIN = "beacon.dev/drain"
 
@@ -121,6 +129,8 @@ class HealthCheck(_Model):
     unhealthy_threshold: int = Field(default=3, alias="unhealthyThreshold")
     deregister_after_seconds: int | None = Field(default=None, alias="deregisterAfterSeconds")
     connection_loss_hints: bool = Field(default=True, alias="connectionLossHints")
+    min_healthy_percent: int | None = Field(default=None, alias="minHealthyPercent")
+    flap_damping: FlapDampingSpec | None = Field(default=None, alias="flapDamping")
 
     @property
     def interval(self) -> int:

@@ -8,7 +8,8 @@ lifetimes to kopf's startup/cleanup, and runs kopf. It is also where the few ope
 Connection-loss hints are wired here, as `forget` is: the checker sees a peer close an idle probe connection and
 tells its `hint` sink, which is the prober's `hint(address, port)` (the prober then probes that endpoint's targets;
 see prober.py). The hint policy (re-probe spacing, per-endpoint gap, global rate and burst) comes from the
---hint-* flags; --no-hints leaves the checker without a sink, so it watches and holds nothing.
+--hint-* flags; --no-hints leaves the checker without a sink, so it watches and holds nothing. The
+self-preservation policy (--self-preservation*) goes to discovery, whose `tick` the gauge loop calls every second.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from beacon import metrics
 from beacon.checks import Checker
 from beacon.configs import Configs, ReloadPolicy
 from beacon.discovery import Discovery
+from beacon.failsafe import SelfPreservationPolicy
 from beacon.kube import Kube
 from beacon.policy import ProbePolicy
 from beacon.prober import HintPolicy
@@ -89,6 +91,8 @@ class Options:
     connection_loss_hints: bool = True  # --no-hints: False (no probe on a lost connection, anywhere)
     # --hint-reprobe-seconds, --hint-gap-seconds, --hint-rate, --hint-burst
     hint_policy: HintPolicy = field(default_factory=HintPolicy)
+    # --self-preservation and its --self-preservation-* flags
+    self_preservation: SelfPreservationPolicy = field(default_factory=SelfPreservationPolicy)
 
 
 @dataclass
@@ -178,6 +182,7 @@ class Runtime:
             serves=serves,
             served_by=shard.identity if shard is not None else None,
             hints=self.options.hint_policy,
+            self_preservation=self.options.self_preservation,
         )
         discovery_ref.append(discovery)
         self._discovery = discovery
@@ -345,6 +350,7 @@ class Runtime:
         while True:
             if self._discovery is not None:
                 metrics.QUEUE_DEPTH.set(self._discovery.prober.queue_depth)
+                self._discovery.tick()
             if self._member is not None and self._discovery is not None:
                 metrics.SHARD_MEMBERS.set(len(self._member.view))
                 metrics.SHARD_NAMESPACES.set(len(self._discovery.held_namespaces()))

@@ -10,6 +10,11 @@ is published not ready, so it leaves DNS and the registry at once, with `termina
 health, so load balancers that honour `serving` let in-flight work finish. It stays probed, so undraining a healthy
 endpoint publishes it ready at once, without waiting for a probe. Its status state is `Draining`.
 
+The fail-safe policies (`beacon.failsafe`: self-preservation, flap damping, the panic floor) are applied here too,
+by `visible` when the caller passes a `Guard`: a View then carries the policy's verdict (Held, Flapping, Panic)
+where it overrides health, and every output follows it. A Flapping endpoint's status item leaves out its check and
+probe, which change at every flap, so a suppressed endpoint costs no status write per flap.
+
 The status shows, per endpoint (all of them up to 16; above that the first 16 that are not Healthy), its state,
 since when, and the probe that decided its health (detail, latency, consecutive count). All of these change only
 at a transition or a drain, so status is still written only when what it shows changes, never per probe.
@@ -22,10 +27,11 @@ import hashlib
 import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from beacon import packing
+from beacon.failsafe import DampingPolicy, EndpointInput, FlapDamper, Reason, SelfPreservation, decide
 from beacon.health import EndpointHealth, Status, Thresholds
 from beacon.models import Endpoint, ServiceEntry
 from beacon.policy import kubernetes_accepts
@@ -91,23 +97,62 @@ def desired_service(entry: ServiceEntry) -> Obj:
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(entry, entry.name), "spec": spec}
 
 
+ProbeKey = tuple[str, str, str]  # namespace, entry, address: an endpoint's key in the prober and the policies
+# the fail-safe verdicts that override an endpoint's health (the others only restate it)
+OVERRIDES = frozenset({Reason.HELD, Reason.FLAPPING, Reason.PANIC})
+# an endpoint's state in status for each override (the status field is short: "Held", not the condition reason)
+OVERRIDE_STATES = {Reason.HELD: "Held", Reason.FLAPPING: "Flapping", Reason.PANIC: "Panic"}
+
+
+def probe_key(entry: ServiceEntry, address: str) -> ProbeKey:
+    return (entry.namespace, entry.name, address)
+
+
+def damping_policy(entry: ServiceEntry) -> DampingPolicy | None:
+    """The entry's flap damping, None when off (unset, or enabled: false)."""
+    hc = entry.spec.health_check
+    spec = hc.flap_damping if hc is not None else None
+    if spec is None or not spec.enabled:
+        return None
+    return DampingPolicy(half_life=float(spec.half_life_seconds), max_suppress=float(spec.max_suppress_seconds))
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the fail-safe policies (`beacon.failsafe`) need beside the entry: `published`, each endpoint's ready
+    flag as last published (address -> ready; absent: never published); the operator's self-preservation and
+    the entry's flap damper (None: off); `check`, the entry's check kind (`failsafe.check_kind`)."""
+
+    published: Mapping[str, bool]
+    check: str | None = None
+    self_preservation: SelfPreservation[ProbeKey] | None = None
+    damper: FlapDamper[ProbeKey] | None = None
+
+
 @dataclass(frozen=True)
 class View:
-    """One endpoint with its health as it will be published."""
+    """One endpoint with its health as it will be published. `verdict`: a fail-safe policy's override of its
+    health (Held, Flapping or Panic; None when health decides)."""
 
     endpoint: Endpoint
     health: EndpointHealth
     refused: str | None = None
+    verdict: Reason | None = None
 
     @property
     def ready(self) -> bool:
-        """Published for new traffic: healthy, and neither terminating nor drained."""
-        return self.health.ready and not self.terminating and self.refused is None
+        """Published for new traffic: healthy (or held, or in panic) and neither terminating nor drained, and not
+        damped."""
+        return self.serving and not self.terminating
 
     @property
     def serving(self) -> bool:
         """Healthy, whatever else: a terminating or drained endpoint still finishes what it has."""
-        return self.health.ready and self.refused is None
+        if self.refused is not None:
+            return False
+        if self.verdict is None:
+            return self.health.ready
+        return self.verdict is not Reason.FLAPPING
 
     @property
     def terminating(self) -> bool:
@@ -128,19 +173,53 @@ def visible(
     refused: Mapping[str, str],
     *,
     now: float,
+    guard: Guard | None = None,
 ) -> list[View]:
-    """Endpoints to publish, sorted by address, minus those deregistered after being critical too long."""
-    thresholds = entry.spec.health_check.thresholds if entry.spec.health_check else Thresholds()
-    views = []
+    """Endpoints to publish, sorted by address, minus those deregistered after being critical too long.
+
+    With a `guard`, the fail-safe policies have their word (`failsafe.decide`: facts, then self-preservation,
+    then damping, then the panic floor): an endpoint held ready by self-preservation is not deregistered either,
+    or a long outage of the operator's own path would deregister the fleet."""
+    hc = entry.spec.health_check
+    thresholds = hc.thresholds if hc else Thresholds()
+    candidates: list[tuple[View, bool]] = []
     for ep in sorted(endpoints, key=lambda e: e.address):
         h = health.get(ep.address)
-        if entry.spec.health_check is None:
+        if hc is None:
             h = EndpointHealth(status=Status.PASSING, detail="no health check")
         elif h is None:
             h = EndpointHealth()
-        if h.deregistered(now=now, thresholds=thresholds):
+        gone = h.deregistered(now=now, thresholds=thresholds)
+        if gone and (guard is None or not guard.published.get(ep.address)):
             continue
-        views.append(View(endpoint=ep, health=h, refused=refused.get(ep.address)))
+        candidates.append((View(endpoint=ep, health=h, refused=refused.get(ep.address)), gone))
+    if guard is None:
+        return [view for view, _ in candidates]
+    decision = decide(
+        (
+            EndpointInput(
+                key=probe_key(entry, view.endpoint.address),
+                health=view.health.status,
+                published_ready=guard.published.get(view.endpoint.address),
+                terminating=view.endpoint.terminating,
+                draining=view.endpoint.draining,
+                refused=view.refused is not None,
+            )
+            for view, _ in candidates
+        ),
+        now=now,
+        check=guard.check,
+        unhealthy_threshold=thresholds.unhealthy,
+        self_preservation=guard.self_preservation,
+        damper=guard.damper,
+        min_healthy_percent=hc.min_healthy_percent if hc else None,
+    )
+    views = []
+    for view, gone in candidates:
+        publish = decision.endpoints[probe_key(entry, view.endpoint.address)]
+        if gone and not publish.ready:
+            continue
+        views.append(replace(view, verdict=publish.reason) if publish.reason in OVERRIDES else view)
     return views
 
 
@@ -297,6 +376,8 @@ def merge_conditions(
 def _state(view: View) -> str:
     if view.endpoint.draining:
         return "Draining"
+    if view.verdict is not None:
+        return OVERRIDE_STATES[view.verdict]
     if view.ready:
         return "Healthy"
     if view.health.status is Status.UNKNOWN and view.refused is None:
@@ -315,7 +396,14 @@ def endpoint_status(view: View, previous: Mapping[str, Any] | None, *, now: floa
     (`probe` detail, `latencyMs`, `consecutive`). `previous` is the item as last published: a health restored after
     a restart has no decision of its own, and keeps what was published, so a restart writes nothing."""
     state, health = _state(view), view.health
-    item: Obj = {"address": view.endpoint.address, "state": state, "check": health.status.value}
+    item: Obj = {"address": view.endpoint.address, "state": state}
+    if view.verdict is Reason.FLAPPING:  # its check and probe change at every flap: shown, they would cost a write each
+        if previous is not None and previous.get("state") == state and previous.get("since"):
+            item["since"] = previous["since"]
+        else:
+            item["since"] = _iso(now)
+        return item
+    item["check"] = health.status.value
     decision = health.decision
     if decision is not None:
         item["probe"] = decision.detail[:STATUS_PROBE_MAX]
@@ -350,9 +438,58 @@ def desired_status(
     refused = [v for v in views if v.refused]
     unhealthy = [v for v in views if _state(v) == "Unhealthy" and not v.refused]
     draining = [v for v in views if v.endpoint.draining]
+    held = [v for v in views if v.verdict is Reason.HELD]
+    flapping = [v for v in views if v.verdict is Reason.FLAPPING]
+    panicking = [v for v in views if v.verdict is Reason.PANIC]
+    healthy = ready - len(panicking)  # READY shows the real health, also in panic
+    hc = entry.spec.health_check
+    floor = hc.min_healthy_percent if hc is not None else None
+    extra: list[Condition] = []
+    if floor:
+        eligible = total - len(refused) - sum(1 for v in views if v.terminating)
+        if panicking:
+            extra.append(
+                Condition(
+                    "Panic",
+                    "True",
+                    "BelowFloor",
+                    f"{healthy} of {eligible} endpoints are healthy, below the floor of {floor}%: publishing all of "
+                    "them as ready",
+                )
+            )
+        else:
+            extra.append(Condition("Panic", "False", "AboveFloor", f"at or above the floor of {floor}% healthy"))
+    if held:
+        extra.append(
+            Condition(
+                "SelfPreservation",
+                "True",
+                "HeldBySelfPreservation",
+                f"{len(held)} failing endpoints held ready, because most of the operator's probes fail at once (more "
+                f"likely its own network than the backends): {_names(held)}",
+            )
+        )
 
     if total == 0:
         ready_c = Condition("Ready", "False", "NoEndpoints", "the entry has no endpoints to publish")
+    elif panicking:
+        ready_c = Condition(
+            "Ready", "True", "Panic", f"{healthy} of {total} endpoints are healthy; all of them published (panic floor)"
+        )
+    elif held:
+        ready_c = Condition(
+            "Ready",
+            "True",
+            "HeldBySelfPreservation",
+            f"{ready} of {total} endpoints published ready; {len(held)} of them failing, held by self-preservation",
+        )
+    elif flapping:
+        ready_c = Condition(
+            "Ready",
+            "True" if ready else "False",
+            "Flapping",
+            f"{ready} of {total} endpoints are healthy; flapping, held not ready: {_names(flapping)}",
+        )
     elif ready == total:
         ready_c = Condition("Ready", "True", "Healthy", f"all {total} endpoints are healthy")
     elif ready > 0 and ready + len(draining) == total:
@@ -375,6 +512,10 @@ def desired_status(
         first = refused[0].refused or ""
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         degraded = Condition("Degraded", "True", "ProbeRefused", first + more)
+    elif held:
+        degraded = Condition("Degraded", "True", "HeldBySelfPreservation", f"held ready: {_names(held)}")
+    elif flapping:
+        degraded = Condition("Degraded", "True", "Flapping", f"flapping: {_names(flapping)}")
     elif unhealthy:
         # no probe detail here: it changes without a transition, and status is written only on transitions
         # (Events carry the detail of each transition)
@@ -386,10 +527,13 @@ def desired_status(
 
     status: Obj = {
         "observedGeneration": entry.generation,
-        "conditions": merge_conditions(previous_conditions, [ready_c, degraded], generation=entry.generation, now=now),
+        "conditions": merge_conditions(
+            previous_conditions, [ready_c, degraded, *extra], generation=entry.generation, now=now
+        ),
         "readyEndpoints": ready,
+        "healthyEndpoints": healthy,
         "totalEndpoints": total,
-        "readySummary": f"{ready}/{total}",
+        "readySummary": f"{healthy}/{total}",
     }
     # every endpoint while few; above that the ones worth a look (not Healthy), so a drained or failing endpoint of
     # a big entry still shows; the EndpointSlices list the rest
@@ -460,4 +604,9 @@ def registry_record(entry: ServiceEntry, views: Sequence[View], *, tags: Mapping
         "readyEndpoints": len(healthy),
         "totalEndpoints": len(views),
     }
+    if any(v.verdict is Reason.PANIC for v in views):  # every endpoint is listed, healthy or not
+        body["panic"] = True
+    flapping = [v.endpoint.address for v in views if v.verdict is Reason.FLAPPING]
+    if flapping:
+        body["flapping"] = flapping
     return RegistryRecord(name=entry.name, body=body)

@@ -120,6 +120,7 @@ def test_status_feeds_the_printer_columns(cluster: Any, namespace: str) -> None:
     status = {
         "observedGeneration": 1,
         "readyEndpoints": 1,
+        "healthyEndpoints": 1,
         "totalEndpoints": 2,
         "readySummary": "1/2",
         "conditions": [condition],
@@ -217,6 +218,10 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
     def no_health_check(spec: Doc) -> None:
         del spec["healthCheck"]
 
+    def failsafe(spec: Doc) -> None:
+        spec["healthCheck"]["minHealthyPercent"] = 50
+        spec["healthCheck"]["flapDamping"] = {"halfLifeSeconds": 30, "maxSuppressSeconds": 45}
+
     def cluster_ip(spec: Doc) -> None:
         spec["headless"] = False
         spec["ports"].append({"name": "dns", "port": 8080, "protocol": "UDP"})  # same number, other protocol
@@ -229,6 +234,7 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
         ("lease", lease),
         ("http-everything", http_everything),
         ("no-health-check", no_health_check),
+        ("failsafe", failsafe),
         ("cluster-ip", cluster_ip),
     ]:
         variant(name, change)
@@ -272,6 +278,16 @@ def _many_endpoints(count: int) -> list[Doc]:
 
 
 SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
+    (
+        "panic-floor-above-100",
+        _set("healthCheck.minHealthyPercent", 101),
+        ["spec.healthCheck.minHealthyPercent", "should be less than or equal to 100"],
+    ),
+    (
+        "damping-that-can-never-suppress",
+        _set("healthCheck.flapDamping", {"halfLifeSeconds": 200}),  # with the default maxSuppressSeconds, 240
+        ["flapDamping.maxSuppressSeconds must be at least 1.5 x halfLifeSeconds"],
+    ),
     (
         "two-health-check-kinds",
         _set("healthCheck.tcp", {"port": "http"}),

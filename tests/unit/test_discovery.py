@@ -852,3 +852,52 @@ async def test_a_transition_after_a_connection_loss_says_so_in_its_event_and_cou
     }
     assert {t: detections(t) - before[t] for t in before} == {"interval": 1.0, "connection-loss": 1.0}
     await d.close()
+
+
+def _result(d: Discovery, name: str, address: str, *, ok: bool) -> None:
+    state = d._entries[("ns", name)]
+    target = state.entry.target(next(e for e in state.endpoints if e.address == address))
+    assert target is not None
+    detail = "ok" if ok else "connection timed out"
+    d._on_result(("ns", name, address), target, ProbeResult(ok=ok, detail=detail, seconds=0.0))
+
+
+def _conditions(kube: FakeKube, name: str) -> dict[str, str]:
+    status = kube.entries[("ns", name)].get("status") or {}
+    return {c["type"]: c["reason"] for c in status.get("conditions") or []}
+
+
+async def test_a_mass_failure_withdraws_nothing_and_after_it_only_fresh_failures_withdraw() -> None:
+    """Every raw result feeds self-preservation; while it is on, published endpoints stay ready; once it is off, a
+    held endpoint goes only after `unhealthyThreshold` failures of probes started after the exit."""
+    kube = FakeKube()
+    addresses = [f"198.18.0.{i}" for i in range(10, 40)]
+    kube.entries[("ns", "a")] = entry("a", "uid-a", addresses)
+    clock = [1_000.0]
+    d = Discovery(kube=kube, probe=_ok, registry_interval_seconds=0.01, wall_clock=lambda: clock[0])  # type: ignore[arg-type]
+    await d.entry_changed(kube.entries[("ns", "a")])
+    await _settle(d, 0.5)
+    assert _readiness(kube, "a") == dict.fromkeys(addresses, True)
+    for _ in range(3):  # unhealthyThreshold: every endpoint's health turns critical
+        clock[0] += 1
+        for address in addresses:
+            _result(d, "a", address, ok=False)
+    await _turns(50)
+    assert d.self_preservation.active(clock[0])
+    assert _readiness(kube, "a") == dict.fromkeys(addresses, True)
+    assert _conditions(kube, "a")["SelfPreservation"] == "HeldBySelfPreservation"
+    clock[0] += 1
+    dead = addresses[:5]
+    for address in addresses[5:]:  # the path heals; 5 endpoints really are dead: 5 of 30 fail, below 30%
+        _result(d, "a", address, ok=True)
+    await _turns(50)
+    assert not d.self_preservation.active(clock[0])
+    assert _readiness(kube, "a") == dict.fromkeys(addresses, True), "failures before the exit are no evidence"
+    for _ in range(3):
+        clock[0] += 1
+        for address in dead:
+            _result(d, "a", address, ok=False)
+        await _turns(50)
+    assert _readiness(kube, "a") == {a: a not in dead for a in addresses}
+    assert "SelfPreservation" not in _conditions(kube, "a")
+    await d.close()
