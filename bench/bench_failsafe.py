@@ -275,7 +275,8 @@ def table(r: dict[str, Any]) -> str:
         ("  every endpoint ready after the drop ends", f"{off['all_ready_after_heal_s']} s"),
         (
             f"flapping endpoint, a transition per probe ({flap['window_s']:.0f} s)",
-            f"{flap['writes_per_hour_damped']} writes/h damped vs {flap['writes_per_hour_undamped']} undamped",
+            f"writes: {flap['writes_damped']} damped (the first flaps, before it is suppressed) vs "
+            f"{flap['writes_undamped']} undamped ({flap['writes_per_hour_undamped']} an hour)",
         ),
         (
             "  released after it turns stable",
