@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import datetime as dt
 import os
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from beacon_dev.devcluster import DevCluster
 from beacon_dev.netguard import GuardRoute
 from beacon_dev.testhosts import TestNetwork
 from beacon_dev.testing import (
+    Audit,
     OperatorProcess,
     SliceWatch,
     eventually,
@@ -59,23 +59,6 @@ def _conditions(api: Api, namespace: str) -> dict[str, set[str]]:
         item["metadata"]["name"]: {c["type"] for c in (item.get("status") or {}).get("conditions") or []}
         for item in listed.get("items", [])
     }
-
-
-def _writes(cluster: DevCluster, namespace: str, since: float) -> int:
-    count = 0
-    for event in cluster.audit_events():
-        if event.get("stage") != "ResponseComplete" or (event.get("user") or {}).get("username") != BENCH_USER:
-            continue
-        if (event.get("objectRef") or {}).get("namespace") != namespace:
-            continue
-        stamp = str(event.get("requestReceivedTimestamp", ""))
-        if _epoch(stamp) >= since:
-            count += 1
-    return count
-
-
-def _epoch(stamp: str) -> float:
-    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _partition(
@@ -223,7 +206,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plain.set_cycle([503, 200])
         time.sleep(args.flap_seconds)
         hour = 3600 / args.flap_seconds
-        writes_on, writes_off = _writes(cluster, FLAP_ON, start), _writes(cluster, FLAP_OFF, start)
+        audit = Audit(cluster, BENCH_USER)
+        writes_on = len(audit.writes(since=start, namespace=FLAP_ON))
+        writes_off = len(audit.writes(since=start, namespace=FLAP_OFF))
         damped.set_cycle([])
         plain.set_cycle([])
         stable = time.monotonic()

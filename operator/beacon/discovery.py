@@ -68,6 +68,7 @@ from beacon.reconcile import (
     desired_service,
     desired_slices,
     desired_status,
+    probe_key,
     registry_record,
     status_changed,
     visible,
@@ -1127,7 +1128,7 @@ class Discovery:
             state.release_timer = None
         damper = state.damper
         if damper is not None and flapping:
-            due = [t for a in flapping if (t := damper.release_at((entry.namespace, entry.name, a))) is not None]
+            due = [t for a in flapping if (t := damper.release_at(probe_key(entry, a))) is not None]
             if due:
                 key = entry.key
 
