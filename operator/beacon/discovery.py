@@ -70,6 +70,9 @@ from beacon.reconcile import (
     desired_status,
     probe_key,
     registry_record,
+    slot_address,
+    slot_key,
+    slot_label,
     status_changed,
     visible,
 )
@@ -126,6 +129,9 @@ class _EntryState:
     static: list[Endpoint] | None = None
     pod_endpoints: dict[str, tuple[_Pod, Endpoint]] = field(default_factory=dict)
     probed: dict[str, Endpoint] = field(default_factory=dict)  # address -> the endpoint its target was made for
+    # address -> the slot keys probed for it (`reconcile.slot_key`): the address itself for the entry-level check,
+    # "<address>#<port>" for each port's own; health, refusals and first verdicts are kept by slot key
+    slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # until the entry is first published: endpoints whose first probe has not answered yet, and until when the
     # first write waits for them (so it carries their verdicts instead of "not ready" and a second write)
     published: bool = False
@@ -372,6 +378,12 @@ class Discovery:
         for namespace, name in keys:
             self._expected[namespace].add(name)
 
+    def _unprobe_endpoint(self, state: _EntryState, address: str) -> None:
+        """Stop probing every check slot of one endpoint of an entry."""
+        namespace, name = state.entry.key
+        for slot in state.slots.pop(address, (address,)):
+            self._unprobe((namespace, name, slot))
+
     def _unprobe(self, key: ProbeKey) -> None:
         """Stop probing an endpoint, and let the fail-safe policies forget it."""
         self.prober.remove(key)
@@ -389,7 +401,7 @@ class Discovery:
             self._by_uid.pop(state.entry.uid, None)
             self._unindex(state)
             for ep in state.endpoints:
-                self._unprobe((namespace, name, ep.address))
+                self._unprobe_endpoint(state, ep.address)
             metrics.TARGETS.set(len(self.prober))
         self.kube.forget_namespace_entry(namespace, name)
         self._records[namespace].pop(name, None)
@@ -591,7 +603,7 @@ class Discovery:
                 self._by_uid.pop(state.entry.uid, None)
                 self._unindex(state)
                 for ep in state.endpoints:
-                    self._unprobe((namespace, name, ep.address))
+                    self._unprobe_endpoint(state, ep.address)
             self.kube.forget_namespace_entry(namespace, name)
         metrics.TARGETS.set(len(self.prober))
         for key in keys:  # a reconcile under way finishes its request; the next one finds no state and stops
@@ -788,13 +800,22 @@ class Discovery:
         """Restore last published readiness from the entry's EndpointSlices (restart safety)."""
         now = self._clock()
         slices = await self._observe_slices(state)
+        entry = state.entry
+        own = entry.own_checks
+        gated = [p.name for p in entry.spec.ports if p.health_check is None]
         for item in slices.values():
+            # with per-port checks an endpoint is published under the ports it is healthy on: a port's check was
+            # passing when its port is in the endpoint's slice and the endpoint serves
+            names = {str(port.get("name")) for port in item.get("ports") or []}
             for ep in item.get("endpoints") or []:
                 conditions = ep.get("conditions") or {}
                 ready = bool(conditions.get("serving", conditions.get("ready")))
                 for address in ep.get("addresses") or []:
-                    if address not in state.health:  # a probe's verdict is always fresher than what was published
-                        state.health[address] = seeded(ready=ready, now=now)
+                    slots = {address: ready and (not own or any(p in names for p in gated))}
+                    slots |= {slot_key(address, p): ready and p in names for p in own}
+                    for slot, passing in slots.items():
+                        if slot not in state.health:  # a probe's verdict is always fresher than what was published
+                            state.health[slot] = seeded(ready=passing, now=now)
         state.seeded = True
         state.published = state.published or bool(slices)
 
@@ -805,9 +826,10 @@ class Discovery:
         old_addresses = {e.address for e in state.endpoints}
         new_addresses = {e.address for e in new}
         for gone in old_addresses - new_addresses:
-            self._unprobe((entry.namespace, entry.name, gone))
-            state.health.pop(gone, None)
-            state.refused.pop(gone, None)
+            for slot in state.slots.get(gone, (gone,)):
+                state.health.pop(slot, None)
+                state.refused.pop(slot, None)
+            self._unprobe_endpoint(state, gone)
         state.endpoints = new
         now = self._clock()
         probed, state.probed = state.probed, {}
@@ -815,21 +837,27 @@ class Discovery:
             state.probed[ep.address] = ep
             if probed.get(ep.address) is ep:
                 continue  # the same endpoint as at the last refresh: its health and target are in place
-            fresh = ep.address not in state.health
-            state.health.setdefault(ep.address, EndpointHealth(since=now))
-            target = entry.target(ep)
-            key = (entry.namespace, entry.name, ep.address)
-            if target is None:
-                self._unprobe(key)
-            else:
-                self.prober.upsert(key, target)
+            targets = {slot_key(ep.address, port): target for port, target in entry.targets(ep).items()}
+            for slot in state.slots.get(ep.address, ()):
+                if slot not in targets:  # a check the spec dropped
+                    self._unprobe((entry.namespace, entry.name, slot))
+                    state.health.pop(slot, None)
+                    state.refused.pop(slot, None)
+            if not targets:  # nothing probed: the entry-level slot still carries the endpoint's (unchecked) health
+                self._unprobe((entry.namespace, entry.name, ep.address))
+                state.health.setdefault(ep.address, EndpointHealth(since=now))
+            state.slots[ep.address] = tuple(targets) or (ep.address,)
+            for slot, target in targets.items():
+                fresh = slot not in state.health
+                state.health.setdefault(slot, EndpointHealth(since=now))
+                self.prober.upsert((entry.namespace, entry.name, slot), target)
                 if fresh and not state.published:
                     if not state.unprobed:
                         state.first_deadline = time.monotonic() + FIRST_VERDICT_WAIT + target.timeout
-                    state.unprobed.add(ep.address)
-        for address in list(state.health):
-            if address not in new_addresses:
-                state.health.pop(address, None)
+                    state.unprobed.add(slot)
+        for slot in list(state.health):
+            if slot_address(slot) not in new_addresses:
+                state.health.pop(slot, None)
         metrics.TARGETS.set(len(self.prober))
 
     # ------------------------------------------------------------------ probe results
@@ -837,9 +865,9 @@ class Discovery:
         namespace, name, address = key
         metrics.record_probe(target.check, ok=result.ok, seconds=result.seconds)
         state = self._entries.get((namespace, name))
-        hc = state.entry.spec.health_check if state is not None else None
-        if state is None or hc is None:
+        if state is None or not state.entry.probed:
             return
+        hc = state.entry.health_check
         if not result.refused:  # the raw result, before any threshold: the mode must start ahead of the crossings
             sp = self.self_preservation
             now = self._clock()
@@ -902,7 +930,7 @@ class Discovery:
             if not moved:
                 continue
             parts = [
-                f"endpoint {a}: {b.status.value} -> {c.status.value} ({c.detail}){TRIGGER_PHRASES[trigger]}"
+                f"endpoint {slot_label(a)}: {b.status.value} -> {c.status.value} ({c.detail}){TRIGGER_PHRASES[trigger]}"
                 for a, b, c, trigger in moved[:10]
             ]
             if len(moved) > 10:
@@ -917,7 +945,7 @@ class Discovery:
                     logfields.TRANSITION,
                     namespace=entry.namespace,
                     entry=entry.name,
-                    endpoint=[a for a, _, _, _ in moved],
+                    endpoint=list(dict.fromkeys(slot_address(a) for a, _, _, _ in moved)),
                     to=moved[0][2].status.value,
                 ),
             )
@@ -1037,7 +1065,7 @@ class Discovery:
             pending, state.in_flight = state.in_flight, []
             draining = {v.endpoint.address for v in views if v.endpoint.draining}
             if written:
-                moved = sorted({a for a, _, _, _ in pending} | (draining ^ state.draining))
+                moved = sorted({slot_address(a) for a, _, _, _ in pending} | (draining ^ state.draining))
                 log.debug(
                     "%s/%s: wrote %s",
                     entry.namespace,
@@ -1051,7 +1079,7 @@ class Discovery:
             # the news of a held or suppressed endpoint is the policy's (told below), and one that recovers while
             # held never left: neither is an endpoint transition worth an Event
             overridden = {v.endpoint.address for v in views if v.verdict in (Reason.HELD, Reason.FLAPPING)}
-            pending = [t for t in pending if t[0] not in overridden and t[0] not in state.held]
+            pending = [t for t in pending if slot_address(t[0]) not in overridden | state.held]
             if pending:
                 await self._post_transitions(state, pending)
             await self._failsafe_published(state, views, now)
@@ -1070,8 +1098,13 @@ class Discovery:
             for ep in item.get("endpoints") or []
             if ep.get("addresses")
         }
-        hc = state.entry.spec.health_check
-        check = next((kind for kind in ("http", "tcp", "grpc", "lease") if getattr(hc, kind, None)), None)
+        entry = state.entry
+        check = entry.health_check.kind
+        own = entry.own_checks
+        if own and (check is None or len(own) == len(entry.spec.ports)):  # the ports' own checks decide
+            port = next(p for p in entry.spec.ports if p.name == own[0])
+            assert port.health_check is not None
+            check = next(kind for kind in ("http", "tcp", "grpc") if getattr(port.health_check, kind) is not None)
         return Guard(published=published, check=check, self_preservation=self.self_preservation, damper=state.damper)
 
     async def _failsafe_published(self, state: _EntryState, views: list[View], now: float) -> None:

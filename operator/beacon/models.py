@@ -32,13 +32,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
 
-class Port(_Model):
-    name: str
-    port: int
-    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
-    app_protocol: str | None = Field(default=None, alias="appProtocol")
-
-
 class PortOverride(_Model):
     name: str
     port: int
@@ -91,6 +84,24 @@ class LeaseSpec(_Model):
     name_prefix: str | None = Field(default=None, alias="namePrefix")
 
 
+class PortCheck(_Model):
+    """A port's own check (`spec.ports[].healthCheck`): exactly one kind, which probes that port and gates only
+    that port. No `port` field (it is the port it sits on) and no Lease (a Lease is not about a port); timing and
+    thresholds are the entry's `healthCheck`'s, or the defaults."""
+
+    http: HttpSpec | None = None
+    tcp: TcpSpec | None = None
+    grpc: GrpcSpec | None = None
+
+
+class Port(_Model):
+    name: str
+    port: int
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+    app_protocol: str | None = Field(default=None, alias="appProtocol")
+    health_check: PortCheck | None = Field(default=None, alias="healthCheck")
+
+
 class FlapDampingSpec(_Model):
     """Route-flap damping of the entry's endpoints (`beacon.failsafe.FlapDamper`); the penalties are BGP's."""
 
@@ -133,6 +144,11 @@ class HealthCheck(_Model):
     flap_damping: FlapDampingSpec | None = Field(default=None, alias="flapDamping")
 
     @property
+    def kind(self) -> str | None:
+        """The check's kind ("http", "tcp", "grpc", "lease"); None when only timing is set (for the ports' own)."""
+        return next((kind for kind in ("http", "tcp", "grpc", "lease") if getattr(self, kind) is not None), None)
+
+    @property
     def interval(self) -> int:
         """Seconds between probes: as set, else 10, raised past a longer timeout set on its own (CRD: timeout <
         interval whenever both are set, so either field alone is always valid)."""
@@ -156,6 +172,9 @@ class HealthCheck(_Model):
             unhealthy=self.unhealthy_threshold,
             deregister_after=float(self.deregister_after_seconds) if self.deregister_after_seconds else None,
         )
+
+
+_NO_CHECK = HealthCheck()
 
 
 class ServiceEntrySpec(_Model):
@@ -225,22 +244,64 @@ class ServiceEntry(_Model):
             for e in self.spec.endpoints
         ]
 
+    @property
+    def health_check(self) -> HealthCheck:
+        """The entry's healthCheck, or the defaults (its timing and thresholds also rule the ports' own checks)."""
+        return self.spec.health_check or _NO_CHECK
+
+    @property
+    def own_checks(self) -> tuple[str, ...]:
+        """Names of the ports with their own check, in spec order."""
+        return tuple(p.name for p in self.spec.ports if p.health_check is not None)
+
+    @property
+    def probed(self) -> bool:
+        """Whether anything of the entry is probed (an entry-level check, or a port's own)."""
+        hc = self.spec.health_check
+        return (hc is not None and hc.kind is not None) or bool(self.own_checks)
+
+    def targets(self, endpoint: Endpoint) -> dict[str, Target]:
+        """How to probe `endpoint`, by slot: "" for the entry-level check (which gates the ports without their
+        own), a port's name for that port's own check. Empty when nothing is probed (every port counts healthy)."""
+        out: dict[str, Target] = {}
+        entry_level = self.target(endpoint)
+        if entry_level is not None:
+            out[""] = entry_level
+        hc = self.health_check
+        for port in self.spec.ports:
+            own = port.health_check
+            if own is None:
+                continue
+            number = endpoint.ports[port.name]
+            check: Check
+            if own.http is not None:
+                check = _http_check(own.http, number)
+            elif own.tcp is not None:
+                check = TcpCheck(port=number, hold=hc.connection_loss_hints and own.tcp.hold_connection)
+            elif own.grpc is not None:
+                check = GrpcCheck(port=number, service=own.grpc.service)
+            else:  # the CRD's CEL rule requires exactly one kind
+                continue
+            out[port.name] = Target(
+                address=endpoint.address,
+                check=check,
+                interval=float(hc.interval),
+                timeout=float(hc.timeout),
+                hints=hc.connection_loss_hints,
+                unhealthy_threshold=hc.unhealthy_threshold,
+            )
+        return out
+
     def target(self, endpoint: Endpoint) -> Target | None:
-        """How to probe `endpoint`; None when the entry has no health check (every endpoint counts healthy)."""
+        """The entry-level check of `endpoint`; None when the entry has none (the ports it would gate count
+        healthy)."""
         hc = self.spec.health_check
         if hc is None:
             return None
         check: Check
         hints = hc.connection_loss_hints and hc.lease is None
         if hc.http is not None:
-            check = HttpCheck(
-                port=self._port(hc.http.port, endpoint),
-                path=hc.http.path,
-                scheme=hc.http.scheme,
-                headers=tuple((h.name, h.value) for h in hc.http.headers),
-                expected=tuple((r.min, r.max if r.max is not None else r.min) for r in hc.http.expected_statuses)
-                or ((200, 399),),
-            )
+            check = _http_check(hc.http, self._port(hc.http.port, endpoint))
         elif hc.tcp is not None:
             check = TcpCheck(port=self._port(hc.tcp.port, endpoint), hold=hints and hc.tcp.hold_connection)
         elif hc.grpc is not None:
@@ -248,7 +309,7 @@ class ServiceEntry(_Model):
         elif hc.lease is not None:
             prefix = hc.lease.name_prefix or f"{self.name}-"
             check = LeaseCheck(namespace=self.namespace, name=f"{prefix}{endpoint.lease_key}")
-        else:  # the CRD's CEL rule requires exactly one kind
+        else:  # no kind: only timing for the ports' own checks (the CRD's CEL rule allows that alone)
             return None
         return Target(
             address=endpoint.address,
@@ -267,3 +328,13 @@ class ServiceEntry(_Model):
         if ref.isdigit():
             return int(ref)
         return endpoint.ports[ref]
+
+
+def _http_check(spec: HttpSpec, port: int) -> HttpCheck:
+    return HttpCheck(
+        port=port,
+        path=spec.path,
+        scheme=spec.scheme,
+        headers=tuple((h.name, h.value) for h in spec.headers),
+        expected=tuple((r.min, r.max if r.max is not None else r.min) for r in spec.expected_statuses) or ((200, 399),),
+    )

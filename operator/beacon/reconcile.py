@@ -28,6 +28,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from beacon import packing
@@ -108,6 +109,27 @@ def probe_key(entry: ServiceEntry, address: str) -> ProbeKey:
     return (entry.namespace, entry.name, address)
 
 
+# A port's own check is probed and tracked apart from the entry-level check of the same endpoint: its slot key is
+# "<address>#<port name>" ("#" appears in no address or DNS name), the entry-level check's is the address itself.
+SLOT_SEPARATOR = "#"
+
+
+def slot_key(address: str, port: str = "") -> str:
+    """The key of an endpoint's check slot: `port` "" for the entry-level check, a port name for that port's own."""
+    return f"{address}{SLOT_SEPARATOR}{port}" if port else address
+
+
+def slot_address(key: str) -> str:
+    """The endpoint address of a slot key."""
+    return key.partition(SLOT_SEPARATOR)[0]
+
+
+def slot_label(key: str) -> str:
+    """A slot key as people read it: "198.18.0.5" or "198.18.0.5 port metrics"."""
+    address, _, port = key.partition(SLOT_SEPARATOR)
+    return f"{address} port {port}" if port else address
+
+
 def damping_policy(entry: ServiceEntry) -> DampingPolicy | None:
     """The entry's flap damping, None when off (unset, or enabled: false)."""
     hc = entry.spec.health_check
@@ -129,15 +151,57 @@ class Guard:
     damper: FlapDamper[ProbeKey] | None = None
 
 
+_NO_PORTS: Mapping[str, EndpointHealth] = MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class View:
     """One endpoint with its health as it will be published. `verdict`: a fail-safe policy's override of its
-    health (Held, Flapping or Panic; None when health decides)."""
+    health (Held, Flapping or Panic; None when health decides).
+
+    Per-port checks: `port_names` are the entry's ports in spec order; `port_health` the health of each port that
+    has its own check (empty when none has: then `health`, the entry-level check's, gates every port). A port
+    without its own check follows `health`. The endpoint is serving when at least one port is healthy, and is
+    published on its healthy ports only (`published_ports`)."""
 
     endpoint: Endpoint
     health: EndpointHealth
     refused: str | None = None
     verdict: Reason | None = None
+    port_names: tuple[str, ...] = ()
+    port_health: Mapping[str, EndpointHealth] = field(default_factory=lambda: _NO_PORTS)
+
+    @property
+    def healthy_ports(self) -> tuple[str, ...]:
+        """The ports this endpoint is healthy on (or held, or in panic), in spec order."""
+        if not self.port_health:
+            return self.port_names if self.serving else ()
+        if self.refused is not None or self.verdict is Reason.FLAPPING:
+            return ()
+        if self.verdict is not None:
+            return self.port_names
+        entry_ready = self.health.ready
+        own = self.port_health
+        return tuple(p for p in self.port_names if (own[p].ready if p in own else entry_ready))
+
+    @property
+    def published_ports(self) -> tuple[str, ...]:
+        """The ports it is published under: its healthy ones, or all of them while it is not serving on any (as
+        a not-ready endpoint)."""
+        return self.healthy_ports or self.port_names
+
+    @property
+    def unhealthy_ports(self) -> tuple[str, ...]:
+        """Ports with a failing check of an endpoint serving on others (empty without per-port checks)."""
+        if not self.port_health:
+            return ()
+        healthy = self.healthy_ports
+        return tuple(p for p in self.port_names if p not in healthy) if healthy else ()
+
+    def port_status(self, port: str) -> Status:
+        """The check verdict that gates `port`: its own check's, else the entry-level one's."""
+        own = self.port_health.get(port)
+        return (own if own is not None else self.health).status
 
     @property
     def ready(self) -> bool:
@@ -151,7 +215,7 @@ class View:
         if self.refused is not None:
             return False
         if self.verdict is None:
-            return self.health.ready
+            return bool(self.healthy_ports) if self.port_health else self.health.ready
         return self.verdict is not Reason.FLAPPING
 
     @property
@@ -182,24 +246,38 @@ def visible(
     or a long outage of the operator's own path would deregister the fleet."""
     hc = entry.spec.health_check
     thresholds = hc.thresholds if hc else Thresholds()
+    unchecked = hc is None or hc.kind is None  # the ports without their own check count healthy
+    port_names = tuple(p.name for p in entry.spec.ports)
+    own = entry.own_checks
+    gated = len(own) < len(port_names)  # some port follows the entry-level check
     candidates: list[tuple[View, bool]] = []
     for ep in sorted(endpoints, key=lambda e: e.address):
         h = health.get(ep.address)
-        if hc is None:
-            h = EndpointHealth(status=Status.PASSING, detail="no health check")
+        if unchecked:
+            h = _UNCHECKED
         elif h is None:
             h = EndpointHealth()
-        gone = h.deregistered(now=now, thresholds=thresholds)
+        port_health = _NO_PORTS
+        if own:
+            port_health = {p: health.get(slot_key(ep.address, p)) or EndpointHealth() for p in own}
+            gates = [*port_health.values(), h] if gated else list(port_health.values())
+            gone = all(g.deregistered(now=now, thresholds=thresholds) for g in gates)
+        else:
+            gone = h.deregistered(now=now, thresholds=thresholds)
         if gone and (guard is None or not guard.published.get(ep.address)):
             continue
-        candidates.append((View(endpoint=ep, health=h, refused=refused.get(ep.address)), gone))
+        refusal = refused.get(ep.address)
+        if refusal is None and own:
+            refusal = next((why for p in own if (why := refused.get(slot_key(ep.address, p)))), None)
+        view = View(endpoint=ep, health=h, refused=refusal, port_names=port_names, port_health=port_health)
+        candidates.append((view, gone))
     if guard is None:
         return [view for view, _ in candidates]
     decision = decide(
         (
             EndpointInput(
                 key=probe_key(entry, view.endpoint.address),
-                health=view.health.status,
+                health=_overall(view, gated=gated),
                 published_ready=guard.published.get(view.endpoint.address),
                 terminating=view.endpoint.terminating,
                 draining=view.endpoint.draining,
@@ -223,10 +301,35 @@ def visible(
     return views
 
 
+_UNCHECKED = EndpointHealth(status=Status.PASSING, detail="no health check")
+
+
+def _overall(view: View, *, gated: bool) -> Status:
+    """One status for the endpoint as a whole, for the fail-safe policies: passing when any of its checks passes
+    (it is published on some port), else critical when any fails, else unknown."""
+    if not view.port_health:
+        return view.health.status
+    statuses = {h.status for h in view.port_health.values()}
+    if gated:
+        statuses.add(view.health.status)
+    if Status.PASSING in statuses:
+        return Status.PASSING
+    return Status.CRITICAL if Status.CRITICAL in statuses else Status.UNKNOWN
+
+
+def _published_port_map(view: View) -> dict[str, int]:
+    ports = view.endpoint.ports
+    return {name: ports[name] for name in view.published_ports}
+
+
 def _slice_ports(entry: ServiceEntry, ports: Mapping[str, int]) -> list[Obj]:
+    """The ports of a slice (or an Endpoints subset): the entry's ports that are in `ports`, in spec order, with
+    the numbers of `ports` (endpoint overrides applied)."""
     out = []
     for p in entry.spec.ports:
-        port: Obj = {"name": p.name, "port": ports.get(p.name, p.port), "protocol": p.protocol}
+        if p.name not in ports:
+            continue
+        port: Obj = {"name": p.name, "port": ports[p.name], "protocol": p.protocol}
         if p.app_protocol:
             port["appProtocol"] = p.app_protocol
         out.append(port)
@@ -258,6 +361,9 @@ def desired_slices(
     entry: ServiceEntry, views: Sequence[View], observed: Mapping[str, Mapping[str, Any]] | None = None
 ) -> list[Obj]:
     """EndpointSlices of at most 100 endpoints, one group per address type and port set, named `<stem>-<n>`.
+    An endpoint's port set is the ports it is published under (`View.published_ports`): with per-port checks, the
+    ones it is healthy on, so DNS SRV records and load balancers see it only on those (Kubernetes' per-port
+    readiness: a slice per set of ports).
 
     `observed` is the entry's slices as they are now (by name). Membership is stable (`beacon.packing`): an
     endpoint stays in the slice it is in, so adding, removing or flipping one endpoint changes one slice; the
@@ -269,7 +375,7 @@ def desired_slices(
     for view in views:
         if not view.publishable:
             continue
-        ports = view.endpoint.ports
+        ports = _published_port_map(view) if view.port_health else view.endpoint.ports
         sig = "" if dict(ports) == default_ports else _ports_signature(ports)
         key = (address_type(view.endpoint.address), sig)
         groups[key].append(view)
@@ -307,7 +413,8 @@ def desired_slices(
 
 
 def desired_endpoints(entry: ServiceEntry, views: Sequence[View]) -> Obj:
-    """The legacy Endpoints object: IP endpoints only, unhealthy ones in notReadyAddresses, never mirrored."""
+    """The legacy Endpoints object: IP endpoints only, unhealthy ones in notReadyAddresses, never mirrored. An
+    address is listed in the subset of the ports it is published under (`View.published_ports`)."""
     subsets: dict[tuple[tuple[str, int], ...], Obj] = {}
     ip_views = [v for v in views if address_type(v.endpoint.address) != "FQDN" and v.publishable]
     truncated = len(ip_views) > MAX_ENDPOINTS_ADDRESSES
@@ -315,9 +422,10 @@ def desired_endpoints(entry: ServiceEntry, views: Sequence[View]) -> Obj:
         ip_views.sort(key=lambda v: not v.ready)  # stable: address order holds within each group
     for view in ip_views[:MAX_ENDPOINTS_ADDRESSES]:
         ep = view.endpoint
-        key = tuple(sorted(ep.ports.items()))
+        ports = _published_port_map(view) if view.port_health else ep.ports
+        key = tuple(sorted(ports.items()))
         subset = subsets.setdefault(
-            key, {"addresses": [], "notReadyAddresses": [], "ports": _slice_ports(entry, ep.ports)}
+            key, {"addresses": [], "notReadyAddresses": [], "ports": _slice_ports(entry, ports)}
         )
         address: Obj = {"ip": ep.address}
         if ep.hostname:
@@ -379,10 +487,29 @@ def _state(view: View) -> str:
     if view.verdict is not None:
         return OVERRIDE_STATES[view.verdict]
     if view.ready:
-        return "Healthy"
+        return "Degraded" if view.unhealthy_ports else "Healthy"
+    if view.port_health:
+        statuses = {view.port_status(p) for p in view.port_names}
+        return "Unknown" if view.refused is None and Status.CRITICAL not in statuses else "Unhealthy"
     if view.health.status is Status.UNKNOWN and view.refused is None:
         return "Unknown"
     return "Unhealthy"
+
+
+def _deciding(view: View) -> tuple[str, EndpointHealth]:
+    """The check whose probe the status shows, and its port ("" for the entry-level check): without per-port
+    checks the entry-level one; with them the first failing port's, else the entry-level check if it gates a
+    port and probes, else the first port's own."""
+    if not view.port_health:
+        return "", view.health
+    for port in view.port_names:
+        if view.port_status(port) is not Status.PASSING:
+            own = view.port_health.get(port)
+            return (port, own) if own is not None else ("", view.health)
+    if len(view.port_health) < len(view.port_names) and view.health is not _UNCHECKED:
+        return "", view.health
+    port = next(iter(view.port_health))
+    return port, view.port_health[port]
 
 
 def _names(views: Sequence[View], limit: int = 5) -> str:
@@ -395,7 +522,8 @@ def endpoint_status(view: View, previous: Mapping[str, Any] | None, *, now: floa
     own verdict, also while draining), `since` (when it entered that state), and the probe that decided its health
     (`probe` detail, `latencyMs`, `consecutive`). `previous` is the item as last published: a health restored after
     a restart has no decision of its own, and keeps what was published, so a restart writes nothing."""
-    state, health = _state(view), view.health
+    state = _state(view)
+    port, health = _deciding(view)
     item: Obj = {"address": view.endpoint.address, "state": state}
     if view.verdict is Reason.FLAPPING:  # its check and probe change at every flap: shown, they would cost a write each
         if previous is not None and previous.get("state") == state and previous.get("since"):
@@ -403,14 +531,17 @@ def endpoint_status(view: View, previous: Mapping[str, Any] | None, *, now: floa
         else:
             item["since"] = _iso(now)
         return item
-    item["check"] = health.status.value
+    gated = len(view.port_health) < len(view.port_names)
+    item["check"] = _overall(view, gated=gated).value if view.port_health else health.status.value
+    if view.port_health:
+        item["ports"] = {p: view.port_status(p).value for p in view.port_names}
     decision = health.decision
     if decision is not None:
-        item["probe"] = decision.detail[:STATUS_PROBE_MAX]
+        item["probe"] = (f"{port}: {decision.detail}" if port else decision.detail)[:STATUS_PROBE_MAX]
         if decision.latency is not None:
             item["latencyMs"] = round(decision.latency * 1000, 2)
         item["consecutive"] = decision.consecutive
-    elif previous is not None and previous.get("check") == item["check"]:
+    elif previous is not None and previous.get("check") == item["check"] and previous.get("ports") == item.get("ports"):
         item |= {k: previous[k] for k in ("probe", "latencyMs", "consecutive") if k in previous}
     if previous is not None and previous.get("state") == state and previous.get("since"):
         item["since"] = previous["since"]
@@ -437,6 +568,7 @@ def desired_status(
     unknown = sum(1 for v in views if _state(v) == "Unknown")
     refused = [v for v in views if v.refused]
     unhealthy = [v for v in views if _state(v) == "Unhealthy" and not v.refused]
+    partial = [v for v in views if v.ready and v.unhealthy_ports]
     draining = [v for v in views if v.endpoint.draining]
     held = [v for v in views if v.verdict is Reason.HELD]
     flapping = [v for v in views if v.verdict is Reason.FLAPPING]
@@ -490,6 +622,10 @@ def desired_status(
             "Flapping",
             f"{ready} of {total} endpoints are healthy; flapping, held not ready: {_names(flapping)}",
         )
+    elif ready == total and partial:
+        ready_c = Condition(
+            "Ready", "True", "Degraded", f"all {total} endpoints are ready, {len(partial)} of them not on every port"
+        )
     elif ready == total:
         ready_c = Condition("Ready", "True", "Healthy", f"all {total} endpoints are healthy")
     elif ready > 0 and ready + len(draining) == total:
@@ -520,6 +656,10 @@ def desired_status(
         # no probe detail here: it changes without a transition, and status is written only on transitions
         # (Events carry the detail of each transition)
         degraded = Condition("Degraded", "True", "EndpointsUnhealthy", f"unhealthy: {_names(unhealthy)}")
+    elif partial:
+        named = ", ".join(f"{v.endpoint.address} ({', '.join(v.unhealthy_ports)})" for v in partial[:5])
+        more = f" and {len(partial) - 5} more" if len(partial) > 5 else ""
+        degraded = Condition("Degraded", "True", "PortsUnhealthy", f"failing on some ports: {named}{more}")
     elif draining:  # taken out on purpose: not a degradation worth an alert
         degraded = Condition("Degraded", "False", "Draining", f"no endpoint is unhealthy; draining: {_names(draining)}")
     else:
@@ -581,7 +721,10 @@ def registry_record(entry: ServiceEntry, views: Sequence[View], *, tags: Mapping
         if not v.ready:
             continue
         ep = v.endpoint
-        item: Obj = {"address": ep.address, "ports": dict(sorted(ep.ports.items()))}
+        ports = _published_port_map(v) if v.port_health else ep.ports
+        item: Obj = {"address": ep.address, "ports": dict(sorted(ports.items()))}
+        if v.port_health:  # every port's check verdict, the failing ones included
+            item["portHealth"] = {p: v.port_status(p).value for p in v.port_names}
         if ep.zone:
             item["zone"] = ep.zone
         if ep.hostname:

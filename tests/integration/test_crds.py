@@ -226,7 +226,28 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
         spec["headless"] = False
         spec["ports"].append({"name": "dns", "port": 8080, "protocol": "UDP"})  # same number, other protocol
 
+    def per_port(spec: Doc) -> None:  # mysql gated by the entry-level check, the exporter by its own
+        spec["ports"] = [
+            {"name": "mysql", "port": 3306},
+            {"name": "exporter", "port": 9104, "healthCheck": {"http": {"path": "/metrics"}}},
+        ]
+        spec["healthCheck"] = {"tcp": {"port": "mysql"}, "intervalSeconds": 5}
+
+    def every_port_its_own(spec: Doc) -> None:  # healthCheck holds only the timing
+        spec["ports"] = [
+            {"name": "db", "port": 5432, "healthCheck": {"tcp": {"holdConnection": True}}},
+            {"name": "admin", "port": 9000, "healthCheck": {"grpc": {"service": "admin"}}},
+        ]
+        spec["healthCheck"] = {"intervalSeconds": 5, "unhealthyThreshold": 2}
+
+    def port_checks_only(spec: Doc) -> None:  # no healthCheck: the port without its own check counts healthy
+        spec["ports"] = [{"name": "http", "port": 8080, "healthCheck": {"http": {}}}, {"name": "debug", "port": 6060}]
+        del spec["healthCheck"]
+
     for name, change in [
+        ("per-port", per_port),
+        ("every-port-its-own", every_port_its_own),
+        ("port-checks-only", port_checks_only),
         ("addresses", addresses),
         ("selector-only", selector_only),
         ("tcp", tcp),
@@ -273,6 +294,18 @@ def _drop(*keys: str) -> Callable[[Doc], None]:
     return change
 
 
+def _compose(*changes: Callable[[Doc], None]) -> Callable[[Doc], None]:
+    def change(spec: Doc) -> None:
+        for one in changes:
+            one(spec)
+
+    return change
+
+
+def _drop_check_port(spec: Doc) -> None:
+    del spec["healthCheck"]["http"]["port"]
+
+
 def _many_endpoints(count: int) -> list[Doc]:
     return [{"address": f"198.18.{i // 250}.{i % 250 + 1}"} for i in range(count)]
 
@@ -297,6 +330,43 @@ SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
         "no-health-check-kind",
         _set("healthCheck", {"intervalSeconds": 5}),
         ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+    ),
+    (
+        "port-check-with-two-kinds",
+        _set("ports", [{"name": "http", "port": 8080, "healthCheck": {"http": {}, "tcp": {}}}]),
+        ["ports[].healthCheck must set exactly one of"],
+    ),
+    (
+        "entry-check-on-a-port-with-its-own",
+        _set("ports", [{"name": "http", "port": 8080, "healthCheck": {"tcp": {}}}, {"name": "m", "port": 9}]),
+        ["healthCheck.http probes a port that has its own check in spec.ports"],
+    ),
+    (  # the example's http check names no port after this: it defaults to the first
+        "entry-check-defaulting-to-a-port-with-its-own",
+        _compose(
+            _drop_check_port,
+            _set(
+                "ports",
+                [{"name": "http", "port": 8080, "healthCheck": {"tcp": {}}}, {"name": "m", "port": 9}],
+            ),
+        ),
+        ["healthCheck.http probes a port that has its own check in spec.ports"],
+    ),
+    (
+        "entry-check-gating-no-port",
+        _set("ports", [{"name": "http", "port": 8080, "healthCheck": {"tcp": {}}}]),
+        ["healthCheck's check would gate no port"],
+    ),
+    (
+        "tcp-check-on-a-udp-port",
+        _set(
+            "ports",
+            [
+                {"name": "http", "port": 8080},
+                {"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": {"tcp": {}}},
+            ],
+        ),
+        ["a UDP port's own check must be udp"],
     ),
     (
         "neither-endpoints-nor-selector",
