@@ -105,6 +105,28 @@ def test_status_combines_the_status_the_slices_and_the_spec() -> None:
     assert render.status_json([(service_entry(items), rows)])[0]["endpoints"][1]["latencyMs"] == 0.84
 
 
+def test_status_shows_each_ports_verdict_with_per_port_checks() -> None:
+    items = [
+        {
+            "address": "198.18.0.11",
+            "state": "Degraded",
+            "check": "passing",
+            "ports": {"mysql": "passing", "exporter": "critical"},
+            "since": "2030-01-01T11:59:00Z",
+            "probe": "exporter: HTTP 500",
+            "latencyMs": 1.5,
+            "consecutive": 2,
+        }
+    ]
+    rows = render.endpoint_rows(service_entry(items), [])
+    text = render.status_text([(service_entry(items), rows)], now=NOW)
+    header, row = text.splitlines()[1], next(line for line in text.splitlines() if line.startswith("198.18.0.11"))
+    assert header.split() == ["ADDRESS", "ZONE", "STATE", "CHECK", "PORTS", "SINCE", "PROBE", "LATENCY", "CONSECUTIVE"]
+    cells = ["198.18.0.11", "b", "Degraded", "passing", "mysql:passing,exporter:critical", "60s"]
+    assert row.split() == [*cells, "exporter:", "HTTP", "500", "1.5ms", "2"]
+    assert render.status_json([(service_entry(items), rows)])[0]["endpoints"][1]["ports"] == items[0]["ports"]
+
+
 def test_an_endpoint_in_no_slice_and_not_in_status_is_not_published() -> None:
     rows = render.endpoint_rows(service_entry([]), [])
     assert {r["state"] for r in rows} == {"NotPublished"}

@@ -121,6 +121,8 @@ def endpoint_rows(entry: Mapping[str, Any], slices: Sequence[Mapping[str, Any]])
             "latencyMs": item.get("latencyMs"),
             "consecutive": item.get("consecutive"),
         }
+        if item.get("ports"):  # per-port checks: each port's verdict
+            row["ports"] = dict(item["ports"])
         if ep:
             row["conditions"] = {k: bool(conditions.get(k)) for k in ("ready", "serving", "terminating")}
         rows.append(row)
@@ -131,6 +133,11 @@ def _latency(ms: Any) -> str:
     if ms is None:
         return NONE
     return f"{float(ms):.1f}ms" if float(ms) < 100 else f"{float(ms):.0f}ms"
+
+
+def _ports(ports: Mapping[str, Any] | None) -> str:
+    """Each port's verdict, e.g. "mysql:passing,exporter:critical"."""
+    return ",".join(f"{name}:{verdict}" for name, verdict in ports.items()) if ports else NONE
 
 
 def status_text(entries: Sequence[tuple[Mapping[str, Any], list[Obj]]], *, now: dt.datetime) -> str:
@@ -144,7 +151,9 @@ def status_text(entries: Sequence[tuple[Mapping[str, Any], list[Obj]]], *, now: 
             f"{ready.get('reason') or 'NotReconciled'}: {ready.get('message') or 'not reconciled by beacon yet'}"
         )
         with_pods = any(r["pod"] for r in rows)
-        headers = ["ADDRESS", "ZONE", *(["POD"] if with_pods else []), "STATE", "CHECK", "SINCE", "PROBE"]
+        with_ports = any(r.get("ports") for r in rows)
+        headers = ["ADDRESS", "ZONE", *(["POD"] if with_pods else []), "STATE", "CHECK"]
+        headers += [*(["PORTS"] if with_ports else []), "SINCE", "PROBE"]
         headers += ["LATENCY", "CONSECUTIVE"]
         cells = [
             [
@@ -153,6 +162,7 @@ def status_text(entries: Sequence[tuple[Mapping[str, Any], list[Obj]]], *, now: 
                 *([r["pod"] or NONE] if with_pods else []),
                 r["state"],
                 r["check"] or NONE,
+                *([_ports(r.get("ports"))] if with_ports else []),
                 age(r["since"], now),
                 r["probe"] or NONE,
                 _latency(r["latencyMs"]),
