@@ -25,7 +25,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from beacon.health import Thresholds
-from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck
+from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck, Tls
+
+# ConfigMap name -> its data (None: it does not exist), in the entry's namespace: where CA bundles are read from
+CaBundles = Mapping[str, Mapping[str, str] | None]
 
 
 class _Model(BaseModel):
@@ -66,12 +69,56 @@ class StatusRange(_Model):
     max: int | None = None
 
 
+class CaBundleRef(_Model):
+    config_map_name: str = Field(alias="configMapName")
+    key: str
+
+
+class TlsSpec(_Model):
+    """`healthCheck.http.tls` / `healthCheck.grpc.tls`."""
+
+    insecure_skip_verify: bool | None = Field(default=None, alias="insecureSkipVerify")
+    server_name: str | None = Field(default=None, alias="serverName")
+    ca_bundle: CaBundleRef | None = Field(default=None, alias="caBundle")
+
+    @property
+    def verify(self) -> bool:
+        """Whether the certificate is verified: as set, else when a CA bundle or a server name is given."""
+        if self.insecure_skip_verify is not None:
+            return not self.insecure_skip_verify
+        return self.ca_bundle is not None or self.server_name is not None
+
+    def tls(self, ca_bundles: CaBundles, *, verify: bool | None = None) -> Tls:
+        """The check's TLS parameters, with the CA bundle's text looked up in `ca_bundles`."""
+        ref = self.ca_bundle
+        ca = problem = None
+        source = ""
+        if ref is not None:
+            name, key = ref.config_map_name, ref.key
+            source = f"ConfigMap {name} key {key}"
+            data = ca_bundles.get(name)
+            if data is None:
+                problem = f"TLS: CA ConfigMap {name} not found"
+            elif key not in data:
+                problem = f"TLS: CA ConfigMap {name} has no key {key}"
+            else:
+                ca = data[key]
+        return Tls(
+            verify=self.verify if verify is None else verify,
+            server_name=self.server_name,
+            ca=ca,
+            source=source,
+            problem=problem,
+        )
+
+
 class HttpSpec(_Model):
     path: str = "/"
     port: int | str | None = None
     scheme: Literal["HTTP", "HTTPS"] = "HTTP"
     headers: tuple[Header, ...] = ()
     expected_statuses: tuple[StatusRange, ...] = Field(default=(), alias="expectedStatuses")
+    tls: TlsSpec | None = None
 
 
 class PortSpec(_Model):
@@ -85,6 +132,7 @@ class TcpSpec(PortSpec):
 class GrpcSpec(_Model):
     port: int | str | None = None
     service: str = ""
+    tls: TlsSpec | None = None
 
 
 class LeaseSpec(_Model):
@@ -212,6 +260,18 @@ class ServiceEntry(_Model):
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
+    @property
+    def ca_bundle(self) -> str | None:
+        """The name of the ConfigMap (in the entry's namespace) whose CA bundle its check trusts, if any."""
+        hc = self.spec.health_check
+        if hc is None:
+            return None
+        tls = hc.http.tls if hc.http is not None and hc.http.scheme == "HTTPS" else None
+        if hc.grpc is not None:
+            tls = hc.grpc.tls
+        ref = tls.ca_bundle if tls is not None else None
+        return ref.config_map_name if ref is not None else None
+
     def static_endpoints(self) -> list[Endpoint]:
         return [
             Endpoint(
@@ -225,14 +285,16 @@ class ServiceEntry(_Model):
             for e in self.spec.endpoints
         ]
 
-    def target(self, endpoint: Endpoint) -> Target | None:
-        """How to probe `endpoint`; None when the entry has no health check (every endpoint counts healthy)."""
+    def target(self, endpoint: Endpoint, *, ca_bundles: CaBundles | None = None) -> Target | None:
+        """How to probe `endpoint`; None when the entry has no health check (every endpoint counts healthy).
+        `ca_bundles`: the ConfigMaps of the entry's namespace that a `tls.caBundle` may name (see the module)."""
         hc = self.spec.health_check
         if hc is None:
             return None
         check: Check
         hints = hc.connection_loss_hints and hc.lease is None
         if hc.http is not None:
+            tls = hc.http.tls if hc.http.scheme == "HTTPS" else None
             check = HttpCheck(
                 port=self._port(hc.http.port, endpoint),
                 path=hc.http.path,
@@ -240,11 +302,17 @@ class ServiceEntry(_Model):
                 headers=tuple((h.name, h.value) for h in hc.http.headers),
                 expected=tuple((r.min, r.max if r.max is not None else r.min) for r in hc.http.expected_statuses)
                 or ((200, 399),),
+                tls=tls.tls(ca_bundles or {}) if tls is not None else None,
             )
         elif hc.tcp is not None:
             check = TcpCheck(port=self._port(hc.tcp.port, endpoint), hold=hints and hc.tcp.hold_connection)
         elif hc.grpc is not None:
-            check = GrpcCheck(port=self._port(hc.grpc.port, endpoint), service=hc.grpc.service)
+            check = GrpcCheck(
+                port=self._port(hc.grpc.port, endpoint),
+                service=hc.grpc.service,
+                # always verified: grpc cannot skip verification (the CRD rejects insecureSkipVerify: true)
+                tls=hc.grpc.tls.tls(ca_bundles or {}, verify=True) if hc.grpc.tls is not None else None,
+            )
         elif hc.lease is not None:
             prefix = hc.lease.name_prefix or f"{self.name}-"
             check = LeaseCheck(namespace=self.namespace, name=f"{prefix}{endpoint.lease_key}")
