@@ -11,6 +11,16 @@ warm-up that opens the connections), counting the process's CPU time (user + sys
 * `native+uvloop`  the same on uvloop: what `python -m beacon operator` runs by default.
 
 `--check tcp` probes TCP echo servers instead (the variants then differ only in their event loop).
+`--check https` probes HTTPS servers, each with its own certificate (its address as the name) from one test CA
+(beacon_dev.devcluster.pki), through aiohttp as the operator does, in these variants:
+
+* `unverified`        scheme HTTPS without `tls`: no verification (kubelet's way, and beacon's default);
+* `verified`          `tls` with the test CA as the bundle: chain and name verified, one SSLContext for all;
+* `verified+uvloop`   the same on uvloop: what the operator runs.
+
+Connections are kept alive and reused (one per endpoint, aiohttp's pool keyed by SSLContext and server name), so
+a steady-state probe costs no handshake; the table counts the connections the servers accepted while measuring
+(`new conns`) to show it, and gives probes per second per core (probes/s done / cores used).
 `--baseline-src DIR` adds a `before` variant: the same measurement with the `beacon` package (checker *and*
 scheduler) imported from DIR/operator, e.g. a `git worktree` of an older commit. The result callback records the
 probe metrics as the operator does. Speed is measured here, never asserted by a test. Results are printed and
@@ -37,7 +47,8 @@ from typing import Any
 from benchlib import save
 
 VARIANTS = ("aiohttp", "native", "native+uvloop")
-PORTS = {"http": 8080, "tcp": 9000}
+HTTPS_VARIANTS = ("unverified", "verified", "verified+uvloop")
+PORTS = {"http": 8080, "tcp": 9000, "https": 8443}
 PATH = "/healthz"
 
 
@@ -75,6 +86,12 @@ async def _measure(args: argparse.Namespace, addresses: list[str]) -> dict[str, 
     async with Checker(**options) as checker:
         prober = Prober(probe=checker.run, on_result=on_result, concurrency=args.concurrency)
         check: Check = HttpCheck(port=PORTS["http"], path=PATH) if args.check == "http" else TcpCheck(PORTS["tcp"])
+        if args.check == "https":
+            from beacon.targets import Tls
+
+            verified = args.variant.startswith("verified")
+            tls = Tls(verify=True, ca=args.ca_pem, source="bench CA") if verified else None
+            check = HttpCheck(port=PORTS["https"], path=PATH, scheme="HTTPS", tls=tls)
         for i, address in enumerate(addresses):
             prober.upsert(i, Target(address=address, check=check, interval=args.interval, timeout=2.0))
         task = asyncio.create_task(prober.run())
@@ -98,11 +115,13 @@ async def _measure(args: argparse.Namespace, addresses: list[str]) -> dict[str, 
         "failure_details": dict(sorted(details.items(), key=lambda kv: -kv[1])[:3]),
         "cpu_cores": round((cpu1 - cpu0) / wall, 3),
         "cpu_us_per_probe": round((cpu1 - cpu0) / probes * 1e6, 1) if probes else None,
+        "probes_per_s_per_core": round(probes / (cpu1 - cpu0)) if cpu1 > cpu0 else None,
     }
 
 
 def child(args: argparse.Namespace) -> None:
     addresses = json.loads(Path(args.addresses).read_text())
+    args.ca_pem = Path(args.ca_file).read_text() if args.ca_file else None
     if args.variant.endswith("+uvloop"):
         import uvloop
 
@@ -115,18 +134,26 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def _run_variant(args: argparse.Namespace, variant: str, addresses_file: str, src: Path | None) -> dict[str, Any]:
+def _run_variant(
+    args: argparse.Namespace, variant: str, addresses_file: str, src: Path | None, servers: list[Any] | None = None
+) -> dict[str, Any]:
+    """Run one variant in a child process; `servers` (HTTPS): count the connections they accept meanwhile."""
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src / "operator")
     argv = [sys.executable, __file__, "--child", "--variant", variant, "--addresses", addresses_file]
     argv += ["--interval", str(args.interval), "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
     argv += ["--concurrency", str(args.concurrency), "--check", args.check]
+    if args.ca_file:
+        argv += ["--ca-file", args.ca_file]
     print(f"[bench] {variant}: {args.warmup:g} s warm-up + {args.seconds:g} s ...", flush=True)
+    before = sum(server.counters()["connections"] for server in servers or ())
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=args.seconds + 300)
     if out.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{out.stderr}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if servers:  # warm-up included: the connections opened once per endpoint, then none while reused
+        result["connections_accepted"] = sum(server.counters()["connections"] for server in servers) - before
     if src is not None:
         result["variant"] = "before"
     print(f"[bench] {variant}: {json.dumps(result)}", flush=True)
@@ -139,15 +166,40 @@ def table(results: dict[str, Any]) -> str:
         f"{results['check'].upper()} checks on {results['targets']} test hosts, every {results['interval_s']:g} s "
         f"({results['targets'] / results['interval_s']:g} probes/s wanted), {results['seconds']:g} s measured",
         "",
-        "| variant | event loop | CPU us / probe | cores | probes/s done | failed | CPU vs first row |",
-        "| ------- | ---------- | -------------- | ----- | ------------- | ------ | ---------------- |",
     ]
+    https = results["check"] == "https"
+    if https:
+        lines += [
+            "| variant | event loop | CPU us / probe | probes/s per core | cores | probes/s done | new conns | failed "
+            "| CPU vs first row |",
+            "| ------- | ---------- | -------------- | ----------------- | ----- | ------------- | --------- | ------ "
+            "| ---------------- |",
+        ]
+    else:
+        lines += [
+            "| variant | event loop | CPU us / probe | cores | probes/s done | failed | CPU vs first row |",
+            "| ------- | ---------- | -------------- | ----- | ------------- | ------ | ---------------- |",
+        ]
     for run in results["runs"]:
         ratio = run["cpu_us_per_probe"] / base["cpu_us_per_probe"] if run["cpu_us_per_probe"] else float("nan")
+        if https:
+            lines.append(
+                f"| {run['variant']} | {run['loop']} | {run['cpu_us_per_probe']} | {run['probes_per_s_per_core']} | "
+                f"{run['cpu_cores']} | {run['probes_per_s']} | {run.get('connections_accepted')} | "
+                f"{run['failed_probes']} | {ratio:.2f}x |"
+            )
+            continue
         lines.append(
             f"| {run['variant']} | {run['loop']} | {run['cpu_us_per_probe']} | {run['cpu_cores']} | "
             f"{run['probes_per_s']} | {run['failed_probes']} | {ratio:.2f}x |"
         )
+    if https:
+        lines += [
+            "",
+            "new conns: connections the servers accepted during warm-up and measurement together; one per endpoint "
+            "means every later probe reused its keep-alive connection (no handshake per probe).",
+        ]
+        return "\n".join(lines)
     old = next((r for r in results["runs"] if r["variant"] in ("before", "aiohttp")), base)
     new = results["runs"][-1]
     if old is not new and old["cpu_us_per_probe"] and new["cpu_us_per_probe"]:
@@ -167,11 +219,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds probed before measuring")
     parser.add_argument("--concurrency", type=int, default=64, help="probes in flight at most (the default)")
     parser.add_argument("--check", choices=sorted(PORTS), default="http", help="what to probe (default http)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated, of {', '.join(VARIANTS)} (--check https: {', '.join(HTTPS_VARIANTS)}); default all",
+    )
     parser.add_argument("--baseline-src", type=Path, help="also measure the beacon package of this source tree")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--addresses", help=argparse.SUPPRESS)
+    parser.add_argument("--ca-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -182,15 +238,30 @@ def main() -> None:
     why = unavailable_reason()
     if why is not None:
         raise SystemExit(f"needs test hosts: {why}")
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    known = HTTPS_VARIANTS if args.check == "https" else VARIANTS
+    variants = [v for v in (args.variants or ",".join(known)).split(",") if v]
+    unknown = set(variants) - set(known)
     if unknown:
         raise SystemExit(f"unknown variants: {', '.join(sorted(unknown))}")
-    with TestNetwork() as net, tempfile.NamedTemporaryFile("w", suffix=".json") as addresses_file:
+    with (
+        TestNetwork() as net,
+        tempfile.NamedTemporaryFile("w", suffix=".json") as addresses_file,
+        tempfile.TemporaryDirectory() as pki_dir,
+    ):
         print(f"[bench] starting {args.targets} {args.check.upper()} servers on test hosts", flush=True)
         hosts = net.add_hosts(args.targets)
-        for host in hosts:
-            if args.check == "http":
+        servers: list[Any] = []
+        pki = None
+        if args.check == "https":
+            from beacon_dev.devcluster.pki import Pki
+
+            pki = Pki(directory=Path(pki_dir), name="beacon-bench-ca")
+            args.ca_file = str(pki.ca.cert)
+        for i, host in enumerate(hosts):
+            if pki is not None:
+                pair = pki.issue(name=f"host-{i}", common_name=host.address, server_hosts=(host.address,))
+                servers.append(host.http(port=PORTS["https"], path=PATH, tls=pair))
+            elif args.check == "http":
                 host.http(port=PORTS["http"], path=PATH)
             else:
                 host.tcp(port=PORTS["tcp"])
@@ -199,7 +270,7 @@ def main() -> None:
         runs = []
         if args.baseline_src is not None:
             runs.append(_run_variant(args, "aiohttp", addresses_file.name, args.baseline_src.resolve()))
-        runs += [_run_variant(args, v, addresses_file.name, None) for v in variants]
+        runs += [_run_variant(args, v, addresses_file.name, None, servers) for v in variants]
     results = {
         "check": args.check,
         "targets": args.targets,

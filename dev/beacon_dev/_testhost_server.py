@@ -19,6 +19,10 @@ by default aiohttp's own, about an hour), as servers with a short keep-alive tim
 connections it accepted and the ones it closed itself (`connections`, `closes` in `info`): what a test of beacon's
 connection-loss hints needs to see from the server's side.
 
+An HTTP or gRPC listener serves TLS when created with `tls: {"cert": PEM, "key": PEM}` (the caller makes the
+certificates; this process only loads them). Configuring another `tls` restarts the listener with it, closing the
+open connections, as a server restarted with a rotated certificate does: a client's next handshake sees the new one.
+
 HTTP listeners log every request to their health path in one ring buffer of the process (`PROBE_LOG`: the
 CLOCK_MONOTONIC time the answer was made, the address and the status; one deque append per request, the newest
 `PROBE_LOG_SIZE` kept). The `probe_log` op returns it since a given time, so a benchmark knows exactly when each
@@ -39,7 +43,9 @@ import importlib
 import json
 import os
 import signal
+import ssl
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -60,6 +66,27 @@ PROBE_LOG: deque[tuple[float, str, int]] = deque(maxlen=PROBE_LOG_SIZE)
 
 class ControlError(Exception):
     """A control request that cannot be honoured; reported back to the caller as `error`."""
+
+
+def _tls_material(value: Any) -> dict[str, str] | None:
+    """A listener's `tls` field: None, or {"cert": PEM, "key": PEM}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), str) for k in ("cert", "key")):
+        raise ControlError(f"tls must be null or {{cert: PEM, key: PEM}}, not {value!r}")
+    return {"cert": value["cert"], "key": value["key"]}
+
+
+def _server_context(tls: dict[str, str]) -> ssl.SSLContext:
+    """A server context serving `tls`'s certificate (ssl loads a chain only from files: written, loaded, gone)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as directory:
+        cert, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+        for path, data in ((cert, tls["cert"]), (key, tls["key"])):
+            with open(path, "w") as file:
+                file.write(data)
+        context.load_cert_chain(cert, key)
+    return context
 
 
 class Listener:
@@ -92,6 +119,12 @@ class Listener:
         if options:
             raise ControlError(f"{self.kind} listener has no options {sorted(options)}")
 
+    async def restart(self) -> None:
+        """Stop and start again (if running): open connections are closed, new ones see the new settings."""
+        if self.running:
+            await self.stop()
+            await self.start()
+
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "address": self.address, "port": self.port, "running": self.running}
 
@@ -122,8 +155,18 @@ class HttpListener(Listener):
 
     kind = "http"
 
-    def __init__(self, address: str, port: int, *, path: str, status: int, keepalive: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        path: str,
+        status: int,
+        keepalive: float | None = None,
+        tls: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(address, port)
+        self.tls = tls
         self.path = path
         self.status = status
         self.keepalive = keepalive
@@ -159,7 +202,8 @@ class HttpListener(Listener):
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.address, self.port, reuse_address=True)
+            context = _server_context(self.tls) if self.tls is not None else None
+            site = web.TCPSite(runner, self.address, self.port, reuse_address=True, ssl_context=context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -202,6 +246,7 @@ class HttpListener(Listener):
             "keepalive": self.keepalive,
             "connections": self.connections,
             "closes": self.closes,
+            "tls": self.tls is not None,
         }
 
 
@@ -251,8 +296,9 @@ class GrpcListener(Listener):
 
     kind = "grpc"
 
-    def __init__(self, address: str, port: int, *, statuses: dict[str, str]) -> None:
+    def __init__(self, address: str, port: int, *, statuses: dict[str, str], tls: dict[str, str] | None = None) -> None:
         super().__init__(address, port)
+        self.tls = tls
         self.statuses = dict(statuses)
         self._server: Any = None
         self._servicer: Any = None
@@ -269,7 +315,11 @@ class GrpcListener(Listener):
             await servicer.set(service, health_pb2.HealthCheckResponse.ServingStatus.Value(status))
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         try:
-            self.port = server.add_insecure_port(f"{self.address}:{self.port}")
+            if self.tls is None:
+                self.port = server.add_insecure_port(f"{self.address}:{self.port}")
+            else:
+                pair = (self.tls["key"].encode(), self.tls["cert"].encode())
+                self.port = server.add_secure_port(f"{self.address}:{self.port}", grpc.ssl_server_credentials([pair]))
             await server.start()
         except BaseException:
             await server.stop(None)
@@ -289,7 +339,7 @@ class GrpcListener(Listener):
             await self._servicer.set(service, health_pb2.HealthCheckResponse.ServingStatus.Value(status))
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "statuses": dict(self.statuses)}
+        return {**super().info(), "statuses": dict(self.statuses), "tls": self.tls is not None}
 
 
 def _bound_port(sockets: list[Any], requested: int) -> int:
@@ -381,6 +431,7 @@ class Controller:
                 path=path,
                 status=_int(request, "status"),
                 keepalive=None if keepalive is None else float(keepalive),
+                tls=_tls_material(request.get("tls")),
             )
         elif kind == "tcp":
             listener = TcpListener(address, port)
@@ -388,7 +439,12 @@ class Controller:
             statuses = request.get("statuses", {"": "SERVING"})
             if not isinstance(statuses, dict) or not all(isinstance(k, str) for k in statuses):
                 raise ControlError(f"statuses must map service names to statuses, not {statuses!r}")
-            listener = GrpcListener(address, port, statuses={k: _grpc_status(v) for k, v in statuses.items()})
+            listener = GrpcListener(
+                address,
+                port,
+                statuses={k: _grpc_status(v) for k, v in statuses.items()},
+                tls=_tls_material(request.get("tls")),
+            )
         else:
             raise ControlError(f"unknown listener kind {kind!r}")
         if request.get("start", True):
@@ -419,6 +475,13 @@ class Controller:
         options = request.get("options", {})
         if not isinstance(options, dict):
             raise ControlError(f"options must be an object, not {options!r}")
+        if "tls" in options:  # a new certificate: served from a restart on (HTTP and gRPC listeners)
+            options = dict(options)
+            tls = _tls_material(options.pop("tls"))
+            if not isinstance(listener, HttpListener | GrpcListener):
+                raise ControlError(f"{listener.kind} listener has no tls")
+            listener.tls = tls
+            await listener.restart()
         listener.configure(options)
         return listener.info()
 

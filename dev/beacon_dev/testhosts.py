@@ -60,7 +60,12 @@ it, and break paths with `block()` (DROP rules inside the namespace), never by t
 `cleanup_stale()` removes what crashed runs left behind (the owning pid is in every name) and runs whenever a
 network is created.
 
-This module imports nothing heavy (no aiohttp, no grpc); the server process does.
+HTTP and gRPC servers serve TLS when given a certificate (`tls=`, a `beacon_dev.devcluster.pki.KeyPair`: the
+PEM files are read here and sent to the helper); `set_certificate()` swaps it (the server restarts with it,
+closing its connections). The tests of beacon's verified TLS checks make their CAs and certificates with
+`beacon_dev.devcluster.pki.Pki`.
+
+This module imports nothing heavy (no aiohttp, no grpc, no cryptography); the server process does.
 """
 
 from __future__ import annotations
@@ -85,9 +90,18 @@ import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, ClassVar, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self
 
 from beacon_dev.netguard import ensure_guard_route, pid_alive
+
+if TYPE_CHECKING:
+    from beacon_dev.devcluster.pki import KeyPair
+
+
+def _tls_fields(pair: KeyPair | None) -> dict[str, str] | None:
+    """What the helper gets of a certificate: its PEM text and its key's."""
+    return None if pair is None else {"cert": pair.cert.read_text(), "key": pair.key.read_text()}
+
 
 __all__ = [
     "LOOPBACK_MAX_HOSTS",
@@ -491,8 +505,13 @@ class HttpServer(TestServer):
 
     @property
     def url(self) -> str:
-        """The health URL, e.g. http://198.18.4.10:8080/healthz."""
-        return f"http://{self.address}:{self.port}{self.path}"
+        """The health URL, e.g. http://198.18.4.10:8080/healthz (https:// when it serves TLS)."""
+        scheme = "https" if self._fields.get("tls") else "http"
+        return f"{scheme}://{self.address}:{self.port}{self.path}"
+
+    def set_certificate(self, pair: KeyPair) -> None:
+        """Serve this certificate from now on (the server restarts with it: open connections are closed)."""
+        _set_certificate(self, pair)
 
     def set_status(self, status: int) -> None:
         """Answer `path` with this HTTP status from now on."""
@@ -556,6 +575,18 @@ class GrpcServer(TestServer):
         """SERVING or NOT_SERVING."""
         self.set_status(service, "SERVING" if serving else "NOT_SERVING")
 
+    def set_certificate(self, pair: KeyPair) -> None:
+        """Serve this certificate from now on (the server restarts with it: open connections are closed)."""
+        _set_certificate(self, pair)
+
+
+def _set_certificate(server: TestServer, pair: KeyPair) -> None:
+    if not server._fields.get("tls"):
+        raise TestHostError(f"{server!r} was created without TLS")
+    fields = _tls_fields(pair)
+    server._request("configure", options={"tls": fields})
+    server._fields["tls"] = fields
+
 
 class TestHost:
     """One address inside a `TestNetwork`; start servers on it with `http()`, `tcp()`, `grpc()`."""
@@ -576,12 +607,20 @@ class TestHost:
         return int(response["listener"]), int(response["port"])
 
     def http(
-        self, *, port: int = 8080, path: str = "/healthz", status: int = 200, keepalive: float | None = None
+        self,
+        *,
+        port: int = 8080,
+        path: str = "/healthz",
+        status: int = 200,
+        keepalive: float | None = None,
+        tls: KeyPair | None = None,
     ) -> HttpServer:
         """Start an HTTP server on this host's address (port 0: pick a free port; see `.port`). `keepalive`: close
         every connection idle for that many seconds, as a server with a short keep-alive timeout does (None:
-        aiohttp's default, about an hour)."""
+        aiohttp's default, about an hour). `tls`: serve HTTPS with this certificate."""
         fields: dict[str, Any] = {"path": path, "status": status, "keepalive": keepalive}
+        if tls is not None:
+            fields["tls"] = _tls_fields(tls)
         listener, bound = self._create("http", port, **fields)
         server = HttpServer(self, listener, bound, fields)
         self.servers.append(server)
@@ -594,9 +633,12 @@ class TestHost:
         self.servers.append(server)
         return server
 
-    def grpc(self, *, port: int = 50051, status: GrpcStatus = "SERVING") -> GrpcServer:
-        """Start a gRPC health server on this host's address; the overall ("") service starts as `status`."""
+    def grpc(self, *, port: int = 50051, status: GrpcStatus = "SERVING", tls: KeyPair | None = None) -> GrpcServer:
+        """Start a gRPC health server on this host's address; the overall ("") service starts as `status`. `tls`:
+        serve over TLS with this certificate."""
         fields: dict[str, Any] = {"statuses": {"": status}}
+        if tls is not None:
+            fields["tls"] = _tls_fields(tls)
         listener, bound = self._create("grpc", port, **fields)
         server = GrpcServer(self, listener, bound, fields)
         self.servers.append(server)

@@ -27,6 +27,16 @@ The SSRF guard (policy.py) is applied to the address actually connected to. A DN
 (DNS may change), every address it resolves to is checked, and the probe then connects to exactly those addresses,
 never to the name: a second lookup by the connection could answer an address nobody checked (DNS rebinding). The
 name stays in the HTTP Host header, the TLS server name and the gRPC authority.
+
+Verified TLS (a target's `Tls`): an SSLContext is made once per distinct CA bundle (and per verify flag), not per
+probe, and kept while targets use it (the newest `_TLS_CACHE_SIZE` bundles); the server name goes in as SNI and is
+the name checked. A certificate the handshake refuses becomes its own detail (`tls_detail`): expired, unknown
+authority or name mismatch. aiohttp pools connections per SSLContext and server name, so a verified HTTPS target
+reuses its keep-alive connection like an unverified one, and a rotated CA opens new ones. gRPC over TLS uses
+`grpc.ssl_channel_credentials` (one per bundle) and `grpc.ssl_target_name_override` for the server name; grpc
+reports a refused certificate only as UNAVAILABLE with BoringSSL's words in the message, which `grpc_tls_detail`
+maps to the same details where the words say which (see there). A bundle that is missing (`Tls.problem`) or holds
+no certificate fails the probe with that detail, without connecting.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -50,13 +61,82 @@ from beacon.httpprobe import (
     nofile_limit,
 )
 from beacon.policy import ProbePolicy
-from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck
+from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck, Tls
 
-__all__ = ["MAX_BODY", "Checker", "LeaseLookup"]
+__all__ = ["MAX_BODY", "Checker", "LeaseLookup", "grpc_tls_detail", "tls_detail"]
 
 _GRPC_SERVING = 1  # grpc.health.v1.HealthCheckResponse.SERVING
 _CACHE_SIZE = 65536  # endpoints whose request bytes are remembered; the cache is emptied when it grows past this
 FILES_KEPT_FREE = 1024  # open files never used for idle probe connections (API client, watches, listeners)
+_TLS_CACHE_SIZE = 256  # distinct (verify, CA bundle) contexts kept; the oldest goes first past this
+
+# OpenSSL's X509_V_ERR_* codes (ssl.SSLCertVerificationError.verify_code) with a detail of their own
+_EXPIRED = frozenset({10})  # CERT_HAS_EXPIRED
+_NOT_YET_VALID = frozenset({9})  # CERT_NOT_YET_VALID
+# UNABLE_TO_GET_ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN,
+# UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE
+_UNKNOWN_AUTHORITY = frozenset({2, 18, 19, 20, 21})
+_NAME_MISMATCH = frozenset({62, 64})  # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+TLS_EXPIRED = "TLS: certificate expired"
+TLS_NOT_YET_VALID = "TLS: certificate not yet valid"
+TLS_UNKNOWN_AUTHORITY = "TLS: unknown certificate authority"
+
+
+def tls_name_mismatch(wanted: str) -> str:
+    return f"TLS: certificate name mismatch (wanted {wanted})"
+
+
+def tls_detail(exc: ssl.SSLError, *, wanted: str) -> str:
+    """The probe detail of a TLS handshake that failed with `exc`; `wanted`: the name the certificate must carry."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code in _EXPIRED:
+            return TLS_EXPIRED
+        if code in _NOT_YET_VALID:
+            return TLS_NOT_YET_VALID
+        if code in _UNKNOWN_AUTHORITY:
+            return TLS_UNKNOWN_AUTHORITY
+        if code in _NAME_MISMATCH:
+            return tls_name_mismatch(wanted)
+        return f"TLS: certificate refused: {exc.verify_message}"
+    return f"TLS: handshake failed: {exc.reason or exc}"
+
+
+def grpc_tls_detail(message: str, *, wanted: str) -> str | None:
+    """The detail of a gRPC call that failed in its TLS handshake, from grpc's message (None: not a TLS failure).
+    grpc carries no verification code out, only words, measured with grpcio 1.85 (BoringSSL): "Tls handshake
+    failed ... CERTIFICATE_VERIFY_FAILED: certificate has expired" (or "unable to get local issuer certificate",
+    "self signed certificate"), and "Hostname Verification Check failed" for a name mismatch, which grpc checks
+    after the chain (an expired certificate for another name reads "expired"). A message without these words (a
+    future grpc's) still gets a TLS detail when it names the handshake."""
+    lowered = message.lower()
+    if "hostname verification" in lowered or "not in peer certificate" in lowered:
+        return tls_name_mismatch(wanted)
+    if "certificate has expired" in lowered:
+        return TLS_EXPIRED
+    if "certificate is not yet valid" in lowered:
+        return TLS_NOT_YET_VALID
+    if "issuer certificate" in lowered or "self signed" in lowered or "self-signed" in lowered:
+        return TLS_UNKNOWN_AUTHORITY
+    if "certificate_verify_failed" in lowered:
+        return "TLS: certificate refused"
+    if "handshake failed" in lowered:
+        return "TLS: handshake failed"
+    return None
+
+
+def _tls_context(tls: Tls) -> ssl.SSLContext | str:
+    """A client context for `tls`, or the probe detail saying why there can be none (a bundle without a CA)."""
+    if not tls.verify:  # what aiohttp's ssl=False does: encrypt, verify nothing
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cadata=tls.ca) if tls.ca is not None else ssl.create_default_context()
+    except (ssl.SSLError, ValueError):
+        return f"TLS: no CA certificate in {tls.source}"
+
 
 LeaseLookup = Callable[[str, str], LeaseRecord | None]
 HintSink = Callable[[str, int], None]  # (address, port) of an endpoint whose idle connection the peer closed
@@ -100,12 +180,13 @@ class _Channel:
     """The gRPC channel and stub of one endpoint, and what its watcher needs to tell a peer's close from a probe's
     failure."""
 
-    __slots__ = ("busy", "channel", "closed", "peers", "saw_loss", "stub", "watcher")
+    __slots__ = ("busy", "channel", "closed", "peers", "saw_loss", "stub", "tls", "watcher")
 
-    def __init__(self, channel: Any, stub: Any, peers: tuple[str, ...] | None) -> None:
+    def __init__(self, channel: Any, stub: Any, peers: tuple[str, ...] | None, tls: Tls | None) -> None:
         self.channel = channel
         self.stub = stub
         self.peers = peers  # the addresses a name's channel connects to, None for an IP literal
+        self.tls = tls  # what the channel's credentials were made from (None: plaintext)
         self.watcher: asyncio.Task[None] | None = None  # watches connectivity (only for targets that want hints)
         self.busy = 0  # RPCs in flight
         self.saw_loss = False  # a probe ended with the channel not READY: the loss was that probe's to report
@@ -147,6 +228,9 @@ class Checker:
         self._closing: set[asyncio.Task[None]] = set()  # channels being closed
         self._grpc_requests: dict[str, Any] = {}
         self._grpc_details: dict[int, str] = {}
+        # one SSLContext per (verify, CA bundle), or why there is none; gRPC credentials per CA bundle
+        self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext | str] = {}
+        self._grpc_credentials: dict[str | None, Any] = {}
 
     async def __aenter__(self) -> Checker:
         connector = aiohttp.TCPConnector(
@@ -299,10 +383,40 @@ class Checker:
             ok, detail = False, f"{type(exc).__name__}: {exc}"[:200]
         return ProbeResult(ok=ok, detail=detail, seconds=time.perf_counter() - start)
 
+    def ssl_context(self, tls: Tls) -> ssl.SSLContext:
+        """The context of `tls`: made once per distinct (verify, CA bundle), then reused by every probe. Raises
+        ProbeError with the detail when the bundle is missing or holds no certificate."""
+        if tls.problem is not None:
+            raise ProbeError(tls.problem)
+        key = (tls.verify, tls.ca if tls.verify else None)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            if len(self._tls_contexts) >= _TLS_CACHE_SIZE:
+                del self._tls_contexts[next(iter(self._tls_contexts))]  # the oldest made
+            context = self._tls_contexts[key] = _tls_context(tls)
+        if isinstance(context, str):
+            raise ProbeError(context)
+        return context
+
     async def _http(self, address: str, peers: tuple[str, ...] | None, check: HttpCheck) -> tuple[bool, str]:
         client = self._client
         if client is None or check.scheme.upper() == "HTTPS":
-            return await self._http_aiohttp(address, peers, check)
+            tls = check.tls
+            if tls is None:
+                return await self._http_aiohttp(address, peers, check)
+            context = self.ssl_context(tls)
+            try:
+                return await self._http_aiohttp(address, peers, check, context=context, server_name=tls.server_name)
+            except aiohttp.ClientConnectorCertificateError as exc:
+                wanted = tls.server_name or address
+                error = exc.certificate_error
+                if isinstance(error, ssl.SSLError):
+                    raise ProbeError(tls_detail(error, wanted=wanted)) from None
+                raise ProbeError(f"TLS: certificate refused: {error}") from None
+            except aiohttp.ClientConnectorSSLError as exc:
+                error = exc.os_error
+                detail = tls_detail(error, wanted=address) if isinstance(error, ssl.SSLError) else str(error)
+                raise ProbeError(detail) from None
         endpoint = (address, check.port)
         requests = self._requests.get(endpoint)
         request = None if requests is None else requests.get(check)
@@ -316,33 +430,58 @@ class Checker:
         status, body = await client.get(request, peers)
         return _http_verdict(check, status, body)
 
-    async def _http_aiohttp(self, address: str, peers: tuple[str, ...] | None, check: HttpCheck) -> tuple[bool, str]:
+    async def _http_aiohttp(
+        self,
+        address: str,
+        peers: tuple[str, ...] | None,
+        check: HttpCheck,
+        *,
+        context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> tuple[bool, str]:
+        """GET over aiohttp; `context`: the target's TLS context (None: the session's, which verifies nothing);
+        `server_name`: SNI and the name verified, in place of the endpoint's."""
         https = check.scheme.upper() == "HTTPS"
         scheme = "https" if https else "http"
         headers = {"User-Agent": "beacon-probe/1", **dict(check.headers)}
         if peers is None:
             return await self._aiohttp_get(
-                f"{scheme}://{host_for_url(address)}:{check.port}{check.path}", headers, check
+                f"{scheme}://{host_for_url(address)}:{check.port}{check.path}",
+                headers,
+                check,
+                server_hostname=server_name if https else None,
+                context=context,
             )
         # a name: connect to the addresses checked for it; the name goes in the Host header and the TLS server name
         if not any(name.lower() == "host" for name in headers):
             host = host_for_url(address)
             headers["Host"] = host if check.port == (443 if https else 80) else f"{host}:{check.port}"
+        sni = (server_name or address) if https else None
         for peer in peers[:-1]:
             url = f"{scheme}://{host_for_url(peer)}:{check.port}{check.path}"
             try:
-                return await self._aiohttp_get(url, headers, check, server_hostname=address if https else None)
+                return await self._aiohttp_get(url, headers, check, server_hostname=sni, context=context)
             except aiohttp.ClientConnectorError:
                 continue  # the next address, as a connection to the name would
         url = f"{scheme}://{host_for_url(peers[-1])}:{check.port}{check.path}"
-        return await self._aiohttp_get(url, headers, check, server_hostname=address if https else None)
+        return await self._aiohttp_get(url, headers, check, server_hostname=sni, context=context)
 
     async def _aiohttp_get(
-        self, url: str, headers: dict[str, str], check: HttpCheck, *, server_hostname: str | None = None
+        self,
+        url: str,
+        headers: dict[str, str],
+        check: HttpCheck,
+        *,
+        server_hostname: str | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> tuple[bool, str]:
         assert self._session is not None, "use Checker as an async context manager"
         async with self._session.get(
-            url, headers=headers, allow_redirects=False, server_hostname=server_hostname
+            url,
+            headers=headers,
+            allow_redirects=False,
+            server_hostname=server_hostname,
+            ssl=True if context is None else context,
         ) as resp:
             body = await resp.content.read(MAX_BODY)
             if not resp.content.at_eof():
@@ -382,18 +521,23 @@ class Checker:
         aio, health_pb2, health_pb2_grpc, ready = self._grpc_modules
         endpoint = (address, check.port)
         cached = self._channels.get(endpoint)
-        if cached is None or cached.peers != peers:
-            if cached is not None:  # the name resolves elsewhere now: a channel to the addresses just checked
+        tls = check.tls
+        if cached is None or cached.peers != peers or cached.tls != tls:
+            if cached is not None:  # the name resolves elsewhere now, or the TLS settings changed: a new channel
                 self._unwatch(cached)
                 self._close_later(cached.channel.close())
+            options: list[tuple[str, str]] = []
             if peers is None:
-                channel = aio.insecure_channel(f"{host_for_url(address)}:{check.port}")
+                target = f"{host_for_url(address)}:{check.port}"
             else:  # the checked addresses, never the name (gRPC would resolve it again); the name as the authority
-                authority = f"{host_for_url(address)}:{check.port}"
-                channel = aio.insecure_channel(
-                    _grpc_target(peers, check.port), options=(("grpc.default_authority", authority),)
-                )
-            cached = self._channels[endpoint] = _Channel(channel, health_pb2_grpc.HealthStub(channel), peers)
+                target = _grpc_target(peers, check.port)
+                options.append(("grpc.default_authority", f"{host_for_url(address)}:{check.port}"))
+            if tls is None:
+                channel = aio.insecure_channel(target, options=options)
+            else:
+                options.append(("grpc.ssl_target_name_override", tls.server_name or address))
+                channel = aio.secure_channel(target, self._grpc_credentials_of(tls), options=options)
+            cached = self._channels[endpoint] = _Channel(channel, health_pb2_grpc.HealthStub(channel), peers, tls)
         if hints and cached.watcher is None and self._hint is not None:
             self._watch(endpoint, cached)
         request = self._grpc_requests.get(check.service)
@@ -402,6 +546,11 @@ class Checker:
         cached.busy += 1
         try:
             status = (await cached.stub.Check(request)).status
+        except aio.AioRpcError as exc:
+            detail = None if tls is None else grpc_tls_detail(exc.details() or "", wanted=tls.server_name or address)
+            if detail is None:
+                raise
+            raise ProbeError(detail) from None
         finally:
             cached.busy -= 1
             if cached.watcher is not None and cached.channel.get_state() is not ready:
@@ -410,6 +559,22 @@ class Checker:
         if detail is None:
             detail = self._grpc_details[status] = f"gRPC {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
         return status == _GRPC_SERVING, detail
+
+    def _grpc_credentials_of(self, tls: Tls) -> Any:
+        """Channel credentials trusting the target's CA bundle (None: grpc's default roots), one per bundle."""
+        if tls.problem is not None:
+            raise ProbeError(tls.problem)
+        credentials = self._grpc_credentials.get(tls.ca)
+        if credentials is None:
+            import grpc
+
+            if tls.ca is not None and isinstance(_tls_context(tls), str):  # grpc would only fail the handshake
+                raise ProbeError(f"TLS: no CA certificate in {tls.source}")
+            if len(self._grpc_credentials) >= _TLS_CACHE_SIZE:
+                del self._grpc_credentials[next(iter(self._grpc_credentials))]
+            roots = tls.ca.encode() if tls.ca is not None else None
+            credentials = self._grpc_credentials[tls.ca] = grpc.ssl_channel_credentials(root_certificates=roots)
+        return credentials
 
     def _lease(self, check: LeaseCheck) -> tuple[bool, str]:
         record = self._leases(check.namespace, check.name)

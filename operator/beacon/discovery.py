@@ -14,6 +14,14 @@ Selector entries are indexed by namespace and by one of their labels, so a Pod e
 that could select it; only pods some entry selects are cached. An entry that appears after its pods (or leases)
 lists them through `beacon.kube`, so filtering before caching misses nothing.
 
+CA bundles of verified TLS checks (`tls.caBundle`) are watched one ConfigMap at a time, as kubelet watches the
+ConfigMaps its pods mount: a watch with the field selector `metadata.name=<name>` in the entry's namespace, started
+with the first entry that names it (after one GET, awaited before the entry is published) and stopped with the
+last. Nothing else of the namespace's ConfigMaps is sent, parsed or cached (not the registry beacon writes, not
+the users' other ConfigMaps); the cost is one watch connection per distinct referenced ConfigMap. The bundle's
+data is cached and goes into each target (`ServiceEntry.target`), so a change of it re-targets the entries that
+name it: their probes use the new CA at once, without a restart. The resync reads each one again.
+
 A transition remembers what triggered its decisive probe (`ProbeResult.trigger`: the interval, or a probe
 connection the peer closed, see prober.py): the Event and the log line of a transition after a connection loss
 say so ("after the connection was lost"), and `beacon_detections_total{trigger}` counts transitions to unhealthy
@@ -104,6 +112,9 @@ class _Pod:
     draining: bool = False  # annotated beacon.dev/drain: "true"
 
 
+CaRef = tuple[str, str]  # (namespace, name) of a ConfigMap holding a CA bundle
+
+
 @dataclass
 class _EntryState:
     entry: ServiceEntry
@@ -124,6 +135,8 @@ class _EntryState:
     members: set[str] = field(default_factory=set)  # names of the pods its selector matches
     pods_listed: bool = True  # False until the pods its (new) selector matches have been listed
     leases_wanted: bool = False  # counted in Discovery._lease_entries
+    # the CA bundle ConfigMaps its checks name (entry-level and per-port): counted in Discovery._ca_entries
+    ca_refs: frozenset[CaRef] = frozenset()
     # built once per spec (static) and per pod state (selected): a refresh rebuilds only what changed
     stale: bool = False  # pods changed since the endpoints were last refreshed
     static: list[Endpoint] | None = None
@@ -277,6 +290,12 @@ class Discovery:
         # leases are cached only in namespaces with a lease-check entry (namespace -> those entries)
         self._lease_entries: dict[str, set[EntryKey]] = {}
         self._leases: dict[str, dict[str, LeaseRecord]] = {}
+        # CA bundle ConfigMaps, only those some entry's check names: namespace -> name -> data (None: not found);
+        # which entries name each; its first read (awaited before they publish) and its watch
+        self._ca_maps: dict[str, dict[str, dict[str, str] | None]] = {}
+        self._ca_entries: dict[CaRef, set[EntryKey]] = {}
+        self._ca_reads: dict[CaRef, asyncio.Task[None]] = {}
+        self._ca_watches: dict[CaRef, asyncio.Task[None]] = {}
         # names that watch events touched while a listing of (kind, namespace) was under way: the events win
         self._listings: dict[tuple[str, str], list[set[str]]] = {}
         self._records: dict[str, dict[str, RegistryRecord]] = defaultdict(dict)
@@ -370,6 +389,7 @@ class Discovery:
             not state.seeded
             or not state.pods_listed
             or (state.leases_wanted and state.entry.namespace in self._lease_listings)
+            or any(ref in self._ca_reads for ref in state.ca_refs)
         )
 
     def expect(self, keys: set[EntryKey]) -> None:
@@ -430,6 +450,30 @@ class Discovery:
 
     def lease_lookup(self, namespace: str, name: str) -> LeaseRecord | None:
         return self._leases.get(namespace, {}).get(name)
+
+    def ca_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A watch event of a CA bundle's ConfigMap."""
+        name = body["metadata"]["name"]
+        for touched in self._listings.get(("ConfigMap", namespace), ()):
+            touched.add(name)
+        self._apply_ca(namespace, name, None if deleted else body)
+
+    def _apply_ca(self, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        """Cache a CA bundle's ConfigMap (None: it does not exist); when its data changed, re-target the entries
+        that name it (their endpoints' targets are rebuilt; equal ones keep their schedule)."""
+        entries = self._ca_entries.get((namespace, name))
+        if not entries:
+            return
+        data = None if body is None else {str(k): str(v) for k, v in (body.get("data") or {}).items()}
+        cached = self._ca_maps.setdefault(namespace, {})
+        if name in cached and cached[name] == data:
+            return  # a metadata-only change, or what a resync read again
+        cached[name] = data
+        for key in entries:
+            state = self._entries.get(key)
+            if state is not None:
+                state.probed = {}  # every endpoint's target is built again, with the bundle as it is now
+        self._refresh(set(entries))
 
     # ------------------------------------------------------------------ indexes and filtered caches
     def _selecting(self, namespace: str, labels: Mapping[str, str]) -> set[EntryKey]:
@@ -522,6 +566,12 @@ class Discovery:
         elif not wants and state.leases_wanted:
             self._drop_lease_entry(key)
         state.leases_wanted = wants
+        ca_refs = frozenset((entry.namespace, name) for name in entry.ca_bundles)
+        for ref in state.ca_refs - ca_refs:
+            self._drop_ca_entry(key, ref)
+        for ref in ca_refs - state.ca_refs:
+            self._add_ca_entry(key, ref)
+        state.ca_refs = ca_refs
         self._sync_watches(entry.namespace)
 
     def _unindex(self, state: _EntryState) -> None:
@@ -530,7 +580,66 @@ class Discovery:
         if state.leases_wanted:
             self._drop_lease_entry(state.entry.key)
             state.leases_wanted = False
+        for ref in state.ca_refs:
+            self._drop_ca_entry(state.entry.key, ref)
+        state.ca_refs = frozenset()
         self._sync_watches(state.entry.namespace)
+
+    def _add_ca_entry(self, key: EntryKey, ref: CaRef) -> None:
+        """`key`'s check names the CA bundle ConfigMap `ref`: the first such entry starts its read and watch."""
+        entries = self._ca_entries.setdefault(ref, set())
+        if not entries:
+            namespace, name = ref
+            self._ca_watches[ref] = asyncio.ensure_future(self._follow_ca(namespace, name))
+            task = asyncio.ensure_future(self._read_ca(ref))
+            self._ca_reads[ref] = task
+
+            def done(_: asyncio.Task[None]) -> None:
+                if self._ca_reads.get(ref) is task:
+                    del self._ca_reads[ref]
+
+            task.add_done_callback(done)
+        entries.add(key)
+
+    def _drop_ca_entry(self, key: EntryKey, ref: CaRef) -> None:
+        """The last entry that names `ref` stops its watch and forgets its data."""
+        entries = self._ca_entries.get(ref, set())
+        entries.discard(key)
+        if entries:
+            return
+        self._ca_entries.pop(ref, None)
+        for tasks in (self._ca_watches, self._ca_reads):
+            task = tasks.pop(ref, None)
+            if task is not None:
+                task.cancel()
+        namespace, name = ref
+        cached = self._ca_maps.get(namespace, {})
+        cached.pop(name, None)
+        if not cached:
+            self._ca_maps.pop(namespace, None)
+
+    async def _follow_ca(self, namespace: str, name: str) -> None:
+        async for type_, body in self.kube.watch("ConfigMap", namespace, field_selector=f"metadata.name={name}"):
+            self.ca_changed(namespace, body, deleted=type_ == "DELETED")
+
+    async def _read_ca(self, ref: CaRef) -> None:
+        """Read a CA bundle's ConfigMap (unless a watch event brings it meanwhile: the event is at least as new).
+        A failed read leaves it unknown ("not found" to the probes) until the watch or the resync brings it."""
+        namespace, name = ref
+        touched: set[str] = set()
+        self._listings.setdefault(("ConfigMap", namespace), []).append(touched)
+        try:
+            body = await self.kube.get("ConfigMap", namespace, name)
+        except Exception as exc:
+            log.warning("cannot read the CA bundle ConfigMap %s/%s yet: %s", namespace, name, exc)
+            return
+        finally:
+            listings = self._listings[("ConfigMap", namespace)]
+            listings.remove(touched)
+            if not listings:
+                del self._listings[("ConfigMap", namespace)]
+        if name not in touched:
+            self._apply_ca(namespace, name, body)
 
     def _drop_selector(self, state: _EntryState, entry: ServiceEntry) -> None:
         """Take `entry`'s (old) selector out of the index, and uncache the pods no other entry selects."""
@@ -698,6 +807,9 @@ class Discovery:
         listing = self._lease_listings.get(state.entry.namespace) if state.leases_wanted else None
         if listing is not None:
             await asyncio.shield(listing)  # never fails: a failed listing is repaired by the resync
+        ca_reads = [read for ref in state.ca_refs if (read := self._ca_reads.get(ref)) is not None]
+        if ca_reads:  # never fail (a failed read is repaired by the watch or the resync); a cancelled one (the
+            await asyncio.wait(ca_reads)  # last entry naming it went) leaves nothing to wait for
         if not state.seeded:
             await self._seed(state)
         selector = state.entry.spec.selector
@@ -743,6 +855,8 @@ class Discovery:
             names, _ = await self._listed("Lease", namespace, None, apply=self._apply_listed_lease)
             for name in [n for n in self._leases.get(namespace, {}) if n not in names]:
                 self._apply_lease(namespace, name, {}, deleted=True)
+        for ref in sorted(self._ca_entries):
+            await self._read_ca(ref)
 
     async def resync_forever(self, *, every: float) -> None:
         await repeat(every=every, action=self.resync, what="resync")
@@ -833,11 +947,14 @@ class Discovery:
         state.endpoints = new
         now = self._clock()
         probed, state.probed = state.probed, {}
+        ca_bundles = self._ca_maps.get(entry.namespace) if state.ca_refs else None
         for ep in new:
             state.probed[ep.address] = ep
             if probed.get(ep.address) is ep:
                 continue  # the same endpoint as at the last refresh: its health and target are in place
-            targets = {slot_key(ep.address, port): target for port, target in entry.targets(ep).items()}
+            targets = {
+                slot_key(ep.address, port): target for port, target in entry.targets(ep, ca_bundles=ca_bundles).items()
+            }
             for slot in state.slots.get(ep.address, ()):
                 if slot not in targets:  # a check the spec dropped
                     self._unprobe((entry.namespace, entry.name, slot))
@@ -1332,6 +1449,10 @@ class Discovery:
         for task in self._watches.values():
             task.cancel()
         self._watches.clear()
+        for tasks in (self._ca_watches, self._ca_reads):
+            for task in tasks.values():
+                task.cancel()
+            tasks.clear()
         await self.entries.close()
         await self.registries.close()
 

@@ -347,12 +347,19 @@ class Kube:
         return self._watches
 
     async def watch(
-        self, kind: str, namespace: str | None, *, label_selector: str | None = None, metadata_only: bool = False
+        self,
+        kind: str,
+        namespace: str | None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        metadata_only: bool = False,
     ) -> AsyncIterator[tuple[str, Obj]]:
         """Events of `kind` in `namespace` (None: every namespace), forever: ("ADDED" | "MODIFIED" | "DELETED",
         object). `metadata_only`: the objects carry only their metadata (PartialObjectMetadata), which is all a
         watch that looks for other writers needs: a 1,000-service registry ConfigMap is not sent whole on every
-        rewrite.
+        rewrite. `field_selector` ("metadata.name=ca-bundle"): one object's watch, as kubelet watches the
+        ConfigMaps its pods mount.
 
         It starts without a resource version, so the server first sends a synthetic ADDED event per existing
         object (the listing, streamed: memory stays one object deep). Each request ends after `WATCH_SECONDS`
@@ -361,7 +368,7 @@ class Kube:
         Errors are logged and retried when the operator's shared retry limiter says; only cancellation ends it.
         """
         version: str | None = None
-        retry_key = ("watch", kind, namespace, label_selector)
+        retry_key = ("watch", kind, namespace, label_selector, field_selector)
         path = self.path(kind, namespace)
         while True:
             query = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS)}
@@ -369,6 +376,8 @@ class Kube:
                 query["resourceVersion"] = version
             if label_selector:
                 query["labelSelector"] = label_selector
+            if field_selector:
+                query["fieldSelector"] = field_selector
             url, headers = self._url("GET", path, {"Accept": METADATA_ONLY if metadata_only else "application/json"})
             try:
                 timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=WATCH_SECONDS + 30)

@@ -25,7 +25,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from beacon.health import Thresholds
-from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck
+from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck, Tls
+
+# ConfigMap name -> its data (None: it does not exist), in the entry's namespace: where CA bundles are read from
+CaBundles = Mapping[str, Mapping[str, str] | None]
 
 
 class _Model(BaseModel):
@@ -59,12 +62,56 @@ class StatusRange(_Model):
     max: int | None = None
 
 
+class CaBundleRef(_Model):
+    config_map_name: str = Field(alias="configMapName")
+    key: str
+
+
+class TlsSpec(_Model):
+    """`healthCheck.http.tls` / `healthCheck.grpc.tls`."""
+
+    insecure_skip_verify: bool | None = Field(default=None, alias="insecureSkipVerify")
+    server_name: str | None = Field(default=None, alias="serverName")
+    ca_bundle: CaBundleRef | None = Field(default=None, alias="caBundle")
+
+    @property
+    def verify(self) -> bool:
+        """Whether the certificate is verified: as set, else when a CA bundle or a server name is given."""
+        if self.insecure_skip_verify is not None:
+            return not self.insecure_skip_verify
+        return self.ca_bundle is not None or self.server_name is not None
+
+    def tls(self, ca_bundles: CaBundles, *, verify: bool | None = None) -> Tls:
+        """The check's TLS parameters, with the CA bundle's text looked up in `ca_bundles`."""
+        ref = self.ca_bundle
+        ca = problem = None
+        source = ""
+        if ref is not None:
+            name, key = ref.config_map_name, ref.key
+            source = f"ConfigMap {name} key {key}"
+            data = ca_bundles.get(name)
+            if data is None:
+                problem = f"TLS: CA ConfigMap {name} not found"
+            elif key not in data:
+                problem = f"TLS: CA ConfigMap {name} has no key {key}"
+            else:
+                ca = data[key]
+        return Tls(
+            verify=self.verify if verify is None else verify,
+            server_name=self.server_name,
+            ca=ca,
+            source=source,
+            problem=problem,
+        )
+
+
 class HttpSpec(_Model):
     path: str = "/"
     port: int | str | None = None
     scheme: Literal["HTTP", "HTTPS"] = "HTTP"
     headers: tuple[Header, ...] = ()
     expected_statuses: tuple[StatusRange, ...] = Field(default=(), alias="expectedStatuses")
+    tls: TlsSpec | None = None
 
 
 class PortSpec(_Model):
@@ -78,6 +125,7 @@ class TcpSpec(PortSpec):
 class GrpcSpec(_Model):
     port: int | str | None = None
     service: str = ""
+    tls: TlsSpec | None = None
 
 
 class LeaseSpec(_Model):
@@ -231,6 +279,23 @@ class ServiceEntry(_Model):
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
+    @property
+    def ca_bundles(self) -> frozenset[str]:
+        """The names of the ConfigMaps (in the entry's namespace) whose CA bundles its checks trust: the
+        entry-level check's and the ports' own."""
+        names = set()
+        checks = [self.spec.health_check, *(p.health_check for p in self.spec.ports)]
+        for check in checks:
+            if check is None:
+                continue
+            tls = check.http.tls if check.http is not None and check.http.scheme == "HTTPS" else None
+            if check.grpc is not None:
+                tls = check.grpc.tls
+            ref = tls.ca_bundle if tls is not None else None
+            if ref is not None:
+                names.add(ref.config_map_name)
+        return frozenset(names)
+
     def static_endpoints(self) -> list[Endpoint]:
         return [
             Endpoint(
@@ -260,11 +325,13 @@ class ServiceEntry(_Model):
         hc = self.spec.health_check
         return (hc is not None and hc.kind is not None) or bool(self.own_checks)
 
-    def targets(self, endpoint: Endpoint) -> dict[str, Target]:
+    def targets(self, endpoint: Endpoint, *, ca_bundles: CaBundles | None = None) -> dict[str, Target]:
         """How to probe `endpoint`, by slot: "" for the entry-level check (which gates the ports without their
-        own), a port's name for that port's own check. Empty when nothing is probed (every port counts healthy)."""
+        own), a port's name for that port's own check. Empty when nothing is probed (every port counts healthy).
+        `ca_bundles`: the ConfigMaps of the entry's namespace that a `tls.caBundle` may name (see the module)."""
         out: dict[str, Target] = {}
-        entry_level = self.target(endpoint)
+        bundles = ca_bundles or {}
+        entry_level = self.target(endpoint, ca_bundles=ca_bundles)
         if entry_level is not None:
             out[""] = entry_level
         hc = self.health_check
@@ -275,11 +342,11 @@ class ServiceEntry(_Model):
             number = endpoint.ports[port.name]
             check: Check
             if own.http is not None:
-                check = _http_check(own.http, number)
+                check = _http_check(own.http, number, bundles)
             elif own.tcp is not None:
                 check = TcpCheck(port=number, hold=hc.connection_loss_hints and own.tcp.hold_connection)
             elif own.grpc is not None:
-                check = GrpcCheck(port=number, service=own.grpc.service)
+                check = _grpc_check(own.grpc, number, bundles)
             else:  # the CRD's CEL rule requires exactly one kind
                 continue
             out[port.name] = Target(
@@ -292,20 +359,20 @@ class ServiceEntry(_Model):
             )
         return out
 
-    def target(self, endpoint: Endpoint) -> Target | None:
+    def target(self, endpoint: Endpoint, *, ca_bundles: CaBundles | None = None) -> Target | None:
         """The entry-level check of `endpoint`; None when the entry has none (the ports it would gate count
-        healthy)."""
+        healthy). `ca_bundles`: as for `targets`."""
         hc = self.spec.health_check
         if hc is None:
             return None
         check: Check
         hints = hc.connection_loss_hints and hc.lease is None
         if hc.http is not None:
-            check = _http_check(hc.http, self._port(hc.http.port, endpoint))
+            check = _http_check(hc.http, self._port(hc.http.port, endpoint), ca_bundles or {})
         elif hc.tcp is not None:
             check = TcpCheck(port=self._port(hc.tcp.port, endpoint), hold=hints and hc.tcp.hold_connection)
         elif hc.grpc is not None:
-            check = GrpcCheck(port=self._port(hc.grpc.port, endpoint), service=hc.grpc.service)
+            check = _grpc_check(hc.grpc, self._port(hc.grpc.port, endpoint), ca_bundles or {})
         elif hc.lease is not None:
             prefix = hc.lease.name_prefix or f"{self.name}-"
             check = LeaseCheck(namespace=self.namespace, name=f"{prefix}{endpoint.lease_key}")
@@ -330,11 +397,19 @@ class ServiceEntry(_Model):
         return endpoint.ports[ref]
 
 
-def _http_check(spec: HttpSpec, port: int) -> HttpCheck:
+def _http_check(spec: HttpSpec, port: int, ca_bundles: CaBundles) -> HttpCheck:
+    tls = spec.tls if spec.scheme == "HTTPS" else None
     return HttpCheck(
         port=port,
         path=spec.path,
         scheme=spec.scheme,
         headers=tuple((h.name, h.value) for h in spec.headers),
         expected=tuple((r.min, r.max if r.max is not None else r.min) for r in spec.expected_statuses) or ((200, 399),),
+        tls=tls.tls(ca_bundles) if tls is not None else None,
     )
+
+
+def _grpc_check(spec: GrpcSpec, port: int, ca_bundles: CaBundles) -> GrpcCheck:
+    # always verified: grpc cannot skip verification (the CRD rejects insecureSkipVerify: true)
+    tls = spec.tls.tls(ca_bundles, verify=True) if spec.tls is not None else None
+    return GrpcCheck(port=port, service=spec.service, tls=tls)

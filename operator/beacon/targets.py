@@ -8,6 +8,11 @@ Connection-loss hints (see prober.py): a Target carries what the prober needs to
 wants them (`hints`) and how many consecutive failures make the endpoint unhealthy (`unhealthy_threshold`: the
 fast re-probes stop there); a TcpCheck says whether the checker keeps its connection open to watch it (`hold`);
 and a ProbeResult says what triggered the probe (`trigger`), so a transition can name its cause.
+
+Verified TLS: an HttpCheck (scheme HTTPS) or a GrpcCheck may carry a `Tls`: whether the certificate is verified,
+the server name (SNI, and the name verified), and the CA bundle's PEM text itself, read from its ConfigMap. The
+bundle is part of the target, so a rotated CA is a changed target: the prober re-upserts it (equal targets keep
+their schedule) and the checker builds (and caches) a context for the new bundle.
 """
 
 from __future__ import annotations
@@ -22,12 +27,28 @@ CONNECTION_LOSS: Final = "connection-loss"  # the probe was run because the peer
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    """How a probe's TLS handshake is checked. `verify=False` accepts any certificate (kubelet's HTTPS probes do
+    the same); `server_name` is sent as SNI and is the name the certificate must carry (None: the endpoint's
+    address, or its DNS name); `ca` is the PEM text of the CA bundle to trust (None: the system's trust store).
+    `problem`: why the configured bundle cannot be had (its ConfigMap or key is missing): the probe fails with it,
+    without connecting. `source` names the bundle in details ("ConfigMap ca-bundle key ca.crt")."""
+
+    verify: bool = False
+    server_name: str | None = None
+    ca: str | None = None
+    source: str = ""
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HttpCheck:
     port: int
     path: str = "/"
     scheme: str = "HTTP"
     headers: tuple[tuple[str, str], ...] = ()
     expected: tuple[tuple[int, int], ...] = ((200, 399),)
+    tls: Tls | None = None  # HTTPS only; None: not verified, as before verified TLS existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +61,7 @@ class TcpCheck:
 class GrpcCheck:
     port: int
     service: str = ""
+    tls: Tls | None = None  # None: plaintext (h2c); else TLS, always verified (grpc cannot skip verification)
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,6 +215,30 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
             "expectedStatuses": [{"min": 200, "max": 299}, {"min": 429}],
         }
 
+    def https_verified(spec: Doc) -> None:
+        spec["healthCheck"]["http"] = {
+            "path": "/healthz",
+            "scheme": "HTTPS",
+            "tls": {
+                "serverName": "payments.example.com",
+                "caBundle": {"configMapName": "payments-ca", "key": "ca.crt"},
+            },
+        }
+
+    def https_sni_only(spec: Doc) -> None:
+        spec["healthCheck"]["http"] = {
+            "scheme": "HTTPS",
+            "tls": {"serverName": "payments.example.com", "insecureSkipVerify": True},
+        }
+
+    def grpc_tls(spec: Doc) -> None:
+        spec["healthCheck"] = {
+            "grpc": {
+                "port": 8080,
+                "tls": {"insecureSkipVerify": False, "caBundle": {"configMapName": "ca", "key": "a.b"}},
+            }
+        }
+
     def no_health_check(spec: Doc) -> None:
         del spec["healthCheck"]
 
@@ -254,6 +278,9 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
         ("grpc", grpc),
         ("lease", lease),
         ("http-everything", http_everything),
+        ("https-verified", https_verified),
+        ("https-sni-only", https_sni_only),
+        ("grpc-tls", grpc_tls),
         ("no-health-check", no_health_check),
         ("failsafe", failsafe),
         ("cluster-ip", cluster_ip),
@@ -310,7 +337,50 @@ def _many_endpoints(count: int) -> list[Doc]:
     return [{"address": f"198.18.{i // 250}.{i % 250 + 1}"} for i in range(count)]
 
 
+CA_BUNDLE = {"configMapName": "payments-ca", "key": "ca.crt"}
+
+
+def _https_tls(tls: Doc, scheme: str = "HTTPS") -> Callable[[Doc], None]:
+    return _set("healthCheck.http", {"path": "/healthz", "scheme": scheme, "tls": tls})
+
+
 SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
+    ("tls-without-https", _https_tls({"insecureSkipVerify": False}, "HTTP"), ["http.tls needs scheme HTTPS"]),
+    (
+        "ca-bundle-but-skip-verify",
+        _https_tls({"insecureSkipVerify": True, "caBundle": CA_BUNDLE}),
+        ["tls.caBundle contradicts insecureSkipVerify true"],
+    ),
+    (
+        "grpc-cannot-skip-verify",
+        _set("healthCheck", {"grpc": {"port": 8080, "tls": {"insecureSkipVerify": True}}}),
+        ["grpc.tls cannot skip certificate verification"],
+    ),
+    (
+        "ca-configmap-name-not-a-dns-subdomain",
+        _https_tls({"caBundle": {"configMapName": "Payments_CA", "key": "ca.crt"}}),
+        ["spec.healthCheck.http.tls.caBundle.configMapName", "should match"],
+    ),
+    (
+        "ca-key-not-a-configmap-key",
+        _https_tls({"caBundle": {"configMapName": "payments-ca", "key": "certs/ca.crt"}}),
+        ["spec.healthCheck.http.tls.caBundle.key", "should match"],
+    ),
+    (
+        "ca-bundle-without-key",
+        _https_tls({"caBundle": {"configMapName": "payments-ca"}}),
+        ["spec.healthCheck.http.tls.caBundle.key", "Required value"],
+    ),
+    (
+        "server-name-not-a-dns-name",
+        _https_tls({"serverName": "payments example"}),
+        ["spec.healthCheck.http.tls.serverName", "should match"],
+    ),
+    (
+        "server-name-too-long",
+        _https_tls({"serverName": "a" * 254}),
+        ["spec.healthCheck.http.tls.serverName", "may not be more than 253"],
+    ),
     (
         "panic-floor-above-100",
         _set("healthCheck.minHealthyPercent", 101),

@@ -190,3 +190,32 @@ def test_the_port_check_kinds_are_the_entry_level_ones_minus_the_port() -> None:
         expected = copy.deepcopy(entry_level[kind])
         expected["properties"].pop("port", None)
         assert schema == expected, kind
+
+
+def test_a_ports_own_https_check_trusts_its_own_ca_bundle() -> None:
+    body = {
+        "metadata": {"name": "api", "namespace": "shop", "uid": "u3"},
+        "spec": {
+            "ports": [
+                {"name": "grpc", "port": 9000},
+                {
+                    "name": "https",
+                    "port": 8443,
+                    "healthCheck": {
+                        "http": {"scheme": "HTTPS", "tls": {"caBundle": {"configMapName": "edge-ca", "key": "ca.crt"}}}
+                    },
+                },
+            ],
+            "endpoints": [{"address": "198.18.0.1"}],
+            "healthCheck": {"grpc": {"port": "grpc", "tls": {"caBundle": {"configMapName": "mesh-ca", "key": "ca"}}}},
+        },
+    }
+    entry = ServiceEntry.from_body(body)
+    assert entry.ca_bundles == {"edge-ca", "mesh-ca"}
+    targets = entry.targets(endpoints(entry)[0], ca_bundles={"edge-ca": {"ca.crt": "EDGE"}, "mesh-ca": None})
+    own, shared = targets["https"].check, targets[""].check
+    assert isinstance(own, HttpCheck)
+    assert own.tls is not None
+    assert (own.tls.verify, own.tls.ca, own.tls.problem) == (True, "EDGE", None)
+    assert shared.tls is not None  # type: ignore[union-attr]
+    assert shared.tls.problem == "TLS: CA ConfigMap mesh-ca not found"  # type: ignore[union-attr]

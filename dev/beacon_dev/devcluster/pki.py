@@ -3,6 +3,11 @@
 Why it exists: a real kube-apiserver with RBAC needs a CA, a serving certificate, client certificates whose
 subject carries the user and groups, and a service-account signing key. Generating them in-process keeps the
 control plane free of openssl/cfssl as dependencies and makes every run's PKI fresh and throwaway.
+
+The same CA serves the TLS probe tests (tests of beacon's verified HTTPS and gRPC checks, and their benchmark):
+a CA of another name stands for an unknown authority, `issue(expired=True)` for an expired certificate. Every
+certificate carries its key identifiers (subject and authority), so a CA of the same name but another key is told
+apart from the real one by OpenSSL's issuer lookup ("unable to get local issuer", not "bad signature").
 """
 
 from __future__ import annotations
@@ -43,22 +48,25 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
 class Pki:
     """A throwaway certificate authority in one directory, issuing the control plane's certificates."""
 
-    def __init__(self, *, directory: Path) -> None:
+    def __init__(self, *, directory: Path, name: str = "beacon-dev-ca") -> None:
+        """`name`: the CA's common name (a second CA of another name is an authority the first one's clients do
+        not know)."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         self._ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "beacon-dev-ca")])
-        self._ca_name = name
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self._ca_name = subject
         self._ca_cert = (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
+            .subject_name(subject)
+            .issuer_name(subject)
             .public_key(self._ca_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(self._now)
             .not_valid_after(self._now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._ca_key.public_key()), critical=False)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
@@ -88,8 +96,10 @@ class Pki:
         organizations: tuple[str, ...] = (),
         server_hosts: tuple[str, ...] = (),
         client: bool = False,
+        expired: bool = False,
     ) -> KeyPair:
-        """Issue a leaf certificate: serving (with `server_hosts` as SANs), client (CN=user, O=groups), or both."""
+        """Issue a leaf certificate: serving (with `server_hosts` as SANs), client (CN=user, O=groups), or both.
+        `expired`: valid from two days ago until yesterday."""
         key = ec.generate_private_key(ec.SECP256R1())
         attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
         attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
@@ -104,10 +114,14 @@ class Pki:
             .issuer_name(self._ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now)
-            .not_valid_after(self._now + _VALIDITY)
+            .not_valid_before(self._now - dt.timedelta(days=2) if expired else self._now)
+            .not_valid_after(self._now - dt.timedelta(days=1) if expired else self._now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
+            )
         )
         if server_hosts:
             sans: list[x509.GeneralName] = []
