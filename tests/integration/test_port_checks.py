@@ -129,8 +129,12 @@ def test_a_failing_port_is_withdrawn_from_that_port_only_everywhere(
         what="b published on mysql only",
     )
     assert endpoints_ports(cluster, namespace, "db") == {a: ("exporter", "mysql"), b: ("mysql",)}
-    record = registry_entry(cluster, namespace, "db")
-    by_address = {e["address"]: e for e in record["endpoints"]}
+
+    def registry_by_address() -> dict[str, Any]:
+        return {e["address"]: e for e in registry_entry(cluster, namespace, "db").get("endpoints", [])}
+
+    eventually(lambda: registry_by_address().get(b, {}).get("ports") == {"mysql": 3306}, timeout=10, what="registry")
+    by_address = registry_by_address()
     assert by_address[b]["ports"] == {"mysql": 3306}
     assert by_address[b]["portHealth"] == {"mysql": "passing", "exporter": "critical"}
     assert by_address[a]["ports"] == {"exporter": 9104, "mysql": 3306}
@@ -181,5 +185,6 @@ def test_a_backend_down_on_every_port_is_not_ready(
         timeout=BUDGET,
         what="not ready under every port",
     )
-    assert registry_entry(cluster, namespace, "gone")["endpoints"] == []
+    # the registry follows the slices (a namespace's catalog is written at most once per 500 ms)
+    eventually(lambda: registry_entry(cluster, namespace, "gone")["endpoints"] == [], timeout=10, what="registry")
     assert endpoint_status(cluster, namespace, "gone")[host.address]["state"] == "Unhealthy"
