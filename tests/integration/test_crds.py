@@ -324,12 +324,12 @@ SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
     (
         "two-health-check-kinds",
         _set("healthCheck.tcp", {"port": "http"}),
-        ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+        ["healthCheck must set exactly one of http, tcp, grpc, udp or lease"],
     ),
     (
         "no-health-check-kind",
         _set("healthCheck", {"intervalSeconds": 5}),
-        ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+        ["healthCheck must set exactly one of http, tcp, grpc, udp or lease"],
     ),
     (
         "port-check-with-two-kinds",

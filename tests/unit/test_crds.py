@@ -217,7 +217,13 @@ def test_every_cel_rule_has_a_message(crd: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("crd", "path", "message"),
     [
-        (SERVICE_ENTRY, ".spec.healthCheck", "healthCheck must set exactly one of http, tcp, grpc or lease"),
+        (SERVICE_ENTRY, ".spec.healthCheck", "healthCheck must set exactly one of http, tcp, grpc, udp or lease"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp", "udp must set exactly one of send, sendHex or dns"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp", "udp.expect does not apply to udp.dns"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.expect", "udp.expect must set at most one of prefix, prefixHex"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.sendHex", "sendHex must be hex digits, two per byte"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.expect.prefixHex", "prefixHex must be hex digits, two per byte"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.dns.name", "dns.name must be a DNS name"),
         (SERVICE_ENTRY, ".spec", "at least one of spec.endpoints or spec.selector is required"),
         (SERVICE_ENTRY, ".spec.healthCheck", "must be less than healthCheck.intervalSeconds"),
         (SERVICE_ENTRY, ".spec", "ports must not repeat the same port number and protocol"),
@@ -253,7 +259,7 @@ def test_health_check_defaults_and_bounds() -> None:
     assert check["timeoutSeconds"]["minimum"] < check["intervalSeconds"]["minimum"]
     assert check["healthyThreshold"]["default"] == 1
     assert check["unhealthyThreshold"]["default"] == 3
-    assert set(check) >= {"http", "tcp", "grpc", "lease", "deregisterAfterSeconds"}
+    assert set(check) >= {"http", "tcp", "grpc", "udp", "lease", "deregisterAfterSeconds"}
     assert _node(_schema(SERVICE_ENTRY), ".spec.headless")["default"] is True
 
 
