@@ -23,9 +23,9 @@ seen. `hint(address, port)` (wired by the runtime to `Prober.hint`) is told when
 Closes the checker makes itself (forget, a name resolving elsewhere, shutdown) are never hints. HTTPS through
 aiohttp gives no hints (aiohttp does not say when a pooled connection is closed by the peer).
 
-UDP checks: one connected datagram socket per probe, closed when the probe ends. A connected socket is told about
-the ICMP port-unreachable the endpoint's host answers to a datagram for a closed port (ConnectionRefusedError through
-the protocol's `error_received`), so a stopped server fails at once with its own detail, and a silent port (a
+UDP checks: one connected datagram socket per probe, read by an event-loop reader and closed when the probe ends. A
+connected socket is told about the ICMP port-unreachable the endpoint's host answers to a datagram for a closed port
+(ConnectionRefusedError from its next recv), so a stopped server fails at once with its own detail, and a silent port (a
 firewall dropping the datagram) fails at the timeout with another. DNS mode builds its query once per target
 (dnspython, imported with the first DNS check) and gives every probe a random id; the reply must parse, answer that
 id and question, and carry the wanted rcode. A reply's `regex` is RE2 (google-re2, imported with the first one):
@@ -117,28 +117,6 @@ class _Held(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
-
-
-class _Datagram(asyncio.DatagramProtocol):
-    """A UDP probe's socket: its first datagram, or the error the kernel reports for it (on a connected socket an
-    ICMP port unreachable arrives as ConnectionRefusedError), settles `reply`."""
-
-    __slots__ = ("reply",)
-
-    def __init__(self, reply: asyncio.Future[bytes]) -> None:
-        self.reply = reply
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if not self.reply.done():
-            self.reply.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.reply.done():
-            self.reply.set_exception(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self.reply.done():
-            self.reply.set_exception(exc)
 
 
 class _DnsProbe:
@@ -495,25 +473,23 @@ class Checker:
                 dns_probe = self._dns_probes[check.dns] = _DnsProbe(check.dns)
             payload = os.urandom(2) + dns_probe.wire[2:]  # a random id per probe
         peer = address if peers is None else peers[0]
+        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             sock.connect((peer, check.port))  # a connected socket: the only one the kernel tells about ICMP errors
-            # sent here, not by the transport: asyncio's drops an empty datagram. What comes back (a reply, an ICMP
-            # error) waits in the socket until the transport reads it.
-            sock.send(payload)
-        except BaseException:
-            sock.close()
-            raise
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Datagram(reply), sock=sock)
-        try:
-            data = await reply
+            sock.send(payload)  # what comes back (a reply, an ICMP error) waits in the socket until it is read
+            reply: asyncio.Future[bytes] = loop.create_future()
+            fd = sock.fileno()
+            loop.add_reader(fd, _receive, sock, reply)
+            try:
+                data = await reply
+            finally:
+                loop.remove_reader(fd)  # before the close: a reused descriptor number must find no stale reader
         except ConnectionRefusedError:
             return False, "UDP port unreachable (ICMP)"
         finally:
-            transport.close()
+            sock.close()
         if dns_probe is not None:
             return _dns_verdict(dns_probe, payload, data)
         if check.prefix is not None:
@@ -553,6 +529,22 @@ class Checker:
         if left <= 0:
             return False, f"Lease {check.name} expired {abs(left):.1f}s ago"  # abs: never "-0.0s"
         return True, f"Lease {check.name} valid for {left:.1f}s"
+
+
+def _receive(sock: socket.socket, reply: asyncio.Future[bytes]) -> None:
+    """A UDP probe's socket is readable: its first datagram, or the error the kernel queued on it (on a connected
+    socket an ICMP port unreachable arrives as ConnectionRefusedError), settles `reply`. A reader of the event loop
+    and no transport: per probe that saves a transport, a protocol and two callbacks."""
+    if reply.done():
+        return
+    try:
+        data = sock.recv(65535)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError as exc:
+        reply.set_exception(exc)
+    else:
+        reply.set_result(data)
 
 
 def _tcp_protocol(_peer: str) -> asyncio.Protocol:
