@@ -133,6 +133,7 @@ class PortCheck(_Model):
     http: HttpSpec | None = None
     tcp: TcpSpec | None = None
     grpc: GrpcSpec | None = None
+    udp: UdpSpec | None = None
 
 
 class Port(_Model):
@@ -324,6 +325,8 @@ class ServiceEntry(_Model):
                 check = TcpCheck(port=number, hold=hc.connection_loss_hints and own.tcp.hold_connection)
             elif own.grpc is not None:
                 check = GrpcCheck(port=number, service=own.grpc.service)
+            elif own.udp is not None:
+                check = own.udp.check(number)
             else:  # the CRD's CEL rule requires exactly one kind
                 continue
             out[port.name] = Target(
@@ -331,7 +334,7 @@ class ServiceEntry(_Model):
                 check=check,
                 interval=float(hc.interval),
                 timeout=float(hc.timeout),
-                hints=hc.connection_loss_hints,
+                hints=hc.connection_loss_hints and own.udp is None,  # UDP has no connection to lose
                 unhealthy_threshold=hc.unhealthy_threshold,
             )
         return out

@@ -213,6 +213,10 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
     def udp_hex_prefix(spec: Doc) -> None:
         spec["healthCheck"] = {"udp": {"send": "", "expect": {"prefixHex": "CAFE"}}}
 
+    def udp_port_check(spec: Doc) -> None:
+        own = {"udp": {"dns": {"name": "db.shop.example", "type": "AAAA"}}}
+        spec["ports"].append({"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": own})
+
     def udp_dns(spec: Doc) -> None:
         spec["ports"].append({"name": "dns", "port": 53, "protocol": "UDP"})
         dns = {"name": "_http._tcp.payments.shop.svc.cluster.local.", "type": "SRV", "rcode": "NXDOMAIN"}
@@ -271,6 +275,7 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
         ("udp-hex-regex", udp_hex_regex),
         ("udp-hex-prefix", udp_hex_prefix),
         ("udp-dns", udp_dns),
+        ("udp-port-check", udp_port_check),
         ("lease", lease),
         ("http-everything", http_everything),
         ("no-health-check", no_health_check),
@@ -396,6 +401,22 @@ SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
             ],
         ),
         ["a UDP port's own check must be udp"],
+    ),
+    (
+        "udp-check-on-a-tcp-port",
+        _set("ports", [{"name": "http", "port": 8080}, {"name": "m", "port": 9, "healthCheck": {"udp": {"send": ""}}}]),
+        ["a udp check belongs to a UDP port"],
+    ),
+    (
+        "port-udp-check-without-payload",
+        _set(
+            "ports",
+            [
+                {"name": "http", "port": 8080},
+                {"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": {"udp": {}}},
+            ],
+        ),
+        ["udp must set exactly one of send, sendHex or dns"],
     ),
     (
         "udp-beside-http",

@@ -197,6 +197,23 @@ def test_udp_target_payload_expectation_and_dns_query(udp: dict[str, Any], check
     assert not target.hints
 
 
+def test_a_udp_port_with_its_own_udp_check() -> None:
+    entry = make_entry(
+        {
+            "ports": [
+                *PORTS,
+                {"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": {"udp": {"dns": {"name": "x"}}}},
+            ],
+            "endpoints": [{"address": "198.18.0.10", "ports": [{"name": "dns", "port": 5353}]}],
+            "healthCheck": {"tcp": {"port": "http"}},
+        }
+    )
+    targets = entry.targets(entry.static_endpoints()[0])
+    assert targets["dns"].check == UdpCheck(port=5353, dns=DnsQuery(name="x"))  # the endpoint's override applies
+    assert not targets["dns"].hints
+    assert targets[""].hints
+
+
 def test_lease_name_defaults_to_entry_prefix_and_endpoint_key() -> None:
     entry = make_entry(
         {
