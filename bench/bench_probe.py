@@ -10,7 +10,6 @@ warm-up that opens the connections), counting the process's CPU time (user + sys
 * `native`         plain HTTP through beacon's keep-alive client (httpprobe.py), on asyncio's loop;
 * `native+uvloop`  the same on uvloop: what `python -m beacon operator` runs by default.
 
-`--check tcp` probes TCP echo servers instead (the variants then differ only in their event loop).
 `--check https` probes HTTPS servers, each with its own certificate (its address as the name) from one test CA
 (beacon_dev.devcluster.pki), through aiohttp as the operator does, in these variants:
 
@@ -21,10 +20,15 @@ warm-up that opens the connections), counting the process's CPU time (user + sys
 Connections are kept alive and reused (one per endpoint, aiohttp's pool keyed by SSLContext and server name), so
 a steady-state probe costs no handshake; the table counts the connections the servers accepted while measuring
 (`new conns`) to show it, and gives probes per second per core (probes/s done / cores used).
+`--check tcp` probes TCP echo servers instead, `--check udp` UDP echo servers (a datagram out, its echo back and
+matched against a prefix) and `--check dns` one-name DNS servers (a dnspython query with a fresh id, the reply parsed
+and its rcode checked); the variants then differ only in their event loop. Besides CPU per probe, the table gives
+its inverse, probes per second per core: what one core's worth of the operator's loop could sustain.
 `--baseline-src DIR` adds a `before` variant: the same measurement with the `beacon` package (checker *and*
 scheduler) imported from DIR/operator, e.g. a `git worktree` of an older commit. The result callback records the
 probe metrics as the operator does. Speed is measured here, never asserted by a test. Results are printed and
-saved as bench/results/probe.json and .md (probe-tcp.* for TCP). Needs root (network namespaces).
+saved as bench/results/probe.json and .md (probe-tcp.*, probe-udp.*, probe-dns.* for the others). Needs root
+(network namespaces).
 
     sudo .venv/bin/python bench/bench_probe.py --targets 1000 --interval 0.5 --seconds 20
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import inspect
 import json
 import os
@@ -48,8 +53,9 @@ from benchlib import save
 
 VARIANTS = ("aiohttp", "native", "native+uvloop")
 HTTPS_VARIANTS = ("unverified", "verified", "verified+uvloop")
-PORTS = {"http": 8080, "tcp": 9000, "https": 8443}
+PORTS = {"http": 8080, "tcp": 9000, "https": 8443, "udp": 9053, "dns": 5353}
 PATH = "/healthz"
+DNS_NAME = "db.beacon.test"  # the name every test host's DNS server answers (an A record: its own address)
 
 
 # ------------------------------------------------------------------------------------------------ child
@@ -63,7 +69,7 @@ async def _measure(args: argparse.Namespace, addresses: list[str]) -> dict[str, 
     from beacon.checks import Checker
     from beacon.policy import ProbePolicy
     from beacon.prober import Prober
-    from beacon.targets import Check, HttpCheck, ProbeResult, Target, TcpCheck
+    from beacon.targets import ProbeResult, Target
 
     record = getattr(metrics, "record_probe", None)
     outcomes = {"ok": 0, "fail": 0}
@@ -85,13 +91,11 @@ async def _measure(args: argparse.Namespace, addresses: list[str]) -> dict[str, 
         options["native_http"] = args.variant.startswith("native")
     async with Checker(**options) as checker:
         prober = Prober(probe=checker.run, on_result=on_result, concurrency=args.concurrency)
-        check: Check = HttpCheck(port=PORTS["http"], path=PATH) if args.check == "http" else TcpCheck(PORTS["tcp"])
-        if args.check == "https":
+        check = _check(args.check)
+        if args.check == "https" and args.variant.startswith("verified"):
             from beacon.targets import Tls
 
-            verified = args.variant.startswith("verified")
-            tls = Tls(verify=True, ca=args.ca_pem, source="bench CA") if verified else None
-            check = HttpCheck(port=PORTS["https"], path=PATH, scheme="HTTPS", tls=tls)
+            check = dataclasses.replace(check, tls=Tls(verify=True, ca=args.ca_pem, source="bench CA"))
         for i, address in enumerate(addresses):
             prober.upsert(i, Target(address=address, check=check, interval=args.interval, timeout=2.0))
         task = asyncio.create_task(prober.run())
@@ -115,8 +119,26 @@ async def _measure(args: argparse.Namespace, addresses: list[str]) -> dict[str, 
         "failure_details": dict(sorted(details.items(), key=lambda kv: -kv[1])[:3]),
         "cpu_cores": round((cpu1 - cpu0) / wall, 3),
         "cpu_us_per_probe": round((cpu1 - cpu0) / probes * 1e6, 1) if probes else None,
-        "probes_per_s_per_core": round(probes / (cpu1 - cpu0)) if cpu1 > cpu0 else None,
+        "probes_per_s_per_core": round(probes / (cpu1 - cpu0)) if probes and cpu1 > cpu0 else None,
     }
+
+
+def _check(kind: str) -> Any:
+    """The check every target of this run gets (the UDP kinds are imported only when asked for: an older source
+    tree measured with --baseline-src has none)."""
+    from beacon.targets import HttpCheck, TcpCheck
+
+    if kind == "http":
+        return HttpCheck(port=PORTS["http"], path=PATH)
+    if kind == "tcp":
+        return TcpCheck(PORTS["tcp"])
+    if kind == "https":  # without tls: the caller adds it for the verified variants
+        return HttpCheck(port=PORTS["https"], path=PATH, scheme="HTTPS")
+    from beacon.targets import DnsQuery, UdpCheck
+
+    if kind == "udp":
+        return UdpCheck(port=PORTS["udp"], payload=b"ping", prefix=b"ping")
+    return UdpCheck(port=PORTS["dns"], dns=DnsQuery(name=DNS_NAME))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -177,8 +199,10 @@ def table(results: dict[str, Any]) -> str:
         ]
     else:
         lines += [
-            "| variant | event loop | CPU us / probe | cores | probes/s done | failed | CPU vs first row |",
-            "| ------- | ---------- | -------------- | ----- | ------------- | ------ | ---------------- |",
+            "| variant | event loop | CPU us / probe | probes/s per core | cores | probes/s done | failed "
+            "| CPU vs first row |",
+            "| ------- | ---------- | -------------- | ----------------- | ----- | ------------- | ------ "
+            "| ---------------- |",
         ]
     for run in results["runs"]:
         ratio = run["cpu_us_per_probe"] / base["cpu_us_per_probe"] if run["cpu_us_per_probe"] else float("nan")
@@ -189,8 +213,11 @@ def table(results: dict[str, Any]) -> str:
                 f"{run['failed_probes']} | {ratio:.2f}x |"
             )
             continue
+        per_core = run.get("probes_per_s_per_core") or run.get("probes_per_core_s")  # absent from older runs
+        if per_core is None and run["cpu_us_per_probe"]:
+            per_core = round(1e6 / run["cpu_us_per_probe"])
         lines.append(
-            f"| {run['variant']} | {run['loop']} | {run['cpu_us_per_probe']} | {run['cpu_cores']} | "
+            f"| {run['variant']} | {run['loop']} | {run['cpu_us_per_probe']} | {per_core} | {run['cpu_cores']} | "
             f"{run['probes_per_s']} | {run['failed_probes']} | {ratio:.2f}x |"
         )
     if https:
@@ -263,12 +290,18 @@ def main() -> None:
                 servers.append(host.http(port=PORTS["https"], path=PATH, tls=pair))
             elif args.check == "http":
                 host.http(port=PORTS["http"], path=PATH)
-            else:
+            elif args.check == "tcp":
                 host.tcp(port=PORTS["tcp"])
+            elif args.check == "udp":
+                host.udp(port=PORTS["udp"])
+            else:
+                host.dns(port=PORTS["dns"], name=DNS_NAME)
         json.dump([h.address for h in hosts], addresses_file)
         addresses_file.flush()
         runs = []
         if args.baseline_src is not None:
+            if args.check not in ("http", "tcp"):
+                raise SystemExit("--baseline-src measures HTTP and TCP checks only (older trees have no UDP checks)")
             runs.append(_run_variant(args, "aiohttp", addresses_file.name, args.baseline_src.resolve()))
         runs += [_run_variant(args, v, addresses_file.name, None, servers) for v in variants]
     results = {

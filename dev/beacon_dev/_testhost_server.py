@@ -10,9 +10,11 @@ and drives it over a line protocol on stdin/stdout:
 * response: one JSON object per line, `{"id": 1, "ok": true, ...}` or `{"id": 1, "ok": false, "error": "..."}`
 * the first line the process writes is `{"ready": true, "pid": ...}`
 
-Each listener (HTTP via aiohttp, plain TCP via asyncio, gRPC health via grpc.aio + grpcio-health-checking)
-binds exactly one address:port, so stopping one test host's server leaves the others untouched. Stopping a
-listener really closes its listening socket and its connections (clients then see "connection refused").
+Each listener (HTTP via aiohttp, plain TCP via asyncio, gRPC health via grpc.aio + grpcio-health-checking, UDP
+echo via asyncio, DNS via dnspython over asyncio) binds exactly one address:port, so stopping one test host's server
+leaves the others untouched. Stopping a listener really closes its listening socket and its connections (clients then
+see "connection refused"; a UDP client gets ICMP port unreachable, since the host stays up). A UDP and a TCP listener
+may share a port number.
 
 An HTTP listener can close every connection that sits idle for `keepalive` seconds (aiohttp's keep-alive timeout;
 by default aiohttp's own, about an hour), as servers with a short keep-alive timeout do, and it counts the
@@ -31,8 +33,9 @@ the machine, so the times compare with the caller's `time.monotonic()`.
 
 The process exits when its stdin reaches EOF, so it never outlives the process that controls it. It ignores
 SIGINT (Ctrl-C reaches the whole foreground process group; the controlling side does the cleanup) and exits
-cleanly on SIGTERM. Heavy imports (aiohttp, grpc) happen here and only here, and gRPC only once a gRPC listener
-is asked for. This file is run as a script, so it must not use relative imports or import `beacon`.
+cleanly on SIGTERM. Heavy imports (aiohttp, grpc, dnspython) happen here and only here, and gRPC and dnspython only
+once a listener of theirs is asked for. This file is run as a script, so it must not use relative imports or import
+`beacon`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -55,6 +59,9 @@ from aiohttp import web
 
 # gRPC serving-status names accepted by the control protocol (grpc.health.v1.HealthCheckResponse.ServingStatus).
 GRPC_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+
+# DNS rcodes a DNS listener may answer with (dns.rcode names), for names other than its own.
+DNS_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
 # How long a stopping HTTP listener waits for in-flight requests before cancelling them.
 HTTP_SHUTDOWN_TIMEOUT = 0.5
@@ -93,6 +100,7 @@ class Listener:
     """One server bound to one address:port that can be stopped and started again."""
 
     kind = ""
+    transport = "tcp"  # what a port number is of: a UDP and a TCP listener may share one
 
     def __init__(self, address: str, port: int) -> None:
         self.address = address
@@ -342,6 +350,118 @@ class GrpcListener(Listener):
         return {**super().info(), "statuses": dict(self.statuses), "tls": self.tls is not None}
 
 
+class _Datagrams(asyncio.DatagramProtocol):
+    """Hands every datagram of a UDP listener's socket to the listener."""
+
+    def __init__(self, listener: UdpListener) -> None:
+        self.listener = listener
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.listener.received(data, addr)
+
+
+class UdpListener(Listener):
+    """UDP echo server: every datagram goes back to its sender as it came (an empty one too). Stopped, its socket is
+    closed and the kernel answers ICMP port unreachable."""
+
+    kind = "udp"
+    transport = "udp"
+
+    def __init__(self, address: str, port: int) -> None:
+        super().__init__(address, port)
+        self.datagrams = 0
+        self._sock: socket.socket | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    def answer(self, data: bytes) -> bytes | None:
+        return data
+
+    def received(self, data: bytes, addr: Any) -> None:
+        self.datagrams += 1
+        reply = self.answer(data)
+        if reply is not None and self._sock is not None:
+            # through the socket itself: asyncio's transport drops an empty datagram
+            with contextlib.suppress(OSError):  # a full buffer, a sender gone: UDP loses it
+                self._sock.sendto(reply, addr)
+
+    async def _start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self.address, self.port))
+            loop = asyncio.get_running_loop()
+            self._transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+
+    async def _stop(self) -> None:
+        transport, self._transport, self._sock = self._transport, None, None
+        if transport is not None:
+            transport.close()
+            await asyncio.sleep(0)  # the transport closes its socket on the next loop iteration
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "datagrams": self.datagrams}
+
+
+class DnsListener(UdpListener):
+    """A DNS server (dnspython) for one name: an A query for `name` answers `address`, any other query for `name`
+    answers NOERROR with no records, and a query for any other name answers `rcode` (NXDOMAIN unless set). What
+    does not parse as a query gets no answer."""
+
+    kind = "dns"
+
+    def __init__(self, address: str, port: int, *, name: str, answer: str, rcode: str) -> None:
+        super().__init__(address, port)
+        import ipaddress
+
+        import dns.exception
+        import dns.name
+
+        try:
+            self.name = dns.name.from_text(name)
+            self.answer_address = str(ipaddress.IPv4Address(answer))
+        except (dns.exception.DNSException, ValueError) as exc:
+            raise ControlError(f"a dns listener needs a DNS name and an IPv4 address to answer: {exc}") from None
+        self.rcode = rcode
+
+    def answer(self, data: bytes) -> bytes | None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:
+            return None
+        reply = dns.message.make_response(query)
+        question = query.question[0] if query.question else None
+        if question is None or question.name != self.name:
+            reply.set_rcode(dns.rcode.from_text(self.rcode))
+        elif question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text(self.name, 30, "IN", "A", self.answer_address))
+        return bytes(reply.to_wire())
+
+    def configure(self, options: dict[str, Any]) -> None:
+        options = dict(options)
+        if "rcode" in options:
+            self.rcode = _dns_rcode(options.pop("rcode"))
+        super().configure(options)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "name": self.name.to_text(), "answer": self.answer_address, "rcode": self.rcode}
+
+
+def _dns_rcode(value: Any) -> str:
+    if value not in DNS_RCODES:
+        raise ControlError(f"DNS rcode must be one of {', '.join(DNS_RCODES)}, not {value!r}")
+    return str(value)
+
+
 def _bound_port(sockets: list[Any], requested: int) -> int:
     """The port a listener really got (differs from `requested` only when that was 0)."""
     for sockname in sockets:
@@ -412,8 +532,9 @@ class Controller:
         port = _int(request, "port")
         if not 0 <= port <= 65535:
             raise ControlError(f"port must be in 0..65535, not {port}")
+        transport = "udp" if kind in ("udp", "dns") else "tcp"
         for other in self.listeners.values():
-            if other.address == address and port != 0 and other.port == port:
+            if other.address == address and port != 0 and other.port == port and other.transport == transport:
                 raise ControlError(f"{address}:{port} already has a {other.kind} server")
         listener: Listener
         if kind == "http":
@@ -444,6 +565,13 @@ class Controller:
                 port,
                 statuses={k: _grpc_status(v) for k, v in statuses.items()},
                 tls=_tls_material(request.get("tls")),
+            )
+        elif kind == "udp":
+            listener = UdpListener(address, port)
+        elif kind == "dns":
+            rcode = _dns_rcode(request.get("rcode", "NXDOMAIN"))
+            listener = DnsListener(
+                address, port, name=_str(request, "name"), answer=_str(request, "answer"), rcode=rcode
             )
         else:
             raise ControlError(f"unknown listener kind {kind!r}")

@@ -10,6 +10,8 @@ and the `ip` tool from iproute2)::
         srv = host.http(port=8080, path="/healthz")
         srv.set_healthy(False)                # GET /healthz -> 503
         srv.stop()                            # connection refused
+        echo = host.udp(port=9053)            # UDP echo; stopped: ICMP port unreachable
+        dns = host.dns(port=5353, name="db.beacon.test", answer=host.address)   # other names: NXDOMAIN
         hosts = net.add_hosts(250)            # one `ip -batch` call
         crashy = net.add_hosts(20, own_process=True)  # served by a server process of their own
         crashy[0].crash()                     # SIGKILL that process: the kernel closes its sockets
@@ -40,8 +42,8 @@ longer on the host overlaps it; the choice is made under an flock (/run/beacon-t
 test runs never collide. IPv6 address generation is off on both veth ends, so the pair carries no IPv6 chatter.
 
 Servers run inside the namespace, in helper processes (`beacon_dev._testhost_server`, started lazily with the first
-server) that manage any number of HTTP / TCP / gRPC-health listeners, each bound to exactly one test host's
-address. Each helper serves at most `HOSTS_PER_SERVER_PROCESS` hosts: a host costs its helper a listening socket
+server) that manage any number of HTTP / TCP / gRPC-health / UDP-echo / DNS listeners, each bound to exactly one test
+host's address. Each helper serves at most `HOSTS_PER_SERVER_PROCESS` hosts: a host costs its helper a listening socket
 plus a connection per client, and a process cannot hold more descriptors than its hard limit (often 20,000, and
 only CAP_SYS_RESOURCE raises it). At that limit accept() fails with EMFILE and asyncio stops accepting on the
 socket for a second, so probes would time out for reasons that have nothing to do with the endpoint. This side
@@ -109,6 +111,8 @@ __all__ = [
     "MAX_HOSTS",
     "MAX_NETWORKS",
     "POOL",
+    "DnsRcode",
+    "DnsServer",
     "GrpcServer",
     "GrpcStatus",
     "HttpServer",
@@ -117,6 +121,7 @@ __all__ = [
     "TestHostError",
     "TestNetwork",
     "TestServer",
+    "UdpServer",
     "cleanup_stale",
     "unavailable_reason",
 ]
@@ -139,6 +144,7 @@ _SERVER_SCRIPT: Final = Path(__file__).with_name("_testhost_server.py")
 _LOCK_FILE: Final = "beacon-testhosts.lock"
 
 GrpcStatus = Literal["UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"]
+DnsRcode = Literal["NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED"]
 
 
 class TestHostError(RuntimeError):
@@ -588,8 +594,35 @@ def _set_certificate(server: TestServer, pair: KeyPair) -> None:
     server._fields["tls"] = fields
 
 
+class UdpServer(TestServer):
+    """UDP echo server: every datagram goes back to its sender. `stop()` closes its socket, and the test host then
+    answers datagrams to the port with ICMP port unreachable."""
+
+    kind = "udp"
+
+    @property
+    def datagrams(self) -> int:
+        """How many datagrams this server has received (counted per process: a revived server starts from 0)."""
+        return int(self.info()["datagrams"])
+
+
+class DnsServer(UdpServer):
+    """DNS server (dnspython) for one name: A `name` answers `answer`; other names get `rcode` (NXDOMAIN unless set)."""
+
+    kind = "dns"
+
+    @property
+    def name(self) -> str:
+        return str(self._fields["name"])
+
+    def set_rcode(self, rcode: DnsRcode) -> None:
+        """Answer queries for names other than `name` with this rcode from now on."""
+        self._request("configure", options={"rcode": rcode})
+        self._fields["rcode"] = rcode
+
+
 class TestHost:
-    """One address inside a `TestNetwork`; start servers on it with `http()`, `tcp()`, `grpc()`."""
+    """One address inside a `TestNetwork`; start servers on it with `http()`, `tcp()`, `grpc()`, `udp()`, `dns()`."""
 
     __test__ = False
 
@@ -641,6 +674,24 @@ class TestHost:
             fields["tls"] = _tls_fields(tls)
         listener, bound = self._create("grpc", port, **fields)
         server = GrpcServer(self, listener, bound, fields)
+        self.servers.append(server)
+        return server
+
+    def udp(self, *, port: int = 9053) -> UdpServer:
+        """Start a UDP echo server on this host's address (port 0: pick a free port; see `.port`)."""
+        listener, bound = self._create("udp", port)
+        server = UdpServer(self, listener, bound, {})
+        self.servers.append(server)
+        return server
+
+    def dns(
+        self, *, port: int = 5353, name: str = "db.beacon.test", answer: str | None = None, rcode: DnsRcode = "NXDOMAIN"
+    ) -> DnsServer:
+        """Start a DNS server on this host's address (UDP): an A query for `name` answers `answer` (default: this
+        host's address), a query for any other name answers `rcode`."""
+        fields: dict[str, Any] = {"name": name, "answer": answer or self.address, "rcode": rcode}
+        listener, bound = self._create("dns", port, **fields)
+        server = DnsServer(self, listener, bound, fields)
         self.servers.append(server)
         return server
 

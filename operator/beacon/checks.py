@@ -1,4 +1,4 @@
-"""The probes themselves: one HTTP, TCP, gRPC-health or Lease check against one endpoint, with a hard timeout.
+"""The probes themselves: one HTTP, TCP, gRPC-health, UDP or Lease check against one endpoint, with a hard timeout.
 
 Why it exists: the scheduler (prober.py) decides *when*; this module decides *how*, and owns the long-lived
 resources that make probing 10,000 endpoints cheap: plain HTTP goes over beacon's own keep-alive client
@@ -23,10 +23,20 @@ seen. `hint(address, port)` (wired by the runtime to `Prober.hint`) is told when
 Closes the checker makes itself (forget, a name resolving elsewhere, shutdown) are never hints. HTTPS through
 aiohttp gives no hints (aiohttp does not say when a pooled connection is closed by the peer).
 
+UDP checks: one connected datagram socket per probe, read by an event-loop reader and closed when the probe ends. A
+connected socket is told about the ICMP port-unreachable the endpoint's host answers to a datagram for a closed port
+(ConnectionRefusedError from its next recv), so a stopped server fails at once with its own detail, and a silent port (a
+firewall dropping the datagram) fails at the timeout with another. DNS mode builds its query once per target
+(dnspython, imported with the first DNS check) and gives every probe a random id; the reply must parse, answer that
+id and question, and carry the wanted rcode. A reply's `regex` is RE2 (google-re2, imported with the first one):
+matching takes time linear in the reply, so a pattern in a ServiceEntry cannot stall the event loop, as one for a
+backtracking engine could.
+
 The SSRF guard (policy.py) is applied to the address actually connected to. A DNS name is resolved once per probe
 (DNS may change), every address it resolves to is checked, and the probe then connects to exactly those addresses,
 never to the name: a second lookup by the connection could answer an address nobody checked (DNS rebinding). The
-name stays in the HTTP Host header, the TLS server name and the gRPC authority.
+name stays in the HTTP Host header, the TLS server name and the gRPC authority. A UDP probe sends to the first of
+the checked addresses (a datagram that gets no answer says nothing that would make another address worth trying).
 
 Verified TLS (a target's `Tls`): an SSLContext is made once per distinct CA bundle (and per verify flag), not per
 probe, and kept while targets use it (the newest `_TLS_CACHE_SIZE` bundles); the server name goes in as SNI and is
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import time
@@ -61,12 +72,25 @@ from beacon.httpprobe import (
     nofile_limit,
 )
 from beacon.policy import ProbePolicy
-from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, LeaseRecord, ProbeResult, Target, TcpCheck, Tls
+from beacon.targets import (
+    DnsQuery,
+    GrpcCheck,
+    HttpCheck,
+    LeaseCheck,
+    LeaseRecord,
+    ProbeResult,
+    Target,
+    TcpCheck,
+    Tls,
+    UdpCheck,
+)
 
 __all__ = ["MAX_BODY", "Checker", "LeaseLookup", "grpc_tls_detail", "tls_detail"]
 
 _GRPC_SERVING = 1  # grpc.health.v1.HealthCheckResponse.SERVING
 _CACHE_SIZE = 65536  # endpoints whose request bytes are remembered; the cache is emptied when it grows past this
+_SHOWN = 40  # bytes of a UDP reply shown in a failure's detail
+_DNS_ANSWERABLE_WITHOUT_QUESTION = frozenset({1, 2, 4, 5})  # FORMERR, SERVFAIL, NOTIMP, REFUSED (as dnspython allows)
 FILES_KEPT_FREE = 1024  # open files never used for idle probe connections (API client, watches, listeners)
 _TLS_CACHE_SIZE = 256  # distinct (verify, CA bundle) contexts kept; the oldest goes first past this
 
@@ -176,6 +200,25 @@ class _Held(asyncio.Protocol):
             self.transport.close()
 
 
+class _DnsProbe:
+    """What a DNS-mode UDP check needs per probe, made once per query: the query's wire form (its id replaced per
+    probe), its question, the wanted rcode and its name."""
+
+    __slots__ = ("question", "rcode", "rcode_text", "wire")
+
+    def __init__(self, query: DnsQuery) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+
+        message = dns.message.make_query(query.name, dns.rdatatype.from_text(query.rdtype))
+        self.wire: bytes = message.to_wire()
+        self.question: list[Any] = message.question
+        rcode = dns.rcode.from_text(query.rcode)
+        self.rcode = int(rcode)
+        self.rcode_text = dns.rcode.to_text(rcode)
+
+
 class _Channel:
     """The gRPC channel and stub of one endpoint, and what its watcher needs to tell a peer's close from a probe's
     failure."""
@@ -231,6 +274,8 @@ class Checker:
         # one SSLContext per (verify, CA bundle), or why there is none; gRPC credentials per CA bundle
         self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext | str] = {}
         self._grpc_credentials: dict[str | None, Any] = {}
+        self._dns_probes: dict[DnsQuery, _DnsProbe] = {}  # per query: its wire form, built once
+        self._regexes: dict[str, Any] = {}  # RE2 pattern -> compiled, or the reason it does not compile
 
     async def __aenter__(self) -> Checker:
         connector = aiohttp.TCPConnector(
@@ -333,7 +378,8 @@ class Checker:
         """The addresses `name` resolves to (in the resolver's order) and the policy's reason to refuse the first
         refused one, if any. The probe connects to exactly these addresses: a name is never resolved twice."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            socktype = socket.SOCK_DGRAM if kind is UdpCheck else socket.SOCK_STREAM
+            infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socktype)
         except socket.gaierror as exc:  # a probe failure, not a refusal; worded as the connection would have
             if kind is HttpCheck:
                 host = f"{host_for_url(name)}:{port}"
@@ -371,10 +417,15 @@ class Checker:
                         ok, detail = await self._http(address, peers, check)  # type: ignore[arg-type]
                     elif kind is TcpCheck:
                         ok, detail = await self._tcp(address, peers, check, target.hints)  # type: ignore[arg-type]
+                    elif kind is UdpCheck:
+                        ok, detail = await self._udp(address, peers, check)  # type: ignore[arg-type]
                     else:
                         ok, detail = await self._grpc(address, peers, check, target.hints)  # type: ignore[arg-type]
         except TimeoutError:
-            ok, detail = False, f"timed out after {target.timeout:g}s"
+            if kind is UdpCheck:  # nothing came back: the datagram or its reply was dropped, or the server is silent
+                ok, detail = False, f"no UDP reply within {target.timeout:g}s"
+            else:
+                ok, detail = False, f"timed out after {target.timeout:g}s"
         except ProbeError as exc:
             ok, detail = False, exc.detail[:200]
         except (OSError, aiohttp.ClientError) as exc:
@@ -576,6 +627,64 @@ class Checker:
             credentials = self._grpc_credentials[tls.ca] = grpc.ssl_channel_credentials(root_certificates=roots)
         return credentials
 
+    async def _udp(self, address: str, peers: tuple[str, ...] | None, check: UdpCheck) -> tuple[bool, str]:
+        dns_probe: _DnsProbe | None = None
+        if check.dns is None:
+            payload = check.payload
+        else:
+            dns_probe = self._dns_probes.get(check.dns)
+            if dns_probe is None:
+                if len(self._dns_probes) >= _CACHE_SIZE:
+                    self._dns_probes.clear()
+                dns_probe = self._dns_probes[check.dns] = _DnsProbe(check.dns)
+            payload = os.urandom(2) + dns_probe.wire[2:]  # a random id per probe
+        peer = address if peers is None else peers[0]
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((peer, check.port))  # a connected socket: the only one the kernel tells about ICMP errors
+            sock.send(payload)  # what comes back (a reply, an ICMP error) waits in the socket until it is read
+            reply: asyncio.Future[bytes] = loop.create_future()
+            fd = sock.fileno()
+            loop.add_reader(fd, _receive, sock, reply)
+            try:
+                data = await reply
+            finally:
+                loop.remove_reader(fd)  # before the close: a reused descriptor number must find no stale reader
+        except ConnectionRefusedError:
+            return False, "UDP port unreachable (ICMP)"
+        finally:
+            sock.close()
+        if dns_probe is not None:
+            return _dns_verdict(dns_probe, payload, data)
+        if check.prefix is not None:
+            if data.startswith(check.prefix):
+                return True, f"UDP reply, {len(data)} bytes"
+            return False, f"UDP reply does not match the prefix: {data[:_SHOWN]!r}"
+        if check.regex is not None:
+            if self._regex(check.regex).search(data) is not None:
+                return True, f"UDP reply, {len(data)} bytes"
+            return False, f"UDP reply does not match the regex: {data[:_SHOWN]!r}"
+        return True, f"UDP reply, {len(data)} bytes"
+
+    def _regex(self, pattern: str) -> Any:
+        """`pattern` compiled by RE2, once; raises ProbeError when it does not compile."""
+        compiled = self._regexes.get(pattern)
+        if compiled is None:
+            import re2
+
+            if len(self._regexes) >= _CACHE_SIZE:
+                self._regexes.clear()
+            try:
+                compiled = re2.compile(pattern)
+            except re2.error as exc:
+                compiled = f"UDP expect.regex is not valid RE2: {exc}"
+            self._regexes[pattern] = compiled
+        if isinstance(compiled, str):
+            raise ProbeError(compiled)
+        return compiled
+
     def _lease(self, check: LeaseCheck) -> tuple[bool, str]:
         record = self._leases(check.namespace, check.name)
         if record is None:
@@ -588,6 +697,22 @@ class Checker:
         return True, f"Lease {check.name} valid for {left:.1f}s"
 
 
+def _receive(sock: socket.socket, reply: asyncio.Future[bytes]) -> None:
+    """A UDP probe's socket is readable: its first datagram, or the error the kernel queued on it (on a connected
+    socket an ICMP port unreachable arrives as ConnectionRefusedError), settles `reply`. A reader of the event loop
+    and no transport: per probe that saves a transport, a protocol and two callbacks."""
+    if reply.done():
+        return
+    try:
+        data = sock.recv(65535)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError as exc:
+        reply.set_exception(exc)
+    else:
+        reply.set_result(data)
+
+
 def _tcp_protocol(_peer: str) -> asyncio.Protocol:
     return asyncio.Protocol()
 
@@ -598,6 +723,27 @@ def _grpc_target(peers: tuple[str, ...], port: int) -> str:
     if ":" in peers[0]:
         return "ipv6:" + ",".join(f"[{peer}]:{port}" for peer in peers if ":" in peer)
     return "ipv4:" + ",".join(f"{peer}:{port}" for peer in peers if ":" not in peer)
+
+
+def _dns_verdict(probe: _DnsProbe, query: bytes, data: bytes) -> tuple[bool, str]:
+    """Whether `data` is a well-formed answer to `query` (its id and question) with the wanted rcode."""
+    import dns.flags  # imported already by _DnsProbe: these are lookups in sys.modules
+    import dns.message
+    import dns.rcode
+
+    try:
+        reply = dns.message.from_wire(data)
+    except Exception as exc:  # dns.exception.FormError and its kin, or anything else a peer's bytes provoke
+        return False, f"malformed DNS reply ({type(exc).__name__}): {data[:_SHOWN]!r}"
+    rcode = reply.rcode()
+    if not reply.flags & dns.flags.QR or reply.id != int.from_bytes(query[:2], "big"):
+        return False, f"DNS reply does not answer the query (id {reply.id}, flags {dns.flags.to_text(reply.flags)})"
+    if reply.question != probe.question and not (rcode in _DNS_ANSWERABLE_WITHOUT_QUESTION and not reply.question):
+        return False, "DNS reply is for another question"
+    if rcode != probe.rcode:
+        return False, f"DNS rcode {dns.rcode.to_text(rcode)}, wanted {probe.rcode_text}"
+    answers = sum(len(rrset) for rrset in reply.answer)
+    return True, f"DNS {probe.rcode_text}, {answers} answer{'' if answers == 1 else 's'}"
 
 
 def _http_verdict(check: HttpCheck, status: int, body: bytes) -> tuple[bool, str]:

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, Literal, TypeVar, assert_never
 
 from beacon.health import Status
-from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, TcpCheck
+from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, TcpCheck, UdpCheck
 
 K = TypeVar("K", bound=Hashable)
 
@@ -77,6 +77,8 @@ def check_kind(check: Check) -> CheckKind:
         return "tcp"
     if isinstance(check, GrpcCheck):
         return "grpc"
+    if isinstance(check, UdpCheck):
+        return "udp"
     if isinstance(check, LeaseCheck):
         return "lease"
     assert_never(check)

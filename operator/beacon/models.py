@@ -7,7 +7,8 @@ the schema could not express (a port name that an endpoint override changes, for
 Connection-loss hints (prober.py) are on unless `healthCheck.connectionLossHints: false`; a target carries that
 switch and its `unhealthyThreshold` (where a hint's fast re-probes stop). `healthCheck.tcp.holdConnection: true`
 makes a TCP check keep its connection open, so that a backend's exit can be seen on it (only with hints on: a held
-connection nobody listens to would be a file descriptor for nothing). Lease checks connect nowhere: no hints.
+connection nobody listens to would be a file descriptor for nothing). Lease checks connect nowhere and UDP checks
+have no connection to lose: no hints for either.
 
 Drain (Consul's maintenance mode) is operational state, not desired configuration, so it lives in annotations, the
 same way for both kinds of endpoint: the ServiceEntry's `beacon.dev/drain` lists the static endpoints to drain
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from beacon.health import Thresholds
-from beacon.targets import Check, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck, Tls
+from beacon.targets import Check, DnsQuery, GrpcCheck, HttpCheck, LeaseCheck, Target, TcpCheck, Tls, UdpCheck
 
 # ConfigMap name -> its data (None: it does not exist), in the entry's namespace: where CA bundles are read from
 CaBundles = Mapping[str, Mapping[str, str] | None]
@@ -128,6 +129,46 @@ class GrpcSpec(_Model):
     tls: TlsSpec | None = None
 
 
+class UdpExpect(_Model):
+    """What a UDP reply must look like (the CRD allows at most one): it starts with `prefix` (text, sent as UTF-8) or
+    `prefixHex` (bytes), or RE2 `regex` finds a match in it. None set: any reply passes."""
+
+    prefix: str | None = None
+    prefix_hex: str | None = Field(default=None, alias="prefixHex")
+    regex: str | None = None
+
+
+class DnsSpec(_Model):
+    name: str
+    type: str = "A"
+    rcode: str = "NOERROR"
+
+
+class UdpSpec(_Model):
+    """One datagram out, one expected back: `send` (text) or `sendHex`, with an optional `expect`; or `dns`, a real
+    query whose answer must carry the wanted rcode. The CRD requires exactly one of send, sendHex and dns, and
+    checks the hex."""
+
+    port: int | str | None = None
+    send: str | None = None
+    send_hex: str | None = Field(default=None, alias="sendHex")
+    expect: UdpExpect | None = None
+    dns: DnsSpec | None = None
+
+    def check(self, port: int) -> UdpCheck:
+        if self.dns is not None:
+            query = DnsQuery(name=self.dns.name, rdtype=self.dns.type.upper(), rcode=self.dns.rcode.upper())
+            return UdpCheck(port=port, dns=query)
+        payload = bytes.fromhex(self.send_hex) if self.send_hex is not None else (self.send or "").encode()
+        expect = self.expect or UdpExpect()
+        prefix: bytes | None = None
+        if expect.prefix_hex is not None:
+            prefix = bytes.fromhex(expect.prefix_hex)
+        elif expect.prefix is not None:
+            prefix = expect.prefix.encode()
+        return UdpCheck(port=port, payload=payload, prefix=prefix, regex=expect.regex)
+
+
 class LeaseSpec(_Model):
     name_prefix: str | None = Field(default=None, alias="namePrefix")
 
@@ -140,6 +181,7 @@ class PortCheck(_Model):
     http: HttpSpec | None = None
     tcp: TcpSpec | None = None
     grpc: GrpcSpec | None = None
+    udp: UdpSpec | None = None
 
 
 class Port(_Model):
@@ -181,6 +223,7 @@ class HealthCheck(_Model):
     http: HttpSpec | None = None
     tcp: TcpSpec | None = None
     grpc: GrpcSpec | None = None
+    udp: UdpSpec | None = None
     lease: LeaseSpec | None = None
     interval_seconds: int | None = Field(default=None, alias="intervalSeconds")
     timeout_seconds: int | None = Field(default=None, alias="timeoutSeconds")
@@ -193,8 +236,10 @@ class HealthCheck(_Model):
 
     @property
     def kind(self) -> str | None:
-        """The check's kind ("http", "tcp", "grpc", "lease"); None when only timing is set (for the ports' own)."""
-        return next((kind for kind in ("http", "tcp", "grpc", "lease") if getattr(self, kind) is not None), None)
+        """The check's kind ("http", "tcp", "grpc", "udp", "lease"); None when only timing is set (for the ports'
+        own)."""
+        kinds = ("http", "tcp", "grpc", "udp", "lease")
+        return next((kind for kind in kinds if getattr(self, kind) is not None), None)
 
     @property
     def interval(self) -> int:
@@ -347,6 +392,8 @@ class ServiceEntry(_Model):
                 check = TcpCheck(port=number, hold=hc.connection_loss_hints and own.tcp.hold_connection)
             elif own.grpc is not None:
                 check = _grpc_check(own.grpc, number, bundles)
+            elif own.udp is not None:
+                check = own.udp.check(number)
             else:  # the CRD's CEL rule requires exactly one kind
                 continue
             out[port.name] = Target(
@@ -354,7 +401,7 @@ class ServiceEntry(_Model):
                 check=check,
                 interval=float(hc.interval),
                 timeout=float(hc.timeout),
-                hints=hc.connection_loss_hints,
+                hints=hc.connection_loss_hints and own.udp is None,  # UDP has no connection to lose
                 unhealthy_threshold=hc.unhealthy_threshold,
             )
         return out
@@ -366,13 +413,15 @@ class ServiceEntry(_Model):
         if hc is None:
             return None
         check: Check
-        hints = hc.connection_loss_hints and hc.lease is None
+        hints = hc.connection_loss_hints and hc.lease is None and hc.udp is None
         if hc.http is not None:
             check = _http_check(hc.http, self._port(hc.http.port, endpoint), ca_bundles or {})
         elif hc.tcp is not None:
             check = TcpCheck(port=self._port(hc.tcp.port, endpoint), hold=hints and hc.tcp.hold_connection)
         elif hc.grpc is not None:
             check = _grpc_check(hc.grpc, self._port(hc.grpc.port, endpoint), ca_bundles or {})
+        elif hc.udp is not None:
+            check = hc.udp.check(self._port(hc.udp.port, endpoint))
         elif hc.lease is not None:
             prefix = hc.lease.name_prefix or f"{self.name}-"
             check = LeaseCheck(namespace=self.namespace, name=f"{prefix}{endpoint.lease_key}")

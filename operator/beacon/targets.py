@@ -7,7 +7,8 @@ use them without importing aiohttp or grpc.
 Connection-loss hints (see prober.py): a Target carries what the prober needs to answer one, whether the entry
 wants them (`hints`) and how many consecutive failures make the endpoint unhealthy (`unhealthy_threshold`: the
 fast re-probes stop there); a TcpCheck says whether the checker keeps its connection open to watch it (`hold`);
-and a ProbeResult says what triggered the probe (`trigger`), so a transition can name its cause.
+and a ProbeResult says what triggered the probe (`trigger`), so a transition can name its cause. A UdpCheck has
+no connection, so it never gives hints.
 
 Verified TLS: an HttpCheck (scheme HTTPS) or a GrpcCheck may carry a `Tls`: whether the certificate is verified,
 the server name (SNI, and the name verified), and the CA bundle's PEM text itself, read from its ConfigMap. The
@@ -65,12 +66,34 @@ class GrpcCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsQuery:
+    """A UDP check's DNS mode: query `name` for `rdtype` (a type name: A, AAAA, SRV, ...) and want `rcode`."""
+
+    name: str
+    rdtype: str = "A"
+    rcode: str = "NOERROR"
+
+
+@dataclass(frozen=True, slots=True)
+class UdpCheck:
+    """Send `payload` in one datagram and pass on a reply: any reply, or one that starts with `prefix` or in which
+    `regex` (RE2 syntax) finds a match. With `dns` the payload is a DNS query built by the checker instead, and the
+    reply must be a well-formed answer to it with the wanted rcode."""
+
+    port: int
+    payload: bytes = b""
+    prefix: bytes | None = None
+    regex: str | None = None
+    dns: DnsQuery | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseCheck:
     namespace: str
     name: str
 
 
-Check = HttpCheck | TcpCheck | GrpcCheck | LeaseCheck
+Check = HttpCheck | TcpCheck | GrpcCheck | UdpCheck | LeaseCheck
 
 
 @dataclass(frozen=True, slots=True)

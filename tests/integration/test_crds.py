@@ -203,6 +203,25 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
         spec["ports"].append({"name": "grpc", "port": 9000, "appProtocol": "kubernetes.io/h2c"})
         spec["healthCheck"] = {"grpc": {"port": "grpc", "service": "payments.v1.Payments"}}
 
+    def udp_echo(spec: Doc) -> None:
+        spec["ports"].append({"name": "echo", "port": 9053, "protocol": "UDP"})
+        spec["healthCheck"] = {"udp": {"port": "echo", "send": "ping", "expect": {"prefix": "ping"}}}
+
+    def udp_hex_regex(spec: Doc) -> None:
+        spec["healthCheck"] = {"udp": {"port": 9053, "sendHex": "00ff0D0a", "expect": {"regex": "^OK v[0-9]+$"}}}
+
+    def udp_hex_prefix(spec: Doc) -> None:
+        spec["healthCheck"] = {"udp": {"send": "", "expect": {"prefixHex": "CAFE"}}}
+
+    def udp_port_check(spec: Doc) -> None:
+        own = {"udp": {"dns": {"name": "db.shop.example", "type": "AAAA"}}}
+        spec["ports"].append({"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": own})
+
+    def udp_dns(spec: Doc) -> None:
+        spec["ports"].append({"name": "dns", "port": 53, "protocol": "UDP"})
+        dns = {"name": "_http._tcp.payments.shop.svc.cluster.local.", "type": "SRV", "rcode": "NXDOMAIN"}
+        spec["healthCheck"] = {"udp": {"port": "dns", "dns": dns}}
+
     def lease(spec: Doc) -> None:
         spec["healthCheck"] = {"lease": {"namePrefix": "payments-"}, "deregisterAfterSeconds": 600}
 
@@ -276,6 +295,11 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
         ("selector-only", selector_only),
         ("tcp", tcp),
         ("grpc", grpc),
+        ("udp-echo", udp_echo),
+        ("udp-hex-regex", udp_hex_regex),
+        ("udp-hex-prefix", udp_hex_prefix),
+        ("udp-dns", udp_dns),
+        ("udp-port-check", udp_port_check),
         ("lease", lease),
         ("http-everything", http_everything),
         ("https-verified", https_verified),
@@ -325,6 +349,16 @@ def _compose(*changes: Callable[[Doc], None]) -> Callable[[Doc], None]:
     def change(spec: Doc) -> None:
         for one in changes:
             one(spec)
+
+    return change
+
+
+def _udp(udp: Doc) -> Callable[[Doc], None]:
+    """The example's health check, with a udp check in place of its http one."""
+
+    def change(spec: Doc) -> None:
+        del spec["healthCheck"]["http"]
+        spec["healthCheck"]["udp"] = udp
 
     return change
 
@@ -394,12 +428,12 @@ SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
     (
         "two-health-check-kinds",
         _set("healthCheck.tcp", {"port": "http"}),
-        ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+        ["healthCheck must set exactly one of http, tcp, grpc, udp or lease"],
     ),
     (
         "no-health-check-kind",
         _set("healthCheck", {"intervalSeconds": 5}),
-        ["healthCheck must set exactly one of http, tcp, grpc or lease"],
+        ["healthCheck must set exactly one of http, tcp, grpc, udp or lease"],
     ),
     (
         "port-check-with-two-kinds",
@@ -438,6 +472,73 @@ SERVICE_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
         ),
         ["a UDP port's own check must be udp"],
     ),
+    (
+        "udp-check-on-a-tcp-port",
+        _set("ports", [{"name": "http", "port": 8080}, {"name": "m", "port": 9, "healthCheck": {"udp": {"send": ""}}}]),
+        ["a udp check belongs to a UDP port"],
+    ),
+    (
+        "port-udp-check-without-payload",
+        _set(
+            "ports",
+            [
+                {"name": "http", "port": 8080},
+                {"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": {"udp": {}}},
+            ],
+        ),
+        ["udp must set exactly one of send, sendHex or dns"],
+    ),
+    (
+        "udp-beside-http",
+        _set("healthCheck.udp", {"send": "ping"}),
+        ["healthCheck must set exactly one of http, tcp, grpc, udp or lease"],
+    ),
+    ("udp-sends-nothing", _udp({}), ["udp must set exactly one of send, sendHex or dns"]),
+    (
+        "udp-send-and-dns",
+        _udp({"send": "x", "dns": {"name": "db.beacon.test"}}),
+        ["udp must set exactly one of send, sendHex or dns"],
+    ),
+    ("udp-odd-hex", _udp({"sendHex": "abc"}), ["sendHex must be hex digits, two per byte"]),
+    ("udp-not-hex", _udp({"sendHex": "zz"}), ["sendHex must be hex digits, two per byte"]),
+    ("udp-hex-too-long", _udp({"sendHex": "00" * 1025}), ["spec.healthCheck.udp.sendHex", "2048"]),
+    ("udp-text-too-long", _udp({"send": "x" * 1025}), ["spec.healthCheck.udp.send", "1024"]),
+    (
+        "udp-bad-prefix-hex",
+        _udp({"send": "x", "expect": {"prefixHex": "0x00"}}),
+        ["prefixHex must be hex digits, two per byte"],
+    ),
+    (
+        "udp-prefix-and-regex",
+        _udp({"send": "x", "expect": {"prefix": "OK", "regex": "^OK"}}),
+        ["udp.expect must set at most one of prefix, prefixHex or regex"],
+    ),
+    ("udp-regex-too-long", _udp({"send": "x", "expect": {"regex": "a" * 257}}), ["udp.expect.regex", "256"]),
+    (
+        "udp-regex-invalid",
+        _udp({"send": "x", "expect": {"regex": "(unclosed"}}),
+        ["regex must be a valid RE2 regular expression"],
+    ),
+    (
+        "udp-dns-with-expect",
+        _udp({"dns": {"name": "db.beacon.test"}, "expect": {"prefix": "x"}}),
+        ["udp.expect does not apply to udp.dns"],
+    ),
+    ("udp-dns-bad-name", _udp({"dns": {"name": "db beacon!"}}), ["dns.name must be a DNS name"]),
+    ("udp-dns-long-label", _udp({"dns": {"name": "a" * 64 + ".test"}}), ["dns.name must be a DNS name"]),
+    ("udp-dns-bad-type", _udp({"dns": {"name": "db.beacon.test", "type": "AXFR"}}), ['Unsupported value: "AXFR"']),
+    (
+        "udp-dns-bad-rcode",
+        _udp({"dns": {"name": "db.beacon.test", "rcode": "BADVERS"}}),
+        ['Unsupported value: "BADVERS"'],
+    ),
+    (
+        "udp-unknown-port-name",
+        _udp({"port": "dns", "send": "x"}),
+        ['healthCheck.udp.port "dns" is not the name of an entry in spec.ports'],
+    ),
+    ("udp-port-out-of-range", _udp({"port": 0, "send": "x"}), ["port must be a number from 1 to 65535"]),
+    ("udp-unknown-field", _udp({"send": "x", "hold": True}), ['unknown field "spec.healthCheck.udp.hold"']),
     (
         "neither-endpoints-nor-selector",
         _drop("endpoints"),

@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import dns.message
+import dns.rcode
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -309,6 +311,66 @@ def test_grpc_health(net: TestNetwork) -> None:
     assert grpc_check(srv.target) == "NOT_SERVING"  # statuses survive a restart
     srv.set_serving(True)
     assert grpc_check(srv.target) == "SERVING"
+
+
+def udp_exchange(address: str, port: int, payload: bytes, *, timeout: float = TIMEOUT) -> bytes:
+    """One datagram out and its reply back, on a connected socket (ConnectionRefusedError: ICMP port unreachable)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.send(payload)
+        return sock.recv(65535)
+
+
+def test_udp_echo_and_port_unreachable_when_stopped(net: TestNetwork) -> None:
+    host = net.add_host()
+    srv = host.udp(port=9053)
+    assert udp_exchange(host.address, 9053, b"ping\x00") == b"ping\x00"
+    assert udp_exchange(host.address, 9053, b"") == b""  # an empty datagram is echoed too
+    srv.stop()
+    with pytest.raises(ConnectionRefusedError):  # the host is there, the port is closed: ICMP port unreachable
+        udp_exchange(host.address, 9053, b"ping")
+    srv.start()
+    assert udp_exchange(host.address, 9053, b"again") == b"again"
+    assert srv.datagrams == 3
+    host.tcp(port=9053)  # a TCP listener may share the number
+    with pytest.raises(TestHostError, match="already has"):
+        host.udp(port=9053)
+
+
+def test_udp_port_blocked_is_silent(net: TestNetwork) -> None:
+    host = net.add_host()
+    host.udp(port=9053)
+    host.block()
+    with pytest.raises(TimeoutError):
+        udp_exchange(host.address, 9053, b"ping", timeout=0.5)
+    host.unblock()
+    assert udp_exchange(host.address, 9053, b"ping") == b"ping"
+
+
+def test_dns_answers_its_name_and_a_settable_rcode_otherwise(net: TestNetwork) -> None:
+    host = net.add_host()
+    srv = host.dns(port=5353, name="db.beacon.test", answer="198.18.0.53")
+
+    def ask(name: str, rdtype: str = "A") -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype)
+        reply = dns.message.from_wire(udp_exchange(host.address, 5353, query.to_wire()))
+        assert query.is_response(reply)
+        return reply
+
+    found = ask("db.beacon.test")
+    assert found.rcode() == dns.rcode.NOERROR
+    assert [rr.to_text() for rrset in found.answer for rr in rrset] == ["198.18.0.53"]
+    no_data = ask("db.beacon.test", "AAAA")
+    assert (no_data.rcode(), no_data.answer) == (dns.rcode.NOERROR, [])
+    assert ask("other.beacon.test").rcode() == dns.rcode.NXDOMAIN
+    srv.set_rcode("SERVFAIL")
+    assert ask("other.beacon.test").rcode() == dns.rcode.SERVFAIL
+    srv.stop()
+    with pytest.raises(ConnectionRefusedError):
+        ask("db.beacon.test")
+    srv.start()
+    assert ask("other.beacon.test").rcode() == dns.rcode.SERVFAIL  # settings survive a restart
 
 
 def test_mixed_servers_on_one_host(net: TestNetwork) -> None:

@@ -217,7 +217,14 @@ def test_every_cel_rule_has_a_message(crd: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("crd", "path", "message"),
     [
-        (SERVICE_ENTRY, ".spec.healthCheck", "healthCheck must set exactly one of http, tcp, grpc or lease"),
+        (SERVICE_ENTRY, ".spec.healthCheck", "healthCheck must set exactly one of http, tcp, grpc, udp or lease"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp", "udp must set exactly one of send, sendHex or dns"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp", "udp.expect does not apply to udp.dns"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.expect", "udp.expect must set at most one of prefix, prefixHex"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.sendHex", "sendHex must be hex digits, two per byte"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.expect.prefixHex", "prefixHex must be hex digits, two per byte"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.dns.name", "dns.name must be a DNS name"),
+        (SERVICE_ENTRY, ".spec.healthCheck.udp.expect.regex", "regex must be a valid RE2 regular expression"),
         (SERVICE_ENTRY, ".spec", "at least one of spec.endpoints or spec.selector is required"),
         (SERVICE_ENTRY, ".spec.healthCheck", "must be less than healthCheck.intervalSeconds"),
         (SERVICE_ENTRY, ".spec", "ports must not repeat the same port number and protocol"),
@@ -256,7 +263,7 @@ def test_health_check_defaults_and_bounds() -> None:
     assert check["timeoutSeconds"]["minimum"] < check["intervalSeconds"]["minimum"]
     assert check["healthyThreshold"]["default"] == 1
     assert check["unhealthyThreshold"]["default"] == 3
-    assert set(check) >= {"http", "tcp", "grpc", "lease", "deregisterAfterSeconds"}
+    assert set(check) >= {"http", "tcp", "grpc", "udp", "lease", "deregisterAfterSeconds"}
     assert _node(_schema(SERVICE_ENTRY), ".spec.headless")["default"] is True
 
 
@@ -370,6 +377,20 @@ def test_config_examples_cover_both_scopes() -> None:
     for doc in (defaults, payments):
         assert all(key.match(k) for k in doc["spec"]["data"])
         assert all(isinstance(v, str) for v in doc["spec"]["data"].values())
+
+
+def test_the_udp_check_schema_stands_alone() -> None:
+    """healthCheck.udp can be copied wherever a check kind is wanted (per-port checks, say): its rules speak only
+    of its own fields, and every field is bounded by its own schema. The port-name rule lives on spec, beside the
+    other kinds' (a rule inside udp cannot see spec.ports)."""
+    udp = _node(_schema(SERVICE_ENTRY), ".spec.healthCheck.udp")
+    assert set(udp["properties"]) == {"port", "send", "sendHex", "expect", "dns"}
+    for path, rule in _rules(udp):
+        assert "healthCheck" not in rule["rule"], path
+        assert "oldSelf" not in rule["rule"], path
+    assert udp["properties"]["port"] == _node(_schema(SERVICE_ENTRY), ".spec.healthCheck.tcp")["properties"]["port"]
+    spec_rules = [r["rule"] for p, r in _rules(_schema(SERVICE_ENTRY)) if p == ".spec"]
+    assert any("self.healthCheck.udp.port" in rule for rule in spec_rules)
 
 
 def test_kustomization_lists_both_crds() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from beacon.models import Endpoint, ServiceEntry
-from beacon.targets import GrpcCheck, HttpCheck, LeaseCheck, TcpCheck
+from beacon.targets import DnsQuery, GrpcCheck, HttpCheck, LeaseCheck, TcpCheck, UdpCheck
 
 
 def make_entry(spec: dict[str, Any], *, name: str = "payments", namespace: str = "shop") -> ServiceEntry:
@@ -170,6 +170,50 @@ def test_grpc_target_carries_service_name() -> None:
     assert target.check == GrpcCheck(port=9090, service="payments.v1.Payments")
 
 
+@pytest.mark.parametrize(
+    ("udp", "check"),
+    [
+        ({"send": "ping"}, UdpCheck(port=8080, payload=b"ping")),
+        ({"send": ""}, UdpCheck(port=8080, payload=b"")),  # an empty datagram is a payload too
+        ({"port": "grpc", "sendHex": "00FF0d0a"}, UdpCheck(port=9090, payload=b"\x00\xff\r\n")),
+        (
+            {"port": 53, "send": "h\u00e9", "expect": {"prefix": "ok"}},
+            UdpCheck(port=53, payload=b"h\xc3\xa9", prefix=b"ok"),
+        ),
+        ({"send": "x", "expect": {"prefixHex": "cafe"}}, UdpCheck(port=8080, payload=b"x", prefix=b"\xca\xfe")),
+        ({"send": "x", "expect": {"regex": "^PONG [0-9]+$"}}, UdpCheck(port=8080, payload=b"x", regex="^PONG [0-9]+$")),
+        ({"dns": {"name": "db.shop.example"}}, UdpCheck(port=8080, dns=DnsQuery(name="db.shop.example"))),
+        (
+            {"port": 5353, "dns": {"name": "x.example.", "type": "SRV", "rcode": "NXDOMAIN"}},
+            UdpCheck(port=5353, dns=DnsQuery(name="x.example.", rdtype="SRV", rcode="NXDOMAIN")),
+        ),
+    ],
+)
+def test_udp_target_payload_expectation_and_dns_query(udp: dict[str, Any], check: UdpCheck) -> None:
+    entry = make_entry({"ports": PORTS, "endpoints": [{"address": "198.18.0.10"}], "healthCheck": {"udp": udp}})
+    target = entry.target(entry.static_endpoints()[0])
+    assert target is not None
+    assert target.check == check
+    assert not target.hints
+
+
+def test_a_udp_port_with_its_own_udp_check() -> None:
+    entry = make_entry(
+        {
+            "ports": [
+                *PORTS,
+                {"name": "dns", "port": 53, "protocol": "UDP", "healthCheck": {"udp": {"dns": {"name": "x"}}}},
+            ],
+            "endpoints": [{"address": "198.18.0.10", "ports": [{"name": "dns", "port": 5353}]}],
+            "healthCheck": {"tcp": {"port": "http"}},
+        }
+    )
+    targets = entry.targets(entry.static_endpoints()[0])
+    assert targets["dns"].check == UdpCheck(port=5353, dns=DnsQuery(name="x"))  # the endpoint's override applies
+    assert not targets["dns"].hints
+    assert targets[""].hints
+
+
 def test_lease_name_defaults_to_entry_prefix_and_endpoint_key() -> None:
     entry = make_entry(
         {
@@ -208,6 +252,7 @@ def test_equal_specs_give_equal_targets() -> None:
         ({"http": {}, "connectionLossHints": False}, False, None),
         ({"grpc": {}}, True, None),
         ({"lease": {}}, False, None),  # a Lease check connects nowhere
+        ({"udp": {"send": "ping"}}, False, None),  # UDP has no connection to lose
     ],
 )
 def test_targets_carry_the_connection_loss_hint_switch_and_the_unhealthy_threshold(
