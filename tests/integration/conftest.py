@@ -44,8 +44,21 @@ def beacon_operator(
         extra_args=("--resync-seconds=0",),
     )
     op.start()
+    _SESSION_OPERATORS.append(op)
     yield op
     op.stop()
+
+
+_SESSION_OPERATORS: list[OperatorProcess] = []  # the session's operator, once a test started it
+
+
+@pytest.fixture
+def operator_stopped() -> None:
+    """For a test that writes what the operator owns (an entry's status, say): the session's operator, if a test
+    started it, is stopped first, so it cannot write over the test (the next `operator_running` starts it again)."""
+    for op in _SESSION_OPERATORS:
+        if op.proc is not None and op.proc.poll() is None:
+            op.stop()
 
 
 @pytest.fixture

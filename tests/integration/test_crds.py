@@ -107,7 +107,7 @@ def test_defaults_are_applied(cluster: Any, namespace: str) -> None:
     assert (spec["priority"], spec["revisionHistoryLimit"]) == (0, 10)
 
 
-def test_status_feeds_the_printer_columns(cluster: Any, namespace: str) -> None:
+def test_status_feeds_the_printer_columns(cluster: Any, namespace: str, operator_stopped: None) -> None:
     _accepted(cluster, namespace, _example("serviceentry-payments.yaml"), _example("configentry-payments.yaml"))
     condition = {
         "type": "Ready",
