@@ -28,6 +28,10 @@ BENCH_DETECT_ARGS ?=
 # bench/bench_failsafe.py: a 90 s partition of 1,000 endpoints (self-preservation on and off) and a flapping endpoint
 # (flap damping on and off); e.g. BENCH_FAILSAFE_ARGS="--entries 30 --outage 30 --flap-seconds 60"
 BENCH_FAILSAFE_ARGS ?=
+# bench/bench_probe.py: CPU per probe and probes per second per core of the probe path alone, once per check kind
+# (1,000 test hosts every 0.5 s); e.g. BENCH_PROBE_CHECKS="udp" BENCH_PROBE_ARGS="--targets 200 --seconds 10"
+BENCH_PROBE_CHECKS ?= http tcp udp dns https
+BENCH_PROBE_ARGS ?=
 # the operator image for docker-build, deploy and kind-e2e
 IMG ?= beacon:dev
 # kubectl for deploy/undeploy: the one on PATH, else the one `make control-plane` builds
@@ -126,7 +130,7 @@ run: deps control-plane ## Use KUBECONFIG's cluster, or start the local control 
 ##@ Benchmarks
 
 .PHONY: bench
-bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded (30k), detection and failing-safe benchmarks.
+bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded (30k), detection, failing-safe and probe-cost (HTTP, UDP, DNS, HTTPS) benchmarks.
 	@rc=0; $(GUARD) egress-start; \
 	BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_discovery.py $(BENCH_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_config.py $(BENCH_CONFIG_ARGS) \
@@ -139,6 +143,9 @@ bench: deps control-plane ## Discovery, ConfigEntry, scale (10k vs kcm), sharded
 	  || rc=$$?; fi; \
 	if [ $$rc -eq 0 ]; then BEACON_BIN_DIR=$$(cat $(BIN_DIR_FILE)) $(PY) bench/bench_failsafe.py $(BENCH_FAILSAFE_ARGS) \
 	  || rc=$$?; fi; \
+	for check in $(BENCH_PROBE_CHECKS); do \
+	  if [ $$rc -eq 0 ]; then $(PY) bench/bench_probe.py --check $$check $(BENCH_PROBE_ARGS) || rc=$$?; fi; \
+	done; \
 	$(GUARD) egress-stop --what "make bench" || rc=$$((rc ? rc : 1)); exit $$rc
 
 ##@ Cluster

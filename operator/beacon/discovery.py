@@ -191,6 +191,7 @@ def pod_from_body(body: Mapping[str, Any]) -> _Pod:
 
 
 Items = list[dict[str, Any]]
+LIST_SHARE = 4  # a batch of entries LISTs their namespace when it holds at least a quarter of the namespace's entries
 
 
 class _BatchedReads:
@@ -198,7 +199,13 @@ class _BatchedReads:
     while one is under way joins the next. A lone entry's read asks for its own objects (`read_one`); a batch's
     lists the namespace (`read_all`), and `owner_of` tells whose each item is. 1,000 entries applied at once (or
     found at start-up) cost a handful of LISTs instead of 1,000 reads, and each read still starts after its
-    entries asked, so none misses an object that existed when it asked."""
+    entries asked, so none misses an object that existed when it asked.
+
+    A LIST costs what the whole namespace holds, whoever asked. So a batch that is small beside the namespace's
+    entries (`population`; fewer than a `LIST_SHARE`th of them) reads each entry's own objects instead, concurrently.
+    Without that, entries that trickle in one by one while the namespace is big (a restart: kopf delivers 1,000
+    entries over seconds, and each LIST of their 1,000 slices takes long enough for the next few to queue up) made
+    one full LIST per handful of entries: hundreds of multi-megabyte LISTs, most of the restart's time."""
 
     def __init__(
         self,
@@ -206,8 +213,10 @@ class _BatchedReads:
         read_one: Callable[[str, str], Awaitable[Items]],
         read_all: Callable[[str], Awaitable[Items]],
         owner_of: Callable[[dict[str, Any]], str],
+        population: Callable[[str], int] = lambda _namespace: 0,
     ) -> None:
         self._read_one, self._read_all, self._owner_of = read_one, read_all, owner_of
+        self._population = population
         self._next: dict[str, dict[str, asyncio.Future[Items]]] = {}  # namespace -> entry -> its answer
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -228,10 +237,20 @@ class _BatchedReads:
         async with self._locks[namespace]:
             batch = self._next.pop(namespace)  # from here on, whoever asks joins the next read
             try:
-                if len(batch) == 1:
-                    items = await self._read_one(namespace, next(iter(batch)))
-                else:
+                if len(batch) > 1 and len(batch) * LIST_SHARE >= self._population(namespace):
                     items = await self._read_all(namespace)
+                else:  # a lone entry, or a few beside many: their own objects, each read on its own
+                    read = self._read_one
+                    results = await asyncio.gather(*(read(namespace, name) for name in batch), return_exceptions=True)
+                    for answer, result in zip(batch.values(), results, strict=True):
+                        if answer.done():
+                            continue
+                        if isinstance(result, BaseException):
+                            answer.set_exception(result)
+                            answer.exception()  # retrieved, as below
+                        else:
+                            answer.set_result(result)
+                    return
             except Exception as exc:
                 for answer in batch.values():
                     if not answer.done():
@@ -345,13 +364,19 @@ class Discovery:
             ),
             read_all=lambda ns: kube.list("EndpointSlice", ns, label_selector=managed),
             owner_of=lambda item: (item["metadata"].get("labels") or {}).get(LABEL_SERVICE_NAME, ""),
+            population=self._population,
         )
         self._service_reads = _BatchedReads(
             read_one=self._get_service,
             read_all=lambda ns: kube.list("Service", ns),
             owner_of=lambda item: str(item["metadata"]["name"]),
+            population=self._population,
         )
         self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}  # (kind, namespace) -> its watch
+
+    def _population(self, namespace: str) -> int:
+        """How many entries the namespace holds, as far as known (those seen, or expected at start-up)."""
+        return max(len(self._names.get(namespace, ())), len(self._expected.get(namespace, ())))
 
     # ------------------------------------------------------------------ inputs (called by thin kopf handlers)
     async def entry_changed(self, body: Mapping[str, Any]) -> None:

@@ -400,6 +400,49 @@ class FlakyKube(FakeKube):
         return wrote
 
 
+class SlowListKube(FlakyKube):
+    """Listing a namespace's slices takes a while (its size), reading one entry's does not; counts both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full_lists = 0
+        self.own_reads = 0
+
+    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        if kind == "EndpointSlice":
+            if label_selector is not None and "kubernetes.io/service-name=" in label_selector:
+                self.own_reads += 1
+                await asyncio.sleep(0.01)
+            else:
+                self.full_lists += 1
+                await asyncio.sleep(0.05)
+        return await super().list(kind, namespace, label_selector=label_selector)
+
+
+async def test_entries_trickling_into_a_big_namespace_read_their_own_slices_not_the_namespaces() -> None:
+    """A restart: 200 entries are expected, and kopf delivers them a few at a time while a LIST of the namespace is
+    slow. The first batch lists the namespace; the small batches after it read each entry's own slices, so the
+    LISTs of the whole namespace stay a handful instead of one per batch."""
+    kube = SlowListKube()
+    bodies = [entry(f"e{i}", f"uid-{i}", [f"198.18.2.{i + 1}"]) for i in range(200)]
+    for body in bodies:
+        kube.entries[("ns", body["metadata"]["name"])] = body
+    d = _engine(kube)
+    d.expect({("ns", body["metadata"]["name"]) for body in bodies})
+
+    async def deliver() -> None:
+        for i in range(0, 200, 2):
+            await asyncio.gather(*(d.entry_changed(body) for body in bodies[i : i + 2]))
+            await asyncio.sleep(0.005)
+
+    await deliver()
+    await _settle(d, 0.5)
+    assert kube.full_lists <= 2, kube.full_lists
+    assert kube.own_reads >= 150
+    assert {name for kind, _, name in kube.objects if kind == "EndpointSlice"} == {f"e{i}-ipv4-0" for i in range(200)}
+    await d.close()
+
+
 async def test_after_a_failed_reconcile_the_slices_are_listed_again_and_nothing_is_duplicated() -> None:
     kube = FlakyKube()
     addresses = [f"198.18.1.{i}" for i in range(1, 151)]
