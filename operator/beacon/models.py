@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -234,7 +235,7 @@ class HealthCheck(_Model):
     min_healthy_percent: int | None = Field(default=None, alias="minHealthyPercent")
     flap_damping: FlapDampingSpec | None = Field(default=None, alias="flapDamping")
 
-    @property
+    @cached_property
     def kind(self) -> str | None:
         """The check's kind ("http", "tcp", "grpc", "udp", "lease"); None when only timing is set (for the ports'
         own)."""
@@ -354,17 +355,17 @@ class ServiceEntry(_Model):
             for e in self.spec.endpoints
         ]
 
-    @property
+    @cached_property
     def health_check(self) -> HealthCheck:
         """The entry's healthCheck, or the defaults (its timing and thresholds also rule the ports' own checks)."""
         return self.spec.health_check or _NO_CHECK
 
-    @property
+    @cached_property
     def own_checks(self) -> tuple[str, ...]:
         """Names of the ports with their own check, in spec order."""
         return tuple(p.name for p in self.spec.ports if p.health_check is not None)
 
-    @property
+    @cached_property  # read for every probe result: computed once per parsed entry (the models are frozen)
     def probed(self) -> bool:
         """Whether anything of the entry is probed (an entry-level check, or a port's own)."""
         hc = self.spec.health_check
