@@ -9,75 +9,13 @@ import asyncio
 import copy
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from beacon import discovery
 from beacon.discovery import Discovery
-from beacon.kube import NotOursError, covers
+from beacon.kube import NotOursError
 from beacon.targets import ProbeResult, Target, Trigger
-
-
-class FakeKube:
-    """Just enough of beacon.kube.Kube: objects in a dict, every write counted."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
-        self.writes: list[tuple[str, str, str]] = []
-        self.watching: list[tuple[str, str]] = []  # (kind, namespace) of every watch running now
-
-    async def watch(self, kind: str, namespace: str, **_: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        self.watching.append((kind, namespace))
-        try:
-            await asyncio.Event().wait()  # no events: the tests deliver them by calling the engine
-            yield "ADDED", {}
-        finally:
-            self.watching.remove((kind, namespace))
-
-    async def request(self, method: str, path: str, **_: Any) -> dict[str, Any] | None:
-        assert method == "GET"
-        if path == "/apis/beacon.dev/v1alpha1/serviceentries":
-            return {"items": [copy.deepcopy(e) for e in self.entries.values()]}
-        return {"items": []}
-
-    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
-        items = [o for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace]
-        if label_selector and "=" in label_selector:
-            wanted = dict(part.split("=", 1) for part in label_selector.split(","))
-            items = [o for o in items if covers(o["metadata"].get("labels") or {}, wanted)]
-        return [copy.deepcopy(o) for o in items]
-
-    def cached(self, obj: dict[str, Any]) -> bool:
-        return (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) in self.objects
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.objects.get((kind, namespace, name)))
-
-    async def ensure(self, obj: dict[str, Any], **options: Any) -> bool:
-        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        if self.objects.get(key) == obj:
-            return False
-        self.objects[key] = copy.deepcopy(obj)
-        self.writes.append(("apply", obj["kind"], obj["metadata"]["name"]))
-        return True
-
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        self.writes.append(("delete", kind, name))
-        return self.objects.pop((kind, namespace, name), None) is not None
-
-    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.writes.append(("status", kind, name))
-        self.entries[(namespace, name)]["status"] = status
-
-    async def event(self, **_: Any) -> None:
-        self.writes.append(("event", "Event", ""))
-
-    def forget(self, *_: Any) -> None:
-        pass
-
-    def forget_namespace_entry(self, *_: Any) -> None:
-        pass
+from beacon_dev.fakekube import FakeKube
 
 
 def entry(name: str, uid: str, addresses: list[str]) -> dict[str, Any]:

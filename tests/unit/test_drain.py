@@ -5,17 +5,15 @@ ready=false, serving=<its health>, terminating=true, stays probed, and comes bac
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from beacon.discovery import Discovery
 from beacon.health import Decision, EndpointHealth, Status
-from beacon.kube import covers
 from beacon.models import ANNOTATION_DRAIN, Endpoint, ServiceEntry, drained_addresses, pod_drained
 from beacon.reconcile import (
     View,
@@ -26,6 +24,7 @@ from beacon.reconcile import (
     status_changed,
 )
 from beacon.targets import ProbeResult, Target
+from beacon_dev import fakekube
 
 NOW = 1_700_000_000.0
 PASSING = EndpointHealth(status=Status.PASSING, since=NOW - 600, decision=Decision("TCP connect ok", 0.0012, 1))
@@ -170,55 +169,8 @@ def test_a_drained_pod_is_terminating_like_a_deleted_one() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the engine
-class FakeKube:
-    """Just enough of beacon.kube.Kube for the discovery engine: objects in a dict, every write counted."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.statuses: dict[tuple[str, str], dict[str, Any]] = {}
-        self.writes: list[tuple[str, str, str]] = []
-
-    async def watch(self, kind: str, namespace: str, **_: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        await asyncio.Event().wait()
-        yield "ADDED", {}
-
-    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
-        items = [o for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace]
-        if label_selector and "=" in label_selector:
-            wanted = dict(part.split("=", 1) for part in label_selector.split(","))
-            items = [o for o in items if covers(o["metadata"].get("labels") or {}, wanted)]
-        return [copy.deepcopy(o) for o in items]
-
-    def cached(self, obj: dict[str, Any]) -> bool:
-        return (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) in self.objects
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.objects.get((kind, namespace, name)))
-
-    async def ensure(self, obj: dict[str, Any], **_: Any) -> bool:
-        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        if self.objects.get(key) == obj:
-            return False
-        self.objects[key] = copy.deepcopy(obj)
-        self.writes.append(("apply", obj["kind"], obj["metadata"]["name"]))
-        return True
-
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        self.writes.append(("delete", kind, name))
-        return self.objects.pop((kind, namespace, name), None) is not None
-
-    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.writes.append(("status", kind, name))
-        self.statuses[(namespace, name)] = copy.deepcopy(status)
-
-    async def event(self, **_: Any) -> None:
-        self.writes.append(("event", "Event", ""))
-
-    def forget(self, *_: Any) -> None:
-        pass
-
-    def forget_namespace_entry(self, *_: Any) -> None:
-        pass
+class FakeKube(fakekube.FakeKube):
+    """The shared fake, with what these tests read back: slice conditions and the registry by entry."""
 
     def conditions(self, name: str) -> dict[str, dict[str, bool]]:
         return {

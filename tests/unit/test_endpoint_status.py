@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator
 from typing import Any
 
 from hypothesis import given
@@ -15,10 +14,10 @@ from hypothesis import strategies as st
 
 from beacon.discovery import Discovery
 from beacon.health import Decision, EndpointHealth, Status, Thresholds, observe, seeded, settled
-from beacon.kube import covers
 from beacon.models import Endpoint, ServiceEntry
 from beacon.reconcile import STATUS_ENDPOINTS_MAX, View, desired_status, endpoint_status, status_changed
 from beacon.targets import ProbeResult, Target
+from beacon_dev.fakekube import FakeKube
 
 NOW = 1_700_000_000.0
 
@@ -161,56 +160,6 @@ def test_a_full_item_stays_small() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the engine
-class FakeKube:
-    """Objects in a dict; status patches and writes counted."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.writes: list[tuple[str, str]] = []
-        self.status: dict[str, Any] | None = None
-
-    async def watch(self, *_: Any, **__: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        await asyncio.Event().wait()
-        yield "ADDED", {}
-
-    async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
-        items = [o for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace]
-        if label_selector and "=" in label_selector:
-            wanted = dict(part.split("=", 1) for part in label_selector.split(","))
-            items = [o for o in items if covers(o["metadata"].get("labels") or {}, wanted)]
-        return [copy.deepcopy(o) for o in items]
-
-    def cached(self, obj: dict[str, Any]) -> bool:
-        return (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) in self.objects
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.objects.get((kind, namespace, name)))
-
-    async def ensure(self, obj: dict[str, Any], **_: Any) -> bool:
-        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        if self.objects.get(key) == obj:
-            return False
-        self.objects[key] = copy.deepcopy(obj)
-        self.writes.append(("apply", obj["kind"]))
-        return True
-
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        return self.objects.pop((kind, namespace, name), None) is not None
-
-    async def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.writes.append(("status", kind))
-        self.status = copy.deepcopy(status)
-
-    async def event(self, **_: Any) -> None:
-        self.writes.append(("event", "Event"))
-
-    def forget(self, *_: Any) -> None:
-        pass
-
-    def forget_namespace_entry(self, *_: Any) -> None:
-        pass
-
-
 async def _never(target: Target) -> ProbeResult:
     raise AssertionError("the test feeds the results itself")
 
@@ -265,7 +214,7 @@ async def test_probes_that_decide_nothing_write_no_status_whatever_their_latency
     for _ in range(3):
         d._on_result(key, target, ProbeResult(ok=False, detail="connection refused", seconds=0.0003))
     await turns()
-    assert kube.writes[writes:].count(("status", "ServiceEntry")) == 1
+    assert [w[:2] for w in kube.writes[writes:]].count(("status", "ServiceEntry")) == 1
     item = kube.status["endpoints"][0]
     assert (item["state"], item["probe"], item["latencyMs"], item["consecutive"]) == (
         "Unhealthy",
