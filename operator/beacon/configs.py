@@ -83,6 +83,7 @@ from beacon.config_core import (
 from beacon.engine import Controller, Owns
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, merge_conditions, status_changed
+from beacon.retries import RETRIES
 from beacon.workqueue import repeat
 
 log = logging.getLogger("beacon.configs")
@@ -213,6 +214,11 @@ class Configs:
         self._pods: dict[str, dict[str, PodConfig]] = {}
         self._pod_watches: dict[str, asyncio.Task[None]] = {}
         self._watching = False  # pods are watched once this replica may write (watch_outputs)
+        # adoption is computed only from complete inputs: every opted-in workload listed (`list_workloads`), and
+        # the pods of an entry's namespace listed; until then an entry's status keeps the adoption it shows, so a
+        # restart writes nothing
+        self._workloads_listed = True
+        self._pods_synced: set[str] = set()
         self._adoptions: dict[EntryKey, Adoption] = {}  # the last computed adoption of each entry
         # the metric series of each entry: (namespace, entry, workload, revision) pods, (namespace, entry, workload)
         self._series: dict[EntryKey, tuple[set[tuple[str, str, str, str]], set[tuple[str, str, str]]]] = {}
@@ -223,6 +229,7 @@ class Configs:
         """Before any watch event: know every entry (so no entry is materialised from a partial namespace) and
         the hash every beacon ConfigMap holds (so workloads are compared with what their pods really got)."""
         self._namespaces = tuple(namespaces)
+        self._workloads_listed = False
         entries, maps = await self._list()
         started = time.perf_counter()
         for item in maps:
@@ -245,6 +252,20 @@ class Configs:
             len(self._hashes),
             held,
         )
+
+    async def list_workloads(self) -> None:
+        """Every Deployment, StatefulSet and DaemonSet in the watched namespaces, taken as watch events: after
+        it, the adoption of every entry is computed from all its workloads (kopf's events of them may come
+        later, and change nothing then)."""
+        for kind in WORKLOAD_KINDS:
+            if self._namespaces:
+                bodies = [b for ns in self._namespaces for b in await self.kube.list(kind, ns)]
+            else:
+                bodies = await self.kube.list_all(kind)
+            for body in bodies:
+                self.workload_changed(kind, body)
+        self._workloads_listed = True
+        self._refresh_adoptions(list(self._entries))
 
     async def _list(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every ConfigEntry, and every ConfigMap beacon materialised, in the watched namespaces."""
@@ -270,6 +291,8 @@ class Configs:
                 await self.entry_deleted(*key)
         for body in present.values():
             await self.entry_changed(body)
+        for namespace in sorted(self._pods_synced):
+            await self._list_pods(namespace)  # pod deletions a watch gap missed
         actual = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in maps}
         for key, state in list(self._entries.items()):
             if state.foreign:
@@ -631,6 +654,7 @@ class Configs:
             computed = self._adoption(state)
             if computed is not None:
                 self._publish(key, computed)
+            shown = computed.status if computed is not None else (state.status or {}).get("adoption")
             status = desired_status(
                 entry,
                 ready=ready,
@@ -640,7 +664,7 @@ class Configs:
                 previous=state.status,
                 now=self._wall(),
                 served_by=self._served_by,
-                adoption=computed.status if computed is not None else None,
+                adoption=shown,
             )
             if status_changed(state.status, status):
                 try:
@@ -849,10 +873,38 @@ class Configs:
             del self._pod_watches[namespace]
             task.cancel()
             self._pods.pop(namespace, None)
+            self._pods_synced.discard(namespace)
 
     async def _follow_pods(self, namespace: str) -> None:
+        """List the namespace's pods (then its entries' adoption is complete), then follow them."""
+        while True:
+            try:
+                await self._list_pods(namespace)
+                RETRIES.forget(("configs pods", namespace))
+                break
+            except (ApiError, OSError) as exc:
+                wait = RETRIES.when(("configs pods", namespace))
+                log.warning("cannot list the pods of namespace %s yet, retrying in %.1fs: %s", namespace, wait, exc)
+                await asyncio.sleep(wait)
         async for type_, body in self.kube.watch("Pod", namespace):
             self.pod_changed(namespace, body, deleted=type_ == "DELETED")
+
+    async def _list_pods(self, namespace: str) -> None:
+        items = await self.kube.list("Pod", namespace)
+        if namespace not in self._pod_watches:
+            return  # no opted-in workload left there meanwhile
+        listed = {pod.name: pod for pod in (PodConfig.from_body(item) for item in items)}
+        before = self._pods.get(namespace)
+        self._pods[namespace] = listed
+        first = namespace not in self._pods_synced
+        self._pods_synced.add(namespace)
+        if not first and before == listed:
+            return
+        for key in sorted(self._namespace_workloads.get(namespace, ())):
+            workload = self._workloads.get(key)
+            if workload is not None:
+                self._match_pods(workload)
+                self._adoption_changed(workload)
 
     def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         """A pod event in a namespace with opted-in workloads: the adoption of the entries its workloads read is
@@ -900,14 +952,25 @@ class Configs:
             if (state.status or {}).get("adoption") != computed.status:
                 self._schedule(key)
 
+    def _refresh_adoptions(self, keys: Sequence[EntryKey]) -> None:
+        for key in keys:
+            state = self._entries.get(key)
+            computed = self._adoption(state) if state is not None else None
+            if state is not None and computed is not None and (state.status or {}).get("adoption") != computed.status:
+                self._schedule(key)
+
     def _adoption(self, state: _EntryState) -> Adoption | None:
-        """The entry's adoption now, from memory (no API call): its ConfigMap's readers and their pods."""
-        if state.current is None or not state.config_map or state.foreign:
+        """The entry's adoption now, from memory (no API call): its ConfigMap's readers and their pods. None
+        while its inputs are incomplete (workloads or their pods not listed yet) or there is nothing to say."""
+        if state.current is None or not state.config_map or state.foreign or not self._workloads_listed:
             return None
         namespace, name = state.entry.namespace, state.config_map
+        readers = self._readers.get((namespace, name), set())
+        if readers and self._watching and namespace not in self._pods_synced:
+            return None
         cached = self._pods.get(namespace, {})
         views = []
-        for key in sorted(self._readers.get((namespace, name), ())):
+        for key in sorted(readers):
             w = self._workloads.get(key)
             if w is None:
                 continue
