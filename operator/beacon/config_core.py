@@ -575,8 +575,9 @@ def desired_status(
 
 # ---------------------------------------------------------------------------------------------------- reloads
 def reload_names(value: str | None) -> tuple[str, ...]:
-    """The ConfigMap names in a workload's beacon.dev/reload annotation ("a, b" -> ("a", "b"))."""
-    return tuple(sorted({part.strip() for part in (value or "").split(",") if part.strip()}))
+    """The ConfigMap names in a workload's beacon.dev/reload annotation ("a, b[x/]" -> ("a", "b")); raises
+    ReloadSyntaxError for a value `parse_reload` refuses."""
+    return tuple(parse_reload(value))
 
 
 def format_hashes(hashes: Mapping[str, str]) -> str:

@@ -460,6 +460,10 @@ class Configs:
         if not self._in_scope(str(meta.get("namespace", ""))):
             return
         key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+        if deleted:
+            self._drop_workload(key)
+            self._invalid.pop(key, None)
+            return
         value = (meta.get("annotations") or {}).get(ANNOTATION_RELOAD)
         try:
             keys = parse_reload(value)
@@ -468,10 +472,8 @@ class Configs:
             keys = {}
         else:
             self._invalid.pop(key, None)
-        if deleted or not keys:
+        if not keys:
             self._drop_workload(key)
-            if deleted:
-                self._invalid.pop(key, None)
             return
         workload = self._workloads.get(key)
         if workload is None or workload.uid != meta.get("uid"):
@@ -966,7 +968,7 @@ class Configs:
             return None
         namespace, name = state.entry.namespace, state.config_map
         readers = self._readers.get((namespace, name), set())
-        if readers and self._watching and namespace not in self._pods_synced:
+        if readers and namespace not in self._pods_synced:
             return None
         cached = self._pods.get(namespace, {})
         views = []
@@ -1111,6 +1113,7 @@ class Configs:
             if decision.action == "baseline":
                 baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
                 self._observe(workload, await self._patch(workload, baseline))
+                self._adoption_changed(workload)
                 continue
             if not await self._wait_for_rollout(workload, decision.template):
                 continue
@@ -1128,6 +1131,7 @@ class Configs:
                 "spec": {"template": {"metadata": {"annotations": annotations}}},
             }
             self._observe(workload, await self._patch(workload, patch))
+            self._adoption_changed(workload)
             workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
             workload.first_change = workload.last_change = workload.target = None
             workload.deferred = False

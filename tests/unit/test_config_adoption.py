@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -242,10 +243,22 @@ class ClusterKube:
         self.statuses: list[dict[str, Any]] = []
         self.patches: list[tuple[str, dict[str, Any]]] = []
         self.events: list[tuple[str, str, str]] = []
+        self.pods: list[dict[str, Any]] = []
+        self.watches: list[tuple[str, str | None]] = []
 
     async def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        if kind == "Pod":
+            return [copy.deepcopy(pod) for pod in self.pods]
         store = self.revisions if kind == "ControllerRevision" else self.maps
         return [copy.deepcopy(obj) for (ns, _), obj in sorted(store.items()) if ns == namespace]
+
+    async def list_all(self, kind: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
+        return [copy.deepcopy(body) for (k, _, _), body in sorted(self.workloads.items()) if k == kind]
+
+    async def watch(self, kind: str, namespace: str | None, **_: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        self.watches.append((kind, namespace))
+        await asyncio.Event().wait()  # no events: the tests call pod_changed themselves
+        yield "ADDED", {}
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         store = self.revisions if kind == "ControllerRevision" else self.maps
@@ -331,6 +344,7 @@ async def test_a_change_to_one_workloads_keys_rolls_out_that_workload_only_and_a
     kube = ClusterKube()
     policy = ReloadPolicy(debounce=0.02, max_delay=0.1, rate_count=10, rate_period=1.0)
     configs = Configs(kube=kube, policy=policy, coalesce_seconds=0.01)  # type: ignore[arg-type]
+    configs._pods_synced.add("ns")  # the pods of "ns" listed (the events below are the watch's)
     data = {"db/host": "a", "feature/flag": "off", "other": "x"}
     await configs.entry_changed(_entry(data))
 
@@ -433,4 +447,37 @@ async def test_a_malformed_opt_in_is_reported_once_and_reloads_nothing() -> None
     configs.workload_changed("Deployment", bad)  # the same mistake again, after a fix: said again
     await asyncio.sleep(0.05)
     assert len(kube.events) == 2
+    await configs.close()
+
+
+async def test_adoption_waits_for_the_workloads_and_their_pods_so_a_restart_writes_what_status_shows() -> None:
+    """After a restart the entries reconcile before kopf delivers the workloads, and before their pods are
+    listed: the adoption the status shows is kept until both are in, then computed from them."""
+    kube = ClusterKube()
+    configs = Configs(kube=kube, coalesce_seconds=0.01)  # type: ignore[arg-type]
+    shown = {"summary": "1/1 workloads", "revision": 1, "workloads": 1, "adoptedWorkloads": 1, "revisions": []}
+    body = _entry({"db/host": "a"})
+    body["status"] = {"adoption": shown}
+
+    async def listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return [body], []
+
+    configs._list = listing  # type: ignore[method-assign]
+    await configs.start()
+    await _until(lambda: kube.statuses, "a status")  # Ready, revision, hash: written; the adoption kept
+    assert kube.statuses[-1]["adoption"] == shown
+
+    a = _deployment("a", "app[db/]")
+    kube.workloads[("Deployment", "ns", "a")] = a
+    kube.pods = [_pod_body(a, "a0", ready=True)]
+    await configs.list_workloads()
+    await asyncio.sleep(0.1)
+    assert kube.statuses[-1]["adoption"] == shown  # a reads the entry, and its pods are not listed yet
+    configs.watch_outputs = lambda: None  # type: ignore[method-assign]
+    configs._watching = True
+    configs._sync_pod_watch("ns")
+    await _until(lambda: "ns" in configs._pods_synced, "the pods listed")
+    await _until(lambda: kube.statuses[-1]["adoption"].get("baselinePods") == 1, "the adoption computed")
+    assert kube.statuses[-1]["adoption"]["summary"] == "1/1 workloads"
+    assert kube.watches == [("Pod", "ns")]  # the namespace's pods only, once listed
     await configs.close()
