@@ -223,6 +223,8 @@ class Configs:
         # the metric series of each entry: (namespace, entry, workload, revision) pods, (namespace, entry, workload)
         self._series: dict[EntryKey, tuple[set[tuple[str, str, str, str]], set[tuple[str, str, str]]]] = {}
         self._invalid: dict[WorkloadKey, str] = {}  # malformed beacon.dev/reload values already reported
+        self._adoption_dirty: set[EntryKey] = set()  # entries whose adoption to compute when the timer fires
+        self._adoption_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ start-up
     async def start(self, *, namespaces: Sequence[str] = ()) -> None:
@@ -938,15 +940,30 @@ class Configs:
         workload.pods = {name for name, pod in cached.items() if selects(workload.selector, pod.labels)}
 
     def _adoption_changed(self, workload: _Workload) -> None:
-        """Something adoption looks at changed for `workload` (its pods, template, opt-in): each entry whose
-        ConfigMap it reads computes its adoption again and is queued when the status summary differs."""
+        """Something adoption looks at changed for `workload` (its pods, template, opt-in): the entries whose
+        ConfigMap it reads compute their adoption again, once per `coalesce` window whatever the number of pod
+        events in it (a rollout of N pods costs O(windows x N), not O(N^2)), and are queued when the status
+        summary differs."""
         for name in workload.names:
             key = self._map_entries.get((workload.namespace, name))
-            state = self._entries.get(key) if key is not None else None
-            if key is None or state is None:
-                continue
-            computed = self._adoption(state)
-            if computed is None:
+            if key is not None:
+                self._adoption_dirty.add(key)
+        if not self._adoption_dirty or self._adoption_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the event loop (never in the operator): at once
+            self._flush_adoptions()
+            return
+        self._adoption_timer = loop.call_later(self._coalesce, self._flush_adoptions)
+
+    def _flush_adoptions(self) -> None:
+        self._adoption_timer = None
+        keys, self._adoption_dirty = sorted(self._adoption_dirty), set()
+        for key in keys:
+            state = self._entries.get(key)
+            computed = self._adoption(state) if state is not None else None
+            if state is None or computed is None:
                 continue
             before = self._adoptions.get(key)
             if before is None or before.workloads != computed.workloads:
@@ -955,11 +972,8 @@ class Configs:
                 self._schedule(key)
 
     def _refresh_adoptions(self, keys: Sequence[EntryKey]) -> None:
-        for key in keys:
-            state = self._entries.get(key)
-            computed = self._adoption(state) if state is not None else None
-            if state is not None and computed is not None and (state.status or {}).get("adoption") != computed.status:
-                self._schedule(key)
+        self._adoption_dirty.update(keys)
+        self._flush_adoptions()
 
     def _adoption(self, state: _EntryState) -> Adoption | None:
         """The entry's adoption now, from memory (no API call): its ConfigMap's readers and their pods. None
@@ -1217,6 +1231,9 @@ class Configs:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._adoption_timer is not None:
+            self._adoption_timer.cancel()
+            self._adoption_timer = None
         for task in self._pod_watches.values():
             task.cancel()
         self._pod_watches.clear()

@@ -481,3 +481,31 @@ async def test_adoption_waits_for_the_workloads_and_their_pods_so_a_restart_writ
     assert kube.statuses[-1]["adoption"]["summary"] == "1/1 workloads"
     assert kube.watches == [("Pod", "ns")]  # the namespace's pods only, once listed
     await configs.close()
+
+
+async def test_a_burst_of_pod_events_computes_the_adoption_once_per_window() -> None:
+    """A rollout of N pods sends O(N) pod events; each would cost O(N) to count: they are coalesced."""
+    kube = ClusterKube()
+    configs = Configs(kube=kube, coalesce_seconds=0.05)  # type: ignore[arg-type]
+    configs._pods_synced.add("ns")
+    await configs.entry_changed(_entry({"k": "v"}))
+    await _until(lambda: kube.statuses, "materialised")
+    web = _deployment("web", "app")
+    web["spec"]["replicas"] = 300
+    kube.workloads[("Deployment", "ns", "web")] = web
+    configs.workload_changed("Deployment", web)
+    await asyncio.sleep(0.2)
+    computed = 0
+    compute = configs._adoption
+
+    def counting(state: Any) -> Any:
+        nonlocal computed
+        computed += 1
+        return compute(state)
+
+    configs._adoption = counting  # type: ignore[method-assign]
+    for i in range(300):
+        configs.pod_changed("ns", _pod_body(web, f"web-{i}", ready=True))
+    await _until(lambda: kube.statuses[-1]["adoption"]["baselinePods"] == 300, "300 pods counted")
+    assert computed <= 3, computed  # the window's flush and the entry's reconcile, not one per pod
+    await configs.close()
