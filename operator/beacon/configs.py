@@ -219,6 +219,7 @@ class Configs:
         # restart writes nothing
         self._workloads_listed = True
         self._pods_synced: set[str] = set()
+        self._pod_listings: dict[str, list[set[str]]] = {}  # pods touched by events while a listing is under way
         self._adoptions: dict[EntryKey, Adoption] = {}  # the last computed adoption of each entry
         # the metric series of each entry: (namespace, entry, workload, revision) pods, (namespace, entry, workload)
         self._series: dict[EntryKey, tuple[set[tuple[str, str, str, str]], set[tuple[str, str, str]]]] = {}
@@ -717,7 +718,13 @@ class Configs:
                 state.current = current
                 state.config_map = entry.config_map_name
                 self._map_entries[(entry.namespace, entry.config_map_name)] = entry.key
-                self._revisions[(entry.namespace, entry.config_map_name)] = current.revision
+                # its data, for key-aware readers to hash their keys of (also when the entry cannot materialise);
+                # only as beacon wrote it: a hand edit is written back (and rolled out) by the reconcile, not here
+                data = actual.get("data") if actual is not None else None
+                if isinstance(data, dict) and content_hash(data) == current.hash:
+                    self._set_hash(
+                        entry.namespace, entry.config_map_name, current.hash, revision=current.revision, data=data
+                    )
             elif state.current is None and actual is None:
                 # the ConfigMap is gone (deleted by hand); the status still says what it held, which keeps
                 # revision numbers increasing even if the history went with it
@@ -894,11 +901,26 @@ class Configs:
             self.pod_changed(namespace, body, deleted=type_ == "DELETED")
 
     async def _list_pods(self, namespace: str) -> None:
-        items = await self.kube.list("Pod", namespace)
+        """List the namespace's pods into the cache, except those that watch events touched meanwhile (those
+        events are at least as new as the listing)."""
+        touched: set[str] = set()
+        self._pod_listings.setdefault(namespace, []).append(touched)
+        try:
+            items = await self.kube.list("Pod", namespace)
+        finally:
+            listings = self._pod_listings[namespace]
+            listings.remove(touched)
+            if not listings:
+                del self._pod_listings[namespace]
         if namespace not in self._pod_watches:
             return  # no opted-in workload left there meanwhile
         listed = {pod.name: pod for pod in (PodConfig.from_body(item) for item in items)}
         before = self._pods.get(namespace)
+        for name in touched:
+            if before is not None and name in before:
+                listed[name] = before[name]
+            else:
+                listed.pop(name, None)
         self._pods[namespace] = listed
         first = namespace not in self._pods_synced
         self._pods_synced.add(namespace)
@@ -913,7 +935,11 @@ class Configs:
     def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         """A pod event in a namespace with opted-in workloads: the adoption of the entries its workloads read is
         computed again, and their status written only if the summary changed (by the entry's reconcile)."""
+        if self._watching and namespace not in self._pod_watches:
+            return  # a late event of a watch stopped with the namespace's last opted-in workload
         pod = PodConfig.from_body(body)
+        for touched in self._pod_listings.get(namespace, ()):
+            touched.add(pod.name)
         cached = self._pods.setdefault(namespace, {})
         old = cached.get(pod.name)
         if deleted:
@@ -1086,14 +1112,20 @@ class Configs:
             return None
         return selection_hash(held[1], selection)
 
-    def _desired(self, workload: _Workload) -> dict[str, str]:
+    def _desired(self, workload: _Workload) -> dict[str, str] | None:
+        """The hashes `workload` should be rolled out for, of the ConfigMaps it names that exist; None while the
+        data of one it reads only some keys of is not known yet (after a restart, until its entry is loaded):
+        deciding without it would drop that ConfigMap from the rollout."""
         hashes = {n: self._desired_one(workload, n) for n in workload.names}
+        if any(h is None and (workload.namespace, n) in self._hashes for n, h in hashes.items()):
+            return None
         return {n: h for n, h in hashes.items() if h is not None}
 
     def _evaluate(self, workload: _Workload) -> None:
-        decision = reload_decision(
-            desired=self._desired(workload), template=workload.template, baseline=workload.baseline
-        )
+        desired = self._desired(workload)
+        if desired is None:
+            return  # evaluated again when the data arrives (`_set_hash`)
+        decision = reload_decision(desired=desired, template=workload.template, baseline=workload.baseline)
         if decision.action == "none":
             workload.first_change = workload.last_change = workload.target = None
             return
@@ -1118,9 +1150,10 @@ class Configs:
 
     async def _reload_until_settled(self, key: WorkloadKey) -> None:
         while (workload := self._workloads.get(key)) is not None:
-            decision = reload_decision(
-                desired=self._desired(workload), template=workload.template, baseline=workload.baseline
-            )
+            desired = self._desired(workload)
+            if desired is None:
+                return  # evaluated again when the data arrives (`_set_hash`)
+            decision = reload_decision(desired=desired, template=workload.template, baseline=workload.baseline)
             if decision.action == "none":
                 workload.first_change = workload.last_change = workload.target = None
                 return

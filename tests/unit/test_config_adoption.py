@@ -509,3 +509,27 @@ async def test_a_burst_of_pod_events_computes_the_adoption_once_per_window() -> 
     await _until(lambda: kube.statuses[-1]["adoption"]["baselinePods"] == 300, "300 pods counted")
     assert computed <= 3, computed  # the window's flush and the entry's reconcile, not one per pod
     await configs.close()
+
+
+async def test_after_a_restart_a_key_aware_workload_waits_for_the_data_of_its_config() -> None:
+    """The hashes of the ConfigMaps are known from start-up's listing, their data only once the entry is loaded:
+    a workload that reads some keys is decided then, never with that ConfigMap left out of its rollout."""
+    kube = ClusterKube()
+    configs = Configs(kube=kube, coalesce_seconds=0.01)  # type: ignore[arg-type]
+    data = config_map_data({"db/host": "a", "other": "x"})
+    configs._hashes[("ns", "app")] = content_hash(data)
+    configs._hashes[("ns", "plain")] = "p2"
+    w = _deployment("w", "app[db/], plain")
+    annotations = {ANNOTATION_TEMPLATE_HASHES: f"app={selection_hash(data, ('db/',))},plain=p1"}
+    w["spec"]["template"]["metadata"]["annotations"] = annotations
+    kube.workloads[("Deployment", "ns", "w")] = w
+    configs.workload_changed("Deployment", copy.deepcopy(w))
+    await asyncio.sleep(0.1)
+    assert kube.patches == []  # plain changed, but app's keys are not known yet: no rollout without app
+    configs._set_hash("ns", "app", content_hash(data), revision=4, data=data)
+    await _until(lambda: kube.patches, "the rollout")
+    await asyncio.sleep(0.05)
+    ((_, patch),) = kube.patches
+    template = patch["spec"]["template"]["metadata"]["annotations"]
+    assert template[ANNOTATION_TEMPLATE_HASHES] == f"app={selection_hash(data, ('db/',))},plain=p2"
+    await configs.close()
