@@ -1,5 +1,7 @@
 """The pure core of ConfigEntries: layering, key mapping, content hashes, the desired ConfigMap and
-ControllerRevision, revision bookkeeping, and the reload decisions (debounce, rate limit). No I/O, no clock.
+ControllerRevision, revision bookkeeping, the reload decisions (debounce, rate limit), the key selections of
+workloads that read only some keys (`parse_reload`, `selection_hash`) and adoption (which revision each pod runs,
+the bounded status summary). No I/O, no clock.
 
 Why it exists: what beacon materialises for a ConfigEntry, and when it restarts a workload, are functions of
 (the entries of a namespace, the history, the workload's annotations, the time). Keeping them here, with time as

@@ -25,6 +25,14 @@ recoverable when beacon still has it: in the object itself (a revision's data is
 intact), in memory (the content beacon materialised last, and the data of spec.rollbackTo it read), or in another
 stored revision of the same content hash. A revision deleted by hand whose content is nowhere left (an older one,
 after a restart) is dropped from the history with a warning: rolling back to it then reports RevisionNotFound.
+
+Adoption (how far the current revision has got) needs the pods of opted-in workloads: they are listed, then
+watched, only in namespaces that have such a workload (as discovery does for selector entries), kept as the few
+fields adoption reads (`config_core.PodConfig`), and matched to workloads by their selectors. A pod event marks
+the entries its workloads read; their adoption is computed once per coalescing window and the entry is queued
+only when the summary its status shows would change, so a rollout's pod events cost no status write of their own.
+Adoption is computed only from complete inputs (workloads listed, the namespace's pods listed); until then an
+entry keeps what its status shows, so a restart writes nothing.
 """
 
 from __future__ import annotations
