@@ -343,45 +343,27 @@ def test_config_status_shows_each_workload_as_the_operator_counts_it() -> None:
         },
     ]
     # the operator's own count of the same workloads agrees
-    pods = {
-        "a": [
-            config_core.PodConfig.from_body(
-                {**_pod_body(t, ready=r), "metadata": {**_pod_body(t, ready=r)["metadata"], "name": f"a{i}"}}
+    views = []
+    for kind, body, pods in readers:
+        meta, template = body["metadata"], body["spec"]["template"]["metadata"]["annotations"]
+        keys = config_core.parse_reload(meta["annotations"]["beacon.dev/reload"])["app"]
+        views.append(
+            config_core.WorkloadConfig(
+                kind=kind,
+                name=meta["name"],
+                replicas=1,
+                desired_hash=digest if keys is None else config_core.selection_hash(data, keys),
+                template_hash=config_core.parse_hashes(template.get("beacon.dev/config-hashes") or "").get("app"),
+                baseline_hash=(
+                    config_core.parse_hashes(meta["annotations"].get(config_core.ANNOTATION_BASELINE)) or {}
+                ).get("app"),
+                whole=keys is None,
+                pods=tuple(
+                    config_core.PodConfig.from_body({**pod, "metadata": {**pod["metadata"], "name": f"p{i}"}})
+                    for i, pod in enumerate(pods)
+                ),
             )
-            for i, (t, r) in enumerate(((rolling, False), (old, True)))
-        ],
-    }
-    views = [
-        config_core.WorkloadConfig("Deployment", "a", 1, db_hash, db_hash, None, False, tuple(pods["a"])),
-        config_core.WorkloadConfig(
-            "Deployment",
-            "b",
-            1,
-            flag_hash,
-            None,
-            flag_hash,
-            False,
-            (
-                config_core.PodConfig.from_body(
-                    {"metadata": {"name": "b0"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
-                ),
-            ),
-        ),
-        config_core.WorkloadConfig(
-            "StatefulSet",
-            "c",
-            1,
-            digest,
-            digest,
-            None,
-            True,
-            (
-                config_core.PodConfig.from_body(
-                    {**_pod_body(whole, ready=True), "metadata": {"name": "c0", "annotations": whole}}
-                ),
-            ),
-        ),
-    ]
+        )
     computed = config_core.adoption(
         config="app", workloads=views, current=3, history=[config_core.Revision(3, "app-3", digest)]
     )
