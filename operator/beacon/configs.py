@@ -875,7 +875,8 @@ class Configs:
 
     async def _drop_old_map(self, entry: ConfigEntry, name: str) -> None:
         """spec.target was set after the entry had materialised into its default name: remove that ConfigMap."""
-        self._hashes.pop((entry.namespace, name), None)
+        for table in (self._hashes, self._revisions, self._contents, self._map_entries):
+            table.pop((entry.namespace, name), None)
         old = await self.kube.get("ConfigMap", entry.namespace, name)
         if old is not None and not owned_by_other(old, entry):
             await self.kube.delete("ConfigMap", entry.namespace, name)
