@@ -29,21 +29,24 @@ DEBOUNCE = 2.0  # the operator's default --reload-debounce
 SETTLE = DEBOUNCE + 6  # long enough for a debounced rollout to have happened if one were coming
 
 
-def _deployment(name: str, namespace: str, reload: str) -> dict[str, Any]:
+def _deployment(name: str, namespace: str, reload: str, *, kind: str = "Deployment") -> dict[str, Any]:
     labels = {"app": name}
+    spec: dict[str, Any] = {
+        "replicas": 1,
+        "revisionHistoryLimit": 50,
+        "selector": {"matchLabels": labels},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+        },
+    }
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": kind,
         "metadata": {"name": name, "namespace": namespace, "annotations": {"beacon.dev/reload": reload}},
-        "spec": {
-            "replicas": 1,
-            "revisionHistoryLimit": 50,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
-            },
-        },
+        "spec": spec,
     }
 
 
@@ -301,3 +304,56 @@ def test_a_malformed_opt_in_is_reported_and_restarts_nothing(
     time.sleep(SETTLE)
     assert _replica_sets(cluster, namespace, "w") == 1
     assert _adoption(cluster, namespace)["summary"] == "0/0 workloads"
+
+
+def test_a_statefulset_is_adopted_the_same_way(
+    cluster: DevCluster, namespace: str, operator_running: OperatorProcess
+) -> None:
+    """The StatefulSet controller replaces pod-0 in place (same name, new template): its annotation tells the
+    revision all the same, and a change to a key it does not read leaves the pod alone."""
+    data = {"db/host": "a", "other": "x"}
+    apply(cluster, config_entry("app", namespace, data))
+    eventually(lambda: _adoption(cluster, namespace).get("revision") == 1, timeout=30, what="materialised")
+    apply(cluster, _deployment("s", namespace, "app[db/]", kind="StatefulSet"))
+    eventually(lambda: len(_pods(cluster, namespace, "s")) == 1, timeout=30, what="pod s-0")
+    _make_ready(cluster, namespace, "s")
+    _expect(
+        cluster, namespace, {"summary": "1/1 workloads", "baselinePods": 1}, column="1/1 workloads", what="opted in"
+    )
+
+    data["db/host"] = "b"
+    apply(cluster, config_entry("app", namespace, data))
+
+    def replaced() -> bool:
+        pods = _pods(cluster, namespace, "s")
+        annotations = [(p["metadata"].get("annotations") or {}).get(ANNOTATION_TEMPLATE_REVISIONS) for p in pods]
+        return annotations == ["app=2"]
+
+    eventually(replaced, timeout=60, what="s-0 replaced with the template of revision 2")
+    _expect(
+        cluster,
+        namespace,
+        {"summary": "0/1 workloads", "revisions": [{"revision": 2, "workloads": 0, "pods": 1, "readyPods": 0}]},
+        column="0/1 workloads",
+        what="s-0 on revision 2, not ready",
+    )
+    _make_ready(cluster, namespace, "s")
+    _expect(
+        cluster,
+        namespace,
+        {"summary": "1/1 workloads", "revisions": [{"revision": 2, "workloads": 1, "pods": 1, "readyPods": 1}]},
+        column="1/1 workloads",
+        what="s-0 ready on revision 2",
+    )
+    uid = _pods(cluster, namespace, "s")[0]["metadata"]["uid"]
+    data["other"] = "y"
+    apply(cluster, config_entry("app", namespace, data))
+    _expect(
+        cluster,
+        namespace,
+        {"summary": "1/1 workloads", "revisions": [{"revision": 3, "workloads": 1, "pods": 1, "readyPods": 1}]},
+        column="1/1 workloads",
+        what="revision 3 skipped by s: adopted",
+    )
+    time.sleep(SETTLE)
+    assert [p["metadata"]["uid"] for p in _pods(cluster, namespace, "s")] == [uid]
