@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,6 +28,13 @@ pytestmark = pytest.mark.integration
 
 DEBOUNCE = 2.0  # the operator's default --reload-debounce
 SETTLE = DEBOUNCE + 6  # long enough for a debounced rollout to have happened if one were coming
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _operator_stopped_afterwards(beacon_operator: OperatorProcess) -> Iterator[None]:
+    """Leave no operator running into modules that write status by hand (test_crds)."""
+    yield
+    beacon_operator.stop()
 
 
 def _deployment(name: str, namespace: str, reload: str, *, kind: str = "Deployment") -> dict[str, Any]:
