@@ -1,5 +1,7 @@
 """The pure core of ConfigEntries: layering, key mapping, content hashes, the desired ConfigMap and
-ControllerRevision, revision bookkeeping, and the reload decisions (debounce, rate limit). No I/O, no clock.
+ControllerRevision, revision bookkeeping, the reload decisions (debounce, rate limit), the key selections of
+workloads that read only some keys (`parse_reload`, `selection_hash`) and adoption (which revision each pod runs,
+the bounded status summary). No I/O, no clock.
 
 Why it exists: what beacon materialises for a ConfigEntry, and when it restarts a workload, are functions of
 (the entries of a namespace, the history, the workload's annotations, the time). Keeping them here, with time as
@@ -47,8 +49,12 @@ ANNOTATION_REVISION = "beacon.dev/config-revision"
 ANNOTATION_ROLLBACK_OF = "beacon.dev/rollback-of"
 # on a Deployment/StatefulSet/DaemonSet: the ConfigMaps whose changes restart it (comma-separated names)
 ANNOTATION_RELOAD = "beacon.dev/reload"
-# on its pod template: "name=hash,..." of the configs the template was last rolled out for
+# on its pod template: "name=hash,..." of the configs the template was last rolled out for (the hash of the keys
+# it selected, for a workload that reads only some keys: see parse_reload)
 ANNOTATION_TEMPLATE_HASHES = "beacon.dev/config-hashes"
+# on its pod template, with the hashes: "name=revision,..." (the revision of each config at that rollout), so that each
+# pod carries the revision it runs, whatever is pruned or rolled back later
+ANNOTATION_TEMPLATE_REVISIONS = "beacon.dev/config-revisions"
 # on its metadata, never on the template: the hashes seen when the workload opted in (no rollout for that)
 ANNOTATION_BASELINE = "beacon.dev/config-hashes-baseline"
 
@@ -547,8 +553,10 @@ def desired_status(
     previous: Mapping[str, Any] | None,
     now: float,
     served_by: str | None = None,
+    adoption: Obj | None = None,
 ) -> Obj:
-    """The entry's status. `served_by`: the replica that serves it (sharded mode), else omitted."""
+    """The entry's status. `served_by`: the replica that serves it (sharded mode), else omitted. `adoption`: the
+    bounded summary of how far the current revision has got (see `adoption`), once there is a current revision."""
     status: Obj = {
         "observedGeneration": entry.generation,
         "conditions": merge_conditions(
@@ -562,13 +570,16 @@ def desired_status(
         status["configMapName"] = config_map
     if served_by:
         status["servedBy"] = served_by
+    if adoption is not None and current is not None:
+        status["adoption"] = adoption
     return status
 
 
 # ---------------------------------------------------------------------------------------------------- reloads
 def reload_names(value: str | None) -> tuple[str, ...]:
-    """The ConfigMap names in a workload's beacon.dev/reload annotation ("a, b" -> ("a", "b"))."""
-    return tuple(sorted({part.strip() for part in (value or "").split(",") if part.strip()}))
+    """The ConfigMap names in a workload's beacon.dev/reload annotation ("a, b[x/]" -> ("a", "b")); raises
+    ReloadSyntaxError for a value `parse_reload` refuses."""
+    return tuple(parse_reload(value))
 
 
 def format_hashes(hashes: Mapping[str, str]) -> str:
@@ -641,3 +652,294 @@ def parse_rate_limit(value: str) -> tuple[int, float]:
     if n < 1 or s <= 0:
         raise ValueError(f"rate limit {value!r}: COUNT must be >= 1 and SECONDS > 0")
     return n, s
+
+
+# ---------------------------------------------------------------------------------------------------- key-aware opt-in
+# beacon.dev/reload: "payments-config[db/, feature/flag], defaults" -- a ConfigMap name alone reads every key (as
+# before); with [...] only the listed keys (in the ConfigEntry's '/' form) or key prefixes (ending in '/').
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_RELOAD_VALUE = 4096
+
+Selection = tuple[str, ...] | None  # the keys and prefixes a workload reads of one ConfigMap; None: every key
+
+
+class ReloadSyntaxError(ValueError):
+    """A beacon.dev/reload value beacon cannot read; the message says what is wrong, for an Event."""
+
+
+def _selector_ok(selector: str) -> bool:
+    key = selector.removesuffix("/")
+    return bool(key) and len(selector) <= MAX_KEY_LENGTH and KEY_PATTERN.match(key) is not None
+
+
+def parse_reload(value: str | None) -> dict[str, Selection]:
+    """The ConfigMaps a workload's beacon.dev/reload annotation names, each with the keys it reads (None: all).
+
+    "a, b" -> {"a": None, "b": None}, as always. "a[db/, feature/flag], b" -> {"a": ("db/", "feature/flag"),
+    "b": None}: of `a` only the key feature/flag and the keys under db/ matter. A name given twice reads the union
+    (a bare name: every key). Raises ReloadSyntaxError for anything else (unbalanced brackets, an empty list, a
+    name that is not a ConfigMap name, a key that is not a ConfigEntry key)."""
+    text = (value or "").strip()
+    if len(text) > MAX_RELOAD_VALUE:
+        raise ReloadSyntaxError(f"longer than {MAX_RELOAD_VALUE} characters")
+    parts: list[str] = []
+    depth, start = 0, 0
+    for at, char in enumerate(text):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise ReloadSyntaxError(f"nested '[' at character {at + 1}")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ReloadSyntaxError(f"']' without '[' at character {at + 1}")
+        elif char == "," and depth == 0:
+            parts.append(text[start:at])
+            start = at + 1
+    if depth:
+        raise ReloadSyntaxError("'[' without ']'")
+    parts.append(text[start:])
+    out: dict[str, set[str] | None] = {}
+    for raw in (p.strip() for p in parts):
+        if not raw:
+            continue
+        name, bracket, rest = raw.partition("[")
+        name = name.strip()
+        if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+            raise ReloadSyntaxError(f"{name!r} is not a ConfigMap name")
+        selection: set[str] | None = None
+        if bracket:
+            inner, _, tail = rest.partition("]")
+            if tail.strip():
+                raise ReloadSyntaxError(f"unexpected {tail.strip()!r} after the keys of {name}")
+            selection = {s.strip() for s in inner.split(",") if s.strip()}
+            if not selection:
+                raise ReloadSyntaxError(f"{name}[]: list at least one key or prefix")
+            wrong = sorted(s for s in selection if not _selector_ok(s))
+            if wrong:
+                raise ReloadSyntaxError(
+                    f"{name}: {wrong[0]!r} is not a ConfigEntry key or prefix (segments of letters, digits, '-' and "
+                    "'_' separated by '/'; a prefix ends with '/')"
+                )
+        if name in out:
+            before = out[name]
+            out[name] = None if before is None or selection is None else before | selection
+        else:
+            out[name] = selection
+    return {name: (tuple(sorted(sel)) if sel is not None else None) for name, sel in sorted(out.items())}
+
+
+def selected_data(data: Mapping[str, str], selection: Selection) -> dict[str, str]:
+    """The part of a ConfigMap's data (keys in '.' form) that `selection` (keys in '/' form) reads. A key selects
+    itself; a prefix "db/" selects every key under db/. The '/' -> '.' map is one-to-one (no '.' in a segment), so
+    the prefix "db." of ConfigMap keys is exactly the keys under db/."""
+    if selection is None:
+        return dict(data)
+    exact = {config_map_key(s) for s in selection if not s.endswith("/")}
+    prefixes = tuple(config_map_key(s) for s in selection if s.endswith("/"))
+    return {k: v for k, v in data.items() if k in exact or k.startswith(prefixes)}
+
+
+def selection_hash(data: Mapping[str, str], selection: Selection) -> str:
+    """The hash a workload is rolled out for: that of the whole data, or of the keys it selected only (so a change
+    to any other key leaves it equal and restarts nothing)."""
+    return content_hash(selected_data(data, selection))
+
+
+def format_revisions(revisions: Mapping[str, int]) -> str:
+    return ",".join(f"{name}={number}" for name, number in sorted(revisions.items()))
+
+
+def parse_revisions(value: str | None) -> dict[str, int]:
+    out = {}
+    for part in (value or "").split(","):
+        name, sep, number = part.strip().partition("=")
+        if sep and name and number.strip().isdigit():
+            out[name] = int(number)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- adoption
+BASELINE = "baseline"  # a pod started before its workload opted in (no beacon annotation for the config)
+UNKNOWN = "unknown"  # a pod whose revision cannot be told (an annotation from before revisions were recorded)
+MAX_STATUS_REVISIONS = 5  # revisions in status.adoption.revisions: the current one and the newest others with pods
+PodRevision = int | str  # a revision number, BASELINE or UNKNOWN
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    """What adoption needs of a pod: its labels (to find its workload), what its template was rolled out for
+    (beacon's pod-template annotations, copied to the pod by the workload's controller), and its state."""
+
+    name: str
+    labels: Mapping[str, str]
+    hashes: Mapping[str, str]
+    revisions: Mapping[str, int]
+    ready: bool
+    terminating: bool
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PodConfig:
+        meta = body.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        conditions = (body.get("status") or {}).get("conditions") or []
+        return cls(
+            name=str(meta.get("name", "")),
+            labels=dict(meta.get("labels") or {}),
+            hashes=parse_hashes(annotations.get(ANNOTATION_TEMPLATE_HASHES)) or {},
+            revisions=parse_revisions(annotations.get(ANNOTATION_TEMPLATE_REVISIONS)),
+            ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
+            terminating=bool(meta.get("deletionTimestamp")),
+        )
+
+
+def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """A workload's spec.selector (matchLabels, matchExpressions) against a pod's labels, as the API defines it;
+    an empty or missing selector selects nothing (the apps/v1 API requires one)."""
+    if not selector:
+        return False
+    match = selector.get("matchLabels") or {}
+    if any(labels.get(k) != v for k, v in match.items()):
+        return False
+    expressions = selector.get("matchExpressions") or []
+    for expr in expressions:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        present = key in labels
+        if op == "In" and not (present and labels[key] in values):
+            return False
+        if op == "NotIn" and present and labels[key] in values:
+            return False
+        if op == "Exists" and not present:
+            return False
+        if op == "DoesNotExist" and present:
+            return False
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            return False
+    return bool(match or expressions)
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """One opted-in workload as adoption sees it, for one config (ConfigMap) it reads."""
+
+    kind: str
+    name: str
+    replicas: int  # desired pods (a DaemonSet: status.desiredNumberScheduled)
+    desired_hash: str | None  # what it should run now (whole data, or its selected keys); None: not known yet
+    template_hash: str | None  # what its pod template was rolled out for
+    baseline_hash: str | None  # what it ran when it opted in (no rollout then)
+    whole: bool  # it reads every key (its hashes are content hashes, comparable with the history's)
+    pods: tuple[PodConfig, ...]
+
+
+@dataclass(frozen=True)
+class WorkloadAdoption:
+    """Per-workload detail: for the metric and `kubectl beacon config status`, never for status."""
+
+    kind: str
+    name: str
+    revision: int | None  # the revision it is fully on (all its pods run it and are ready), else None
+    pods: Mapping[PodRevision, tuple[int, int]]  # revision -> (pods, ready pods)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    status: Obj  # status.adoption
+    workloads: tuple[WorkloadAdoption, ...]
+
+
+def pod_revision(
+    pod: PodConfig, *, config: str, workload: WorkloadConfig, current: int, by_hash: Mapping[str, int]
+) -> PodRevision:
+    """The revision a pod runs: the current one when it runs what its workload should run now (also when the
+    workload skipped revisions that changed none of its keys, and after a rollback to content it runs), else the
+    revision its template annotation records, else (an older annotation) the newest kept revision with its
+    content hash. A pod without beacon's annotation for the config started before the workload opted in."""
+    digest = pod.hashes.get(config)
+    if digest is None:
+        return BASELINE
+    if workload.desired_hash is not None and digest == workload.desired_hash:
+        return current
+    number = pod.revisions.get(config)
+    if number is not None:
+        return number
+    if workload.whole and digest in by_hash:
+        return by_hash[digest]
+    return UNKNOWN
+
+
+def adoption(
+    *,
+    config: str,
+    workloads: Sequence[WorkloadConfig],
+    current: int,
+    history: Iterable[Revision],
+    limit: int = MAX_STATUS_REVISIONS,
+) -> Adoption:
+    """How far the current revision of a config has got: per workload the revision of each live pod and the
+    revision it is fully on; per revision the workloads fully on it and its pods (the current one first, then the
+    newest others that have pods, at most `limit`; a revision no longer in the history is marked pruned). A
+    workload is fully on revision R when every live pod runs R and is ready, there are as many as it wants, and
+    (for the current revision) its template is what it should be. Its baseline pods count as current while
+    nothing it reads changed since it opted in."""
+    kept = sorted(history, key=lambda r: r.number)
+    by_hash = {r.hash: r.number for r in kept}  # the newest revision with each hash
+    numbers = {r.number for r in kept}
+    rows: list[WorkloadAdoption] = []
+    for w in sorted(workloads, key=lambda w: (w.kind, w.name)):
+        pods = [p for p in w.pods if not p.terminating]
+        counts: dict[PodRevision, list[int]] = {}
+        effective: set[PodRevision] = set()
+        unready = False
+        baseline_ok = w.desired_hash is not None and w.baseline_hash == w.desired_hash
+        for pod in pods:
+            rev = pod_revision(pod, config=config, workload=w, current=current, by_hash=by_hash)
+            slot = counts.setdefault(rev, [0, 0])
+            slot[0] += 1
+            slot[1] += int(pod.ready)
+            effective.add(current if rev == BASELINE and baseline_ok else rev)
+            unready |= not pod.ready
+        template_ok = w.desired_hash is not None and (
+            w.template_hash == w.desired_hash or (w.template_hash is None and baseline_ok)
+        )
+        on: int | None = None
+        if len(effective) == 1 and not unready and len(pods) >= w.replicas:
+            (only,) = effective
+            if isinstance(only, int) and (only != current or template_ok):
+                on = only
+        elif not pods and w.replicas == 0 and template_ok:
+            on = current
+        rows.append(WorkloadAdoption(w.kind, w.name, on, {k: (v[0], v[1]) for k, v in counts.items()}))
+    per: dict[int, list[int]] = {current: [0, 0, 0]}
+    baseline = unknown = 0
+    for row in rows:
+        if row.revision is not None:
+            per.setdefault(row.revision, [0, 0, 0])[0] += 1
+        for rev, (n, ready) in row.pods.items():
+            if rev == BASELINE:
+                baseline += n
+            elif rev == UNKNOWN:
+                unknown += n
+            else:
+                slot = per.setdefault(int(rev), [0, 0, 0])
+                slot[1] += n
+                slot[2] += ready
+    shown = [current, *sorted((n for n in per if n != current), reverse=True)[: max(limit - 1, 0)]]
+    items = []
+    for number in shown:
+        n_workloads, n_pods, n_ready = per[number]
+        item: Obj = {"revision": number, "workloads": n_workloads, "pods": n_pods, "readyPods": n_ready}
+        if number not in numbers:
+            item["pruned"] = True
+        items.append(item)
+    adopted = per[current][0]
+    status: Obj = {
+        "summary": f"{adopted}/{len(rows)} workloads",
+        "revision": current,
+        "workloads": len(rows),
+        "adoptedWorkloads": adopted,
+        "revisions": items,
+        "baselinePods": baseline,
+        "unknownPods": unknown,
+    }
+    return Adoption(status, tuple(rows))

@@ -25,6 +25,14 @@ recoverable when beacon still has it: in the object itself (a revision's data is
 intact), in memory (the content beacon materialised last, and the data of spec.rollbackTo it read), or in another
 stored revision of the same content hash. A revision deleted by hand whose content is nowhere left (an older one,
 after a restart) is dropped from the history with a warning: rolling back to it then reports RevisionNotFound.
+
+Adoption (how far the current revision has got) needs the pods of opted-in workloads: they are listed, then
+watched, only in namespaces that have such a workload (as discovery does for selector entries), kept as the few
+fields adoption reads (`config_core.PodConfig`), and matched to workloads by their selectors. A pod event marks
+the entries its workloads read; their adoption is computed once per coalescing window and the entry is queued
+only when the summary its status shows would change, so a rollout's pod events cost no status write of their own.
+Adoption is computed only from complete inputs (workloads listed, the namespace's pods listed); until then an
+entry keeps what its status shows, so a restart writes nothing.
 """
 
 from __future__ import annotations
@@ -44,12 +52,20 @@ from beacon.config_core import (
     ANNOTATION_BASELINE,
     ANNOTATION_HASH,
     ANNOTATION_RELOAD,
+    ANNOTATION_REVISION,
     ANNOTATION_TEMPLATE_HASHES,
+    ANNOTATION_TEMPLATE_REVISIONS,
     LABEL_ENTRY_UID,
+    Adoption,
     ConfigEntry,
     Current,
     Layering,
+    PodConfig,
+    ReloadSyntaxError,
     Revision,
+    Selection,
+    WorkloadConfig,
+    adoption,
     choose_revision,
     content_hash,
     current_of,
@@ -57,21 +73,25 @@ from beacon.config_core import (
     desired_config_map,
     desired_revision,
     desired_status,
+    format_revisions,
     layering,
     owned_by_other,
     parse_hashes,
+    parse_reload,
     plan_in,
     rate_limit_next,
     reload_decision,
-    reload_names,
     revision_data,
     revision_from_object,
     revision_intact,
+    selection_hash,
+    selects,
     to_prune,
 )
 from beacon.engine import Controller, Owns
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, merge_conditions, status_changed
+from beacon.retries import RETRIES
 from beacon.workqueue import repeat
 
 log = logging.getLogger("beacon.configs")
@@ -105,6 +125,10 @@ class _Workload:
     names: tuple[str, ...]
     template: dict[str, str] | None
     baseline: dict[str, str] | None
+    keys: dict[str, Selection] = field(default_factory=dict)  # ConfigMap name -> the keys it reads (None: all)
+    selector: dict[str, Any] | None = None  # spec.selector: its pods
+    replicas: int = 1  # desired pods
+    pods: set[str] = field(default_factory=set)  # names of its pods (by its selector) in the pod cache
     first_change: float | None = None
     last_change: float | None = None
     target: str | None = None  # the rollout the debounce timers are running for
@@ -188,19 +212,46 @@ class Configs:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._namespaces: tuple[str, ...] = ()
+        # adoption: the revision and data of each materialised ConfigMap (the data only as beacon materialised it
+        # in this process: key-aware workloads hash their keys of it), the entry that materialises it, the
+        # opted-in workloads of each namespace, and their pods, watched only in namespaces that have some
+        self._revisions: dict[tuple[str, str], int] = {}
+        self._contents: dict[tuple[str, str], tuple[str, Mapping[str, str]]] = {}
+        self._map_entries: dict[tuple[str, str], EntryKey] = {}
+        self._namespace_workloads: dict[str, set[WorkloadKey]] = {}
+        self._pods: dict[str, dict[str, PodConfig]] = {}
+        self._pod_watches: dict[str, asyncio.Task[None]] = {}
+        self._watching = False  # pods are watched once this replica may write (watch_outputs)
+        # adoption is computed only from complete inputs: every opted-in workload listed (`list_workloads`), and
+        # the pods of an entry's namespace listed; until then an entry's status keeps the adoption it shows, so a
+        # restart writes nothing
+        self._workloads_listed = True
+        self._pods_synced: set[str] = set()
+        self._pod_listings: dict[str, list[set[str]]] = {}  # pods touched by events while a listing is under way
+        self._adoptions: dict[EntryKey, Adoption] = {}  # the last computed adoption of each entry
+        # the metric series of each entry: (namespace, entry, workload, revision) pods, (namespace, entry, workload)
+        self._series: dict[EntryKey, tuple[set[tuple[str, str, str, str]], set[tuple[str, str, str]]]] = {}
+        self._invalid: dict[WorkloadKey, str] = {}  # malformed beacon.dev/reload values already reported
+        self._adoption_dirty: set[EntryKey] = set()  # entries whose adoption to compute when the timer fires
+        self._adoption_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ start-up
     async def start(self, *, namespaces: Sequence[str] = ()) -> None:
         """Before any watch event: know every entry (so no entry is materialised from a partial namespace) and
         the hash every beacon ConfigMap holds (so workloads are compared with what their pods really got)."""
         self._namespaces = tuple(namespaces)
+        self._workloads_listed = False
         entries, maps = await self._list()
         started = time.perf_counter()
         for item in maps:
             meta = item["metadata"]
-            digest = (meta.get("annotations") or {}).get(ANNOTATION_HASH)
+            annotations = meta.get("annotations") or {}
+            digest = annotations.get(ANNOTATION_HASH)
             if digest and self._in_scope(meta["namespace"]):
                 self._hashes[(meta["namespace"], meta["name"])] = str(digest)
+                number = str(annotations.get(ANNOTATION_REVISION, ""))
+                if number.isdigit():
+                    self._revisions[(meta["namespace"], meta["name"])] = int(number)
         for body in entries:
             # every entry is scheduled on its own: no fan-out, so start-up is O(entries), not O(entries x scope)
             self._take(body, fan_out=False)
@@ -212,6 +263,20 @@ class Configs:
             len(self._hashes),
             held,
         )
+
+    async def list_workloads(self) -> None:
+        """Every Deployment, StatefulSet and DaemonSet in the watched namespaces, taken as watch events: after
+        it, the adoption of every entry is computed from all its workloads (kopf's events of them may come
+        later, and change nothing then)."""
+        for kind in WORKLOAD_KINDS:
+            if self._namespaces:
+                bodies = [b for ns in self._namespaces for b in await self.kube.list(kind, ns)]
+            else:
+                bodies = await self.kube.list_all(kind)
+            for body in bodies:
+                self.workload_changed(kind, body)
+        self._workloads_listed = True
+        self._refresh_adoptions(list(self._entries))
 
     async def _list(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every ConfigEntry, and every ConfigMap beacon materialised, in the watched namespaces."""
@@ -237,6 +302,8 @@ class Configs:
                 await self.entry_deleted(*key)
         for body in present.values():
             await self.entry_changed(body)
+        for namespace in sorted(self._pods_synced):
+            await self._list_pods(namespace)  # pod deletions a watch gap missed
         actual = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in maps}
         for key, state in list(self._entries.items()):
             if state.foreign:
@@ -265,8 +332,13 @@ class Configs:
         deleted while beacon keeps it in the history, or differing from what beacon wrote (labels, annotations,
         owner, number, content hash), re-queues its entry, whose reconcile reads it and writes it back exactly as
         beacon wrote it (`_repair_revisions`). beacon's own creations and prunings match its record, or are not in
-        it (yet, or any more), and cost nothing."""
+        it (yet, or any more), and cost nothing.
+
+        From now on the pods of opted-in workloads are watched too (for adoption), in their namespaces only."""
         self.entries.watch_owned()
+        self._watching = True
+        for namespace in list(self._namespace_workloads):
+            self._sync_pod_watch(namespace)
 
     def _in_scope(self, namespace: str) -> bool:
         return (not self._namespaces or namespace in self._namespaces) and self._serves(namespace)
@@ -293,9 +365,12 @@ class Configs:
                     pass
             self._locks.pop(key, None)
         for workload_key in [k for k in self._workloads if k[1] in gone]:
-            workload = self._workloads.pop(workload_key)
-            self._index_workload(workload, before=workload.names, after=())
-            self.reloads.cancel(workload_key)
+            self._drop_workload(workload_key)
+        for key in keys:
+            self._forget_adoption(key)
+        for table in (self._revisions, self._contents, self._map_entries):
+            for map_key in [k for k in table if k[0] in gone]:
+                del table[map_key]
         return gone
 
     def _owner_key(self, kind: str, meta: Mapping[str, Any]) -> EntryKey | None:
@@ -384,6 +459,11 @@ class Configs:
             if state.config_map and not state.foreign:
                 self.kube.forget("ConfigMap", namespace, state.config_map)
                 self._hashes.pop((namespace, state.config_map), None)
+                self._revisions.pop((namespace, state.config_map), None)
+                self._contents.pop((namespace, state.config_map), None)
+                if self._map_entries.get((namespace, state.config_map)) == (namespace, name):
+                    del self._map_entries[(namespace, state.config_map)]
+            self._forget_adoption((namespace, name))
             self._schedule_dependents(state.entry, None)  # layers and conflicts of the others change
 
     def workload_changed(self, kind: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
@@ -391,28 +471,66 @@ class Configs:
         if not self._in_scope(str(meta.get("namespace", ""))):
             return
         key = (kind, meta.get("namespace", ""), meta.get("name", ""))
-        names = reload_names((meta.get("annotations") or {}).get(ANNOTATION_RELOAD))
-        if deleted or not names:
-            gone = self._workloads.pop(key, None)
-            if gone is not None:
-                self._index_workload(gone, before=gone.names, after=())
-                self.reloads.cancel(key)
+        if deleted:
+            self._drop_workload(key)
+            self._invalid.pop(key, None)
+            return
+        value = (meta.get("annotations") or {}).get(ANNOTATION_RELOAD)
+        try:
+            keys = parse_reload(value)
+        except ReloadSyntaxError as exc:
+            self._report_invalid(key, body, str(value), exc)
+            keys = {}
+        else:
+            self._invalid.pop(key, None)
+        if not keys:
+            self._drop_workload(key)
             return
         workload = self._workloads.get(key)
         if workload is None or workload.uid != meta.get("uid"):
             if workload is not None:
-                self._index_workload(workload, before=workload.names, after=())
+                self._drop_workload(key)
             workload = _Workload(kind, key[1], key[2], meta.get("uid", ""), (), None, None)
             self._workloads[key] = workload
+            self._namespace_workloads.setdefault(key[1], set()).add(key)
+            self._sync_pod_watch(key[1])
         self._observe(workload, body)
         self._evaluate(workload)
+        self._adoption_changed(workload)
+
+    def _drop_workload(self, key: WorkloadKey) -> None:
+        gone = self._workloads.pop(key, None)
+        if gone is None:
+            return
+        self._index_workload(gone, before=gone.names, after=())
+        self.reloads.cancel(key)
+        members = self._namespace_workloads.get(key[1], set())
+        members.discard(key)
+        if not members:
+            self._namespace_workloads.pop(key[1], None)
+            self._sync_pod_watch(key[1])
+        self._adoption_changed(gone)
+
+    def _report_invalid(self, key: WorkloadKey, body: Mapping[str, Any], value: str, exc: Exception) -> None:
+        """A beacon.dev/reload value beacon cannot read: the workload is not reloaded (as if it had not opted in)
+        until it is fixed; said once per value, in the log and as a Warning Event on the workload."""
+        if self._invalid.get(key) == value:
+            return
+        self._invalid[key] = value
+        message = f"{ANNOTATION_RELOAD}: {value[:200]!r} is malformed ({exc}); this workload is not reloaded"
+        log.warning("%s %s/%s: %s", key[0], key[1], key[2], message)
+        uid = str((body.get("metadata") or {}).get("uid", ""))
+        self._event(_Workload(key[0], key[1], key[2], uid, (), None, None), "Warning", "ConfigReloadInvalid", message)
 
     def _observe(self, workload: _Workload, body: Mapping[str, Any]) -> None:
         """`_observe`, keeping the index of which workloads read which ConfigMap in step."""
         before = workload.names
+        selector = workload.selector
         _observe(workload, body)
         if workload.names != before:
             self._index_workload(workload, before=before, after=workload.names)
+        if workload.selector != selector:
+            self._match_pods(workload)
 
     def _index_workload(self, workload: _Workload, *, before: Sequence[str], after: Sequence[str]) -> None:
         key = (workload.kind, workload.namespace, workload.name)
@@ -546,6 +664,10 @@ class Configs:
                         ready = Condition("Ready", "False", "TargetConflict", str(exc))
             elif ready.status == "False":
                 log.warning("%s/%s not materialised: %s", entry.namespace, entry.name, ready.message)
+            computed = self._adoption(state)
+            if computed is not None:
+                self._publish(key, computed)
+            shown = computed.status if computed is not None else (state.status or {}).get("adoption")
             status = desired_status(
                 entry,
                 ready=ready,
@@ -555,6 +677,7 @@ class Configs:
                 previous=state.status,
                 now=self._wall(),
                 served_by=self._served_by,
+                adoption=shown,
             )
             if status_changed(state.status, status):
                 try:
@@ -602,6 +725,14 @@ class Configs:
             if current is not None:
                 state.current = current
                 state.config_map = entry.config_map_name
+                self._map_entries[(entry.namespace, entry.config_map_name)] = entry.key
+                # its data, for key-aware readers to hash their keys of (also when the entry cannot materialise);
+                # only as beacon wrote it: a hand edit is written back (and rolled out) by the reconcile, not here
+                data = actual.get("data") if actual is not None else None
+                if isinstance(data, dict) and content_hash(data) == current.hash:
+                    self._set_hash(
+                        entry.namespace, entry.config_map_name, current.hash, revision=current.revision, data=data
+                    )
             elif state.current is None and actual is None:
                 # the ConfigMap is gone (deleted by hand); the status still says what it held, which keeps
                 # revision numbers increasing even if the history went with it
@@ -721,7 +852,8 @@ class Configs:
         state.config_map = entry.config_map_name
         if previous_map and previous_map != state.config_map:
             await self._drop_old_map(entry, previous_map)
-        self._set_hash(entry.namespace, state.config_map, digest)
+        self._map_entries[(entry.namespace, state.config_map)] = entry.key
+        self._set_hash(entry.namespace, state.config_map, digest, revision=number, data=data)
         for stale in to_prune(numbers=state.history, limit=entry.history_limit, keep=(number, entry.rollback_to)):
             # out of the history first: the watch then knows the deletion coming back as beacon's own
             pruned = state.history.pop(stale)
@@ -743,29 +875,266 @@ class Configs:
 
     async def _drop_old_map(self, entry: ConfigEntry, name: str) -> None:
         """spec.target was set after the entry had materialised into its default name: remove that ConfigMap."""
-        self._hashes.pop((entry.namespace, name), None)
+        for table in (self._hashes, self._revisions, self._contents, self._map_entries):
+            table.pop((entry.namespace, name), None)
         old = await self.kube.get("ConfigMap", entry.namespace, name)
         if old is not None and not owned_by_other(old, entry):
             await self.kube.delete("ConfigMap", entry.namespace, name)
 
-    # ------------------------------------------------------------------ reloads
-    def _set_hash(self, namespace: str, name: str, digest: str) -> None:
-        if self._hashes.get((namespace, name)) == digest:
+    # ------------------------------------------------------------------ adoption
+    def _sync_pod_watch(self, namespace: str) -> None:
+        """Watch a namespace's pods while it has an opted-in workload (and this replica may write); forget them
+        with its last one. Namespaces without one cost nothing, not even parsing (as discovery does)."""
+        want = self._watching and bool(self._namespace_workloads.get(namespace))
+        task = self._pod_watches.get(namespace)
+        if want and task is None:
+            self._pod_watches[namespace] = asyncio.ensure_future(self._follow_pods(namespace))
+        elif not want and task is not None:
+            del self._pod_watches[namespace]
+            task.cancel()
+            self._pods.pop(namespace, None)
+            self._pods_synced.discard(namespace)
+
+    async def _follow_pods(self, namespace: str) -> None:
+        """List the namespace's pods (then its entries' adoption is complete), then follow them."""
+        while True:
+            try:
+                await self._list_pods(namespace)
+                RETRIES.forget(("configs pods", namespace))
+                break
+            except (ApiError, OSError) as exc:
+                wait = RETRIES.when(("configs pods", namespace))
+                log.warning("cannot list the pods of namespace %s yet, retrying in %.1fs: %s", namespace, wait, exc)
+                await asyncio.sleep(wait)
+        async for type_, body in self.kube.watch("Pod", namespace):
+            self.pod_changed(namespace, body, deleted=type_ == "DELETED")
+
+    async def _list_pods(self, namespace: str) -> None:
+        """List the namespace's pods into the cache, except those that watch events touched meanwhile (those
+        events are at least as new as the listing)."""
+        touched: set[str] = set()
+        self._pod_listings.setdefault(namespace, []).append(touched)
+        try:
+            items = await self.kube.list("Pod", namespace)
+        finally:
+            listings = self._pod_listings[namespace]
+            listings.remove(touched)
+            if not listings:
+                del self._pod_listings[namespace]
+        if namespace not in self._pod_watches:
+            return  # no opted-in workload left there meanwhile
+        listed = {pod.name: pod for pod in (PodConfig.from_body(item) for item in items)}
+        before = self._pods.get(namespace)
+        for name in touched:
+            if before is not None and name in before:
+                listed[name] = before[name]
+            else:
+                listed.pop(name, None)
+        self._pods[namespace] = listed
+        first = namespace not in self._pods_synced
+        self._pods_synced.add(namespace)
+        if not first and before == listed:
             return
-        self._hashes[(namespace, name)] = digest
-        for key in sorted(self._readers.get((namespace, name), ())):
+        for key in sorted(self._namespace_workloads.get(namespace, ())):
             workload = self._workloads.get(key)
+            if workload is not None:
+                self._match_pods(workload)
+                self._adoption_changed(workload)
+
+    def pod_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A pod event in a namespace with opted-in workloads: the adoption of the entries its workloads read is
+        computed again, and their status written only if the summary changed (by the entry's reconcile)."""
+        if self._watching and namespace not in self._pod_watches:
+            return  # a late event of a watch stopped with the namespace's last opted-in workload
+        pod = PodConfig.from_body(body)
+        for touched in self._pod_listings.get(namespace, ()):
+            touched.add(pod.name)
+        cached = self._pods.setdefault(namespace, {})
+        old = cached.get(pod.name)
+        if deleted:
+            cached.pop(pod.name, None)
+        elif old == pod:
+            return  # nothing adoption looks at changed
+        else:
+            cached[pod.name] = pod
+        for key in sorted(self._namespace_workloads.get(namespace, ())):
+            workload = self._workloads.get(key)
+            if workload is None:
+                continue
+            member = not deleted and selects(workload.selector, pod.labels)
+            if member:
+                workload.pods.add(pod.name)
+            elif pod.name in workload.pods:
+                workload.pods.discard(pod.name)
+            else:
+                continue
+            self._adoption_changed(workload)
+
+    def _match_pods(self, workload: _Workload) -> None:
+        cached = self._pods.get(workload.namespace, {})
+        workload.pods = {name for name, pod in cached.items() if selects(workload.selector, pod.labels)}
+
+    def _adoption_changed(self, workload: _Workload) -> None:
+        """Something adoption looks at changed for `workload` (its pods, template, opt-in): the entries whose
+        ConfigMap it reads compute their adoption again, once per `coalesce` window whatever the number of pod
+        events in it (a rollout of N pods costs O(windows x N), not O(N^2)), and are queued when the status
+        summary differs."""
+        for name in workload.names:
+            key = self._map_entries.get((workload.namespace, name))
+            if key is not None:
+                self._adoption_dirty.add(key)
+        if not self._adoption_dirty or self._adoption_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the event loop (never in the operator): at once
+            self._flush_adoptions()
+            return
+        self._adoption_timer = loop.call_later(self._coalesce, self._flush_adoptions)
+
+    def _flush_adoptions(self) -> None:
+        self._adoption_timer = None
+        keys, self._adoption_dirty = sorted(self._adoption_dirty), set()
+        for key in keys:
+            state = self._entries.get(key)
+            computed = self._adoption(state) if state is not None else None
+            if state is None or computed is None:
+                continue
+            before = self._adoptions.get(key)
+            if before is None or before.workloads != computed.workloads:
+                self._publish(key, computed)
+            if (state.status or {}).get("adoption") != computed.status:
+                self._schedule(key)
+
+    def _refresh_adoptions(self, keys: Sequence[EntryKey]) -> None:
+        self._adoption_dirty.update(keys)
+        self._flush_adoptions()
+
+    def _adoption(self, state: _EntryState) -> Adoption | None:
+        """The entry's adoption now, from memory (no API call): its ConfigMap's readers and their pods. None
+        while its inputs are incomplete (workloads or their pods not listed yet) or there is nothing to say."""
+        if state.current is None or not state.config_map or state.foreign or not self._workloads_listed:
+            return None
+        namespace, name = state.entry.namespace, state.config_map
+        readers = self._readers.get((namespace, name), set())
+        if readers and namespace not in self._pods_synced:
+            return None
+        cached = self._pods.get(namespace, {})
+        views = []
+        for key in sorted(readers):
+            w = self._workloads.get(key)
+            if w is None:
+                continue
+            views.append(
+                WorkloadConfig(
+                    kind=w.kind,
+                    name=w.name,
+                    replicas=w.replicas,
+                    desired_hash=self._desired_one(w, name),
+                    template_hash=(w.template or {}).get(name),
+                    baseline_hash=(w.baseline or {}).get(name),
+                    whole=w.keys.get(name) is None,
+                    pods=tuple(cached[p] for p in sorted(w.pods) if p in cached),
+                )
+            )
+        return adoption(config=name, workloads=views, current=state.current.revision, history=state.history.values())
+
+    def _publish(self, key: EntryKey, computed: Adoption) -> None:
+        """The per-workload detail as metric series: pods per (workload, revision), and whether each workload is
+        fully on the current revision. Series of revisions outside status' window are summed under "older", so
+        an entry has at most (workloads x (window + 3)) series; those that go are removed."""
+        self._adoptions[key] = computed
+        window = {str(item["revision"]) for item in computed.status["revisions"]}
+        current = str(computed.status["revision"])
+        series: dict[tuple[str, str, str, str], int] = {}
+        for row in computed.workloads:
+            workload = f"{row.kind}/{row.name}"
+            for rev, (pods, _ready) in row.pods.items():
+                label = str(rev) if str(rev) in window or not isinstance(rev, int) else "older"
+                series[(key[0], key[1], workload, label)] = series.get((key[0], key[1], workload, label), 0) + pods
+            metrics.CONFIG_WORKLOAD_ADOPTED.labels(key[0], key[1], workload).set(
+                1 if row.revision is not None and str(row.revision) == current else 0
+            )
+        for labels, value in series.items():
+            metrics.CONFIG_WORKLOAD_PODS.labels(*labels).set(value)
+        workloads = {(key[0], key[1], f"{row.kind}/{row.name}") for row in computed.workloads}
+        self._drop_series(key, keep_pods=set(series), keep_workloads=workloads)
+        self._series[key] = (set(series), workloads)
+
+    def _drop_series(
+        self,
+        key: EntryKey,
+        *,
+        keep_pods: set[tuple[str, str, str, str]],
+        keep_workloads: set[tuple[str, str, str]],
+    ) -> None:
+        pods, workloads = self._series.get(key, (set(), set()))
+        for labels in pods - keep_pods:
+            with contextlib.suppress(KeyError):
+                metrics.CONFIG_WORKLOAD_PODS.remove(*labels)
+        for three in workloads - keep_workloads:
+            with contextlib.suppress(KeyError):
+                metrics.CONFIG_WORKLOAD_ADOPTED.remove(*three)
+
+    def _forget_adoption(self, key: EntryKey) -> None:
+        self._adoptions.pop(key, None)
+        self._drop_series(key, keep_pods=set(), keep_workloads=set())
+        self._series.pop(key, None)
+
+    # ------------------------------------------------------------------ reloads
+    def _set_hash(
+        self,
+        namespace: str,
+        name: str,
+        digest: str,
+        *,
+        revision: int | None = None,
+        data: Mapping[str, str] | None = None,
+    ) -> None:
+        """What a ConfigMap holds now (its hash, revision and, when beacon just materialised it, its data): the
+        workloads that read it are evaluated when it changed (or when its data, which key-aware readers need,
+        arrived)."""
+        key = (namespace, name)
+        if revision is not None:
+            self._revisions[key] = revision
+        fresh = False
+        if data is not None and self._contents.get(key, ("", {}))[0] != digest:
+            self._contents[key] = (digest, data)  # shared with the plan, never mutated
+            fresh = True
+        if self._hashes.get(key) == digest and not fresh:
+            return
+        self._hashes[key] = digest
+        for reader in sorted(self._readers.get(key, ())):
+            workload = self._workloads.get(reader)
             if workload is not None:
                 self._evaluate(workload)
 
-    def _desired(self, workload: _Workload) -> dict[str, str]:
-        hashes = {n: self._hashes.get((workload.namespace, n)) for n in workload.names}
+    def _desired_one(self, workload: _Workload, name: str) -> str | None:
+        """The hash `workload` should be rolled out for, for one ConfigMap: its hash, or for a workload that reads
+        only some keys the hash of those keys (None until beacon holds the data of that hash)."""
+        digest = self._hashes.get((workload.namespace, name))
+        selection = workload.keys.get(name)
+        if digest is None or selection is None:
+            return digest
+        held = self._contents.get((workload.namespace, name))
+        if held is None or held[0] != digest:
+            return None
+        return selection_hash(held[1], selection)
+
+    def _desired(self, workload: _Workload) -> dict[str, str] | None:
+        """The hashes `workload` should be rolled out for, of the ConfigMaps it names that exist; None while the
+        data of one it reads only some keys of is not known yet (after a restart, until its entry is loaded):
+        deciding without it would drop that ConfigMap from the rollout."""
+        hashes = {n: self._desired_one(workload, n) for n in workload.names}
+        if any(h is None and (workload.namespace, n) in self._hashes for n, h in hashes.items()):
+            return None
         return {n: h for n, h in hashes.items() if h is not None}
 
     def _evaluate(self, workload: _Workload) -> None:
-        decision = reload_decision(
-            desired=self._desired(workload), template=workload.template, baseline=workload.baseline
-        )
+        desired = self._desired(workload)
+        if desired is None:
+            return  # evaluated again when the data arrives (`_set_hash`)
+        decision = reload_decision(desired=desired, template=workload.template, baseline=workload.baseline)
         if decision.action == "none":
             workload.first_change = workload.last_change = workload.target = None
             return
@@ -790,23 +1159,35 @@ class Configs:
 
     async def _reload_until_settled(self, key: WorkloadKey) -> None:
         while (workload := self._workloads.get(key)) is not None:
-            decision = reload_decision(
-                desired=self._desired(workload), template=workload.template, baseline=workload.baseline
-            )
+            desired = self._desired(workload)
+            if desired is None:
+                return  # evaluated again when the data arrives (`_set_hash`)
+            decision = reload_decision(desired=desired, template=workload.template, baseline=workload.baseline)
             if decision.action == "none":
                 workload.first_change = workload.last_change = workload.target = None
                 return
             if decision.action == "baseline":
                 baseline: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_BASELINE: decision.baseline}}}
                 self._observe(workload, await self._patch(workload, baseline))
+                self._adoption_changed(workload)
                 continue
             if not await self._wait_for_rollout(workload, decision.template):
                 continue
+            revisions = {
+                name: self._revisions[(workload.namespace, name)]
+                for name in parse_hashes(decision.template) or {}
+                if (workload.namespace, name) in self._revisions
+            }
+            annotations = {
+                ANNOTATION_TEMPLATE_HASHES: decision.template,
+                ANNOTATION_TEMPLATE_REVISIONS: format_revisions(revisions),
+            }
             patch: dict[str, Any] = {
                 "metadata": {"annotations": {ANNOTATION_BASELINE: None}},
-                "spec": {"template": {"metadata": {"annotations": {ANNOTATION_TEMPLATE_HASHES: decision.template}}}},
+                "spec": {"template": {"metadata": {"annotations": annotations}}},
             }
             self._observe(workload, await self._patch(workload, patch))
+            self._adoption_changed(workload)
             workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
             workload.first_change = workload.last_change = workload.target = None
             workload.deferred = False
@@ -892,6 +1273,12 @@ class Configs:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._adoption_timer is not None:
+            self._adoption_timer.cancel()
+            self._adoption_timer = None
+        for task in self._pod_watches.values():
+            task.cancel()
+        self._pod_watches.clear()
         for timer in self._fan_out_windows.values():
             timer.cancel()
         self._fan_out_windows.clear()
@@ -902,15 +1289,27 @@ class Configs:
 
 
 def _observe(workload: _Workload, body: Mapping[str, Any]) -> None:
-    """Take what a workload's body says about its opt-in and what it was rolled out for."""
+    """Take what a workload's body says about its opt-in, its pods and what it was rolled out for."""
     if not body:
         return
     meta = body.get("metadata") or {}
     annotations = meta.get("annotations") or {}
-    template = ((((body.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations")) or {}
-    workload.names = reload_names(annotations.get(ANNOTATION_RELOAD)) or workload.names
+    spec = body.get("spec") or {}
+    template = (((spec.get("template") or {}).get("metadata") or {}).get("annotations")) or {}
+    with contextlib.suppress(ReloadSyntaxError):
+        keys = parse_reload(annotations.get(ANNOTATION_RELOAD))
+        if keys:
+            workload.keys = keys
+            workload.names = tuple(keys)
     workload.template = parse_hashes(template.get(ANNOTATION_TEMPLATE_HASHES))
     workload.baseline = parse_hashes(annotations.get(ANNOTATION_BASELINE))
+    selector = spec.get("selector")
+    workload.selector = dict(selector) if isinstance(selector, Mapping) else None
+    if workload.kind == "DaemonSet":
+        workload.replicas = int((body.get("status") or {}).get("desiredNumberScheduled") or 0)
+    else:
+        replicas = spec.get("replicas")
+        workload.replicas = int(replicas) if isinstance(replicas, int) else 1
 
 
 def _owned(obj: Mapping[str, Any], entry: ConfigEntry) -> bool:

@@ -74,7 +74,8 @@ async def serviceentry_event(type: str, body: kopf.Body, memo: Any, **_: Any) ->
 
 
 # Pods and Leases are not watched through kopf: kopf would watch (and parse) every one in the cluster. The discovery
-# engine watches them itself, and only in namespaces where an entry needs them (see beacon.discovery).
+# engine watches them itself, and only in namespaces where an entry needs them (see beacon.discovery); the config
+# engine watches the pods of namespaces with opted-in workloads, for adoption (see beacon.configs).
 
 
 @kopf.on.event("beacon.dev", "v1alpha1", "configentries")

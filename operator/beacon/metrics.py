@@ -94,6 +94,20 @@ RELOADS = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+CONFIG_WORKLOAD_PODS = Gauge(
+    "beacon_config_workload_pods",
+    "Live pods of an opted-in workload by the revision of a ConfigEntry they run (baseline: started before the "
+    "workload opted in; unknown: cannot be told; older: a revision outside the entry's status window)",
+    ["namespace", "entry", "workload", "revision"],
+    registry=REGISTRY,
+)
+CONFIG_WORKLOAD_ADOPTED = Gauge(
+    "beacon_config_workload_adopted",
+    "1 while an opted-in workload is fully on its ConfigEntry's current revision (every live pod runs it and is "
+    "ready), else 0",
+    ["namespace", "entry", "workload"],
+    registry=REGISTRY,
+)
 SELF_PRESERVATION = Gauge(
     "beacon_self_preservation_active",
     "1 while self-preservation is on: most probes fail at once, so probe failures withdraw nothing",

@@ -236,6 +236,7 @@ class Runtime:
             while True:
                 try:
                     await self._configs.start(namespaces=self.options.namespaces)
+                    await self._configs.list_workloads()
                     await self._resync_registries()
                     RETRIES.forget("start-up listings")
                     break
@@ -310,9 +311,7 @@ class Runtime:
         entries = await self._resync_registries()
         for body in entries:
             await self._discovery.entry_changed(body)
-        for kind in ("Deployment", "StatefulSet", "DaemonSet"):
-            for body in await self._kube.list_all(kind):
-                self._configs.workload_changed(kind, body)
+        await self._configs.list_workloads()
         gained = self._discovery.held_namespaces() - before
         if gained:
             metrics.SHARD_HANDOVERS.labels(direction="acquired").inc(len(gained))

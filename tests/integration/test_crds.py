@@ -80,9 +80,9 @@ def test_examples_apply_and_kubectl_get_shows_the_columns(cluster: Any, namespac
     ]
 
     header = cluster.kubectl("get", "configentries", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "REVISION", "HASH", "READY", "AGE"]
+    assert header == ["NAME", "REVISION", "HASH", "ADOPTED", "READY", "AGE"]
     wide = cluster.kubectl("get", "bce", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
-    assert wide == ["NAME", "SERVICE", "PRIORITY", "REVISION", "HASH", "READY", "AGE"]
+    assert wide == ["NAME", "SERVICE", "PRIORITY", "REVISION", "HASH", "ADOPTED", "READY", "AGE"]
 
     listed = cluster.kubectl("get", "beacon", "-n", namespace, "-o", "name").stdout.split()
     assert sorted(listed) == [
@@ -132,10 +132,29 @@ def test_status_feeds_the_printer_columns(cluster: Any, namespace: str, operator
     assert _get_json(cluster, namespace, "serviceentry/payments")["status"] == status  # nothing pruned
 
     condition = {**condition, "reason": "Materialised", "message": "revision 3"}
-    status = {"observedGeneration": 1, "currentRevision": 3, "hash": "5f2c9a1b7e", "conditions": [condition]}
+    adoption = {
+        "summary": "2/3 workloads",
+        "revision": 3,
+        "workloads": 3,
+        "adoptedWorkloads": 2,
+        "baselinePods": 1,
+        "unknownPods": 0,
+        "revisions": [
+            {"revision": 3, "workloads": 2, "pods": 4, "readyPods": 4},
+            {"revision": 1, "pruned": True, "workloads": 0, "pods": 1, "readyPods": 1},
+        ],
+    }
+    status = {
+        "observedGeneration": 1,
+        "currentRevision": 3,
+        "hash": "5f2c9a1b7e",
+        "conditions": [condition],
+        "adoption": adoption,
+    }
     _patch_status(cluster, namespace, "configentry/payments", status)
     row = cluster.kubectl("get", "-n", namespace, "configentry/payments", "--no-headers").stdout.split()
-    assert row[:4] == ["payments", "3", "5f2c9a1b7e", "True"]
+    assert row[:6] == ["payments", "3", "5f2c9a1b7e", "2/3", "workloads", "True"]
+    assert _get_json(cluster, namespace, "configentry/payments")["status"] == status  # nothing pruned
 
 
 # The smallest spec for each field that a CEL rule ties to another one: set alone, at every bound, it is valid (the

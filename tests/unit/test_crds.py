@@ -124,6 +124,7 @@ def test_one_version_served_and_stored_with_status_subresource(crd: dict[str, An
             {
                 "Revision": ".status.currentRevision",
                 "Hash": ".status.hash",
+                "Adopted": ".status.adoption.summary",
                 "Ready": '.status.conditions[?(@.type=="Ready")].status',
                 "Age": ".metadata.creationTimestamp",
             },

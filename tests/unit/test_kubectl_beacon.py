@@ -235,3 +235,143 @@ def test_the_command_line() -> None:
     assert args.output == "json"
     with pytest.raises(SystemExit):
         parser().parse_args(["config", "rollback"])
+
+
+# ---------------------------------------------------------------------------------------------------- config status
+def test_the_plugin_reads_opt_ins_and_hashes_as_beacon_does() -> None:
+    assert render.ANNOTATION_RELOAD == config_core.ANNOTATION_RELOAD
+    assert render.ANNOTATION_TEMPLATE_HASHES == config_core.ANNOTATION_TEMPLATE_HASHES
+    assert render.ANNOTATION_TEMPLATE_REVISIONS == config_core.ANNOTATION_TEMPLATE_REVISIONS
+    assert render.ANNOTATION_BASELINE == config_core.ANNOTATION_BASELINE
+    for value in ("a, b", "a[db/, feature/flag], b", "a[x], a[y/]", "a[x], a", "", " a,a ,, "):
+        assert render.reload_configs(value) == config_core.parse_reload(value)
+    for value in ("a[db/", "a]x", "a[[x]]", "a[]"):
+        assert render.reload_configs(value) == {}
+    data = config_core.config_map_data({"db/host": "h", "db/pool/size": "5", "dbx": "1", "feature/flag": "on"})
+    for keys in (None, ("db/",), ("feature/flag", "dbx"), ("nothing/",)):
+        assert render.selection_hash(data, keys) == config_core.selection_hash(data, keys)
+
+
+def _workload_body(name: str, reload: str, *, template: dict[str, str], baseline: str | None = None) -> dict[str, Any]:
+    annotations = {"beacon.dev/reload": reload}
+    if baseline is not None:
+        annotations["beacon.dev/config-hashes-baseline"] = baseline
+    return {
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}, "matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+            "template": {"metadata": {"annotations": template}},
+        },
+    }
+
+
+def _pod_body(template: dict[str, str], *, ready: bool, gone: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"annotations": dict(template)}
+    if gone:
+        meta["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_config_status_shows_each_workload_as_the_operator_counts_it() -> None:
+    data = config_core.config_map_data({"db/host": "b", "feature/flag": "on"})
+    digest = config_core.content_hash(data)
+    db_hash = config_core.selection_hash(data, ("db/",))
+    flag_hash = config_core.selection_hash(data, ("feature/flag",))
+    entry = {
+        "metadata": {"name": "app", "namespace": "shop"},
+        "status": {
+            "currentRevision": 3,
+            "configMapName": "app",
+            "adoption": {
+                "summary": "2/3 workloads",
+                "revisions": [
+                    {"revision": 3, "workloads": 2, "pods": 2, "readyPods": 1},
+                    {"revision": 1, "workloads": 0, "pods": 1, "readyPods": 1, "pruned": True},
+                ],
+                "baselinePods": 1,
+                "unknownPods": 0,
+            },
+        },
+    }
+    config_map = {"metadata": {"name": "app", "annotations": {"beacon.dev/config-hash": digest}}, "data": data}
+    revisions = [
+        {"revision": n, "metadata": {"annotations": {"beacon.dev/config-hash": h}}} for n, h in ((2, "h2"), (3, digest))
+    ]
+    rolling = {"beacon.dev/config-hashes": f"app={db_hash}", "beacon.dev/config-revisions": "app=3"}
+    old = {"beacon.dev/config-hashes": "app=old", "beacon.dev/config-revisions": "app=1"}
+    whole = {"beacon.dev/config-hashes": f"app={digest}", "beacon.dev/config-revisions": "app=3"}
+    readers = [
+        (
+            "Deployment",
+            _workload_body("a", "app[db/]", template=rolling),
+            [_pod_body(rolling, ready=False), _pod_body(old, ready=True)],
+        ),
+        (
+            "Deployment",
+            _workload_body("b", "app[feature/flag]", template={}, baseline=f"app={flag_hash}"),
+            [_pod_body({}, ready=True)],
+        ),
+        (
+            "StatefulSet",
+            _workload_body("c", "other, app", template=whole),
+            [_pod_body(whole, ready=True), _pod_body(old, ready=True, gone=True)],
+        ),
+    ]
+    rows = render.workload_rows(entry, config_map, readers, revisions)
+    assert rows == [
+        {
+            "workload": "Deployment/a",
+            "keys": ["db/"],
+            "templateRevision": 3,
+            "pods": {"3": {"pods": 1, "ready": 0}, "1": {"pods": 1, "ready": 1}},
+            "adopted": False,
+        },
+        {
+            "workload": "Deployment/b",
+            "keys": ["feature/flag"],
+            "templateRevision": None,
+            "pods": {"baseline": {"pods": 1, "ready": 1}},
+            "adopted": True,
+        },
+        {
+            "workload": "StatefulSet/c",
+            "keys": None,
+            "templateRevision": 3,
+            "pods": {"3": {"pods": 1, "ready": 1}},
+            "adopted": True,
+        },
+    ]
+    # the operator's own count of the same workloads agrees
+    views = []
+    for kind, body, pods in readers:
+        meta, template = body["metadata"], body["spec"]["template"]["metadata"]["annotations"]
+        keys = config_core.parse_reload(meta["annotations"]["beacon.dev/reload"])["app"]
+        views.append(
+            config_core.WorkloadConfig(
+                kind=kind,
+                name=meta["name"],
+                replicas=1,
+                desired_hash=digest if keys is None else config_core.selection_hash(data, keys),
+                template_hash=config_core.parse_hashes(template.get("beacon.dev/config-hashes") or "").get("app"),
+                baseline_hash=(
+                    config_core.parse_hashes(meta["annotations"].get(config_core.ANNOTATION_BASELINE)) or {}
+                ).get("app"),
+                whole=keys is None,
+                pods=tuple(
+                    config_core.PodConfig.from_body({**pod, "metadata": {**pod["metadata"], "name": f"p{i}"}})
+                    for i, pod in enumerate(pods)
+                ),
+            )
+        )
+    computed = config_core.adoption(
+        config="app", workloads=views, current=3, history=[config_core.Revision(3, "app-3", digest)]
+    )
+    assert [w.revision == 3 for w in computed.workloads] == [row["adopted"] for row in rows]
+    text = render.adoption_text(entry, rows)
+    assert text.splitlines()[0] == "configentry shop/app   current revision 3   ADOPTED 2/3 workloads"
+    assert "Deployment/a    db/            3          3:0/1 1:1/1" in text
+    assert "1          0           1/1          pruned" in text
+    assert render.pod_query(readers[0][1]) == "app=a,tier"
+    args = parser().parse_args(["config", "status", "app", "-n", "shop", "-o", "json"])
+    assert (args.entry, args.namespace, args.output) == ("app", "shop", "json")

@@ -104,6 +104,27 @@ def cmd_config_history(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_status(api: Api, args: argparse.Namespace) -> int:
+    """status ENTRY: the adoption summary of the entry's status, then each opted-in workload: the keys it reads,
+    the revision of its template, its live pods by revision, and whether it is fully on the current revision."""
+    entry, revisions = _history(api, args.namespace, args.entry)
+    _current(entry)
+    name = (entry.get("status") or {}).get("configMapName") or args.entry
+    config_map = api.get("ConfigMap", args.namespace, name) or {"metadata": {"name": name}}
+    workloads = [(kind, body) for kind in render.WORKLOAD_KINDS for body in api.list(kind, args.namespace)]
+    readers = []
+    for kind, body in render.readers_of(name, workloads):
+        query = render.pod_query(body)
+        pods = api.list("Pod", args.namespace, label_selector=query) if query else []
+        readers.append((kind, body, pods))
+    rows = render.workload_rows(entry, config_map, readers, revisions)
+    if args.output == "json":
+        print(json.dumps({"adoption": (entry.get("status") or {}).get("adoption"), "workloads": rows}, indent=2))
+    else:
+        print(render.adoption_text(entry, rows))
+    return 0
+
+
 def cmd_config_diff(api: Api, args: argparse.Namespace) -> int:
     """diff ENTRY: the previous revision against the current one; diff ENTRY REV: REV against the current one;
     diff ENTRY REV OTHER: REV against OTHER."""
@@ -264,11 +285,18 @@ def parser() -> argparse.ArgumentParser:
     registry = sub.add_parser("registry", parents=[common, output], help="the namespace's service catalog")
     registry.set_defaults(func=cmd_registry)
 
-    config = sub.add_parser("config", help="a ConfigEntry's revisions: history, diff, rollback")
+    config = sub.add_parser("config", help="a ConfigEntry's revisions: history, status (adoption), diff, rollback")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     history = config_sub.add_parser("history", parents=[common], help="the revisions beacon keeps")
     history.add_argument("entry")
     history.set_defaults(func=cmd_config_history)
+    adoption = config_sub.add_parser(
+        "status",
+        parents=[common, output],
+        help="how far the current revision has got: per revision and per opted-in workload (keys, pods, ready)",
+    )
+    adoption.add_argument("entry")
+    adoption.set_defaults(func=cmd_config_status)
     diff = config_sub.add_parser(
         "diff", parents=[common], help="REV (default: the previous one) against the current revision, or REV OTHER"
     )

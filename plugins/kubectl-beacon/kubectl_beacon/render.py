@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,11 @@ REGISTRY_DATA_KEY = "registry.json"
 LABEL_CONFIG_ENTRY_UID = "beacon.dev/config-entry-uid"
 ANNOTATION_CONFIG_HASH = "beacon.dev/config-hash"
 ANNOTATION_ROLLBACK_OF = "beacon.dev/rollback-of"
+ANNOTATION_RELOAD = "beacon.dev/reload"
+ANNOTATION_TEMPLATE_HASHES = "beacon.dev/config-hashes"
+ANNOTATION_TEMPLATE_REVISIONS = "beacon.dev/config-revisions"
+ANNOTATION_BASELINE = "beacon.dev/config-hashes-baseline"
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 
 NONE = "-"
 
@@ -309,3 +315,187 @@ def drain_value(current: str | None, address: str, *, drain: bool) -> str | None
     else:
         addresses.discard(address)
     return ",".join(sorted(addresses, key=_address_order)) or None
+
+
+# ---------------------------------------------------------------------------------------------------- adoption
+# What `config status` prints per workload is what the operator computes for status.adoption and its metrics
+# (beacon.config_core: parse_reload, selection_hash, pod_revision, adoption), repeated here in small; a unit test
+# checks that both agree.
+def reload_configs(value: str | None) -> dict[str, tuple[str, ...] | None]:
+    """The ConfigMaps a beacon.dev/reload value names, each with its keys (None: every key); {} when malformed
+    (the operator then reloads nothing and says why in an Event)."""
+    parts, depth, start, text = [], 0, 0, value or ""
+    for at, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            return {}
+        if char == "," and depth == 0:
+            parts.append(text[start:at])
+            start = at + 1
+    if depth:
+        return {}
+    parts.append(text[start:])
+    out: dict[str, set[str] | None] = {}
+    for raw in (p.strip() for p in parts):
+        if not raw:
+            continue
+        name, bracket, rest = raw.partition("[")
+        name = name.strip()
+        keys = {k.strip() for k in rest.partition("]")[0].split(",") if k.strip()} if bracket else None
+        if bracket and not keys:
+            return {}
+        before = out.get(name, set()) if name in out else set()
+        out[name] = None if keys is None or before is None else before | keys
+    return {n: (tuple(sorted(k)) if k is not None else None) for n, k in sorted(out.items())}
+
+
+def selection_hash(data: Mapping[str, str], keys: Sequence[str] | None) -> str:
+    """beacon's hash of the keys a workload reads of a ConfigMap's data ('.' form; keys and prefixes in '/' form)."""
+    if keys is not None:
+        exact = {k.replace("/", ".") for k in keys if not k.endswith("/")}
+        prefixes = tuple(k.replace("/", ".") for k in keys if k.endswith("/"))
+        data = {k: v for k, v in data.items() if k in exact or k.startswith(prefixes)}
+    canonical = json.dumps(dict(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _pairs(value: str | None) -> dict[str, str]:
+    out = {}
+    for part in (value or "").split(","):
+        name, sep, rest = part.strip().partition("=")
+        if sep and name:
+            out[name] = rest.strip()
+    return out
+
+
+def _selector_string(selector: Mapping[str, Any] | None) -> str | None:
+    """A workload's spec.selector as a label selector query, for listing its pods."""
+    if not selector:
+        return None
+    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), ",".join(expr.get("values") or [])
+        terms.append(
+            {"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": f"{key}"}.get(op, f"!{key}")
+        )
+    return ",".join(terms) or None
+
+
+def readers_of(config_map: str, workloads: Iterable[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, Obj]]:
+    """The (kind, workload) pairs whose beacon.dev/reload names `config_map`, with the query for their pods."""
+    out = []
+    for kind, body in workloads:
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        if config_map in reload_configs(annotations.get(ANNOTATION_RELOAD)):
+            out.append((kind, dict(body)))
+    return sorted(out, key=lambda kb: (kb[0], kb[1]["metadata"]["name"]))
+
+
+def pod_query(body: Mapping[str, Any]) -> str | None:
+    return _selector_string((body.get("spec") or {}).get("selector"))
+
+
+def workload_rows(
+    entry: Mapping[str, Any],
+    config_map: Mapping[str, Any],
+    readers: Sequence[tuple[str, Mapping[str, Any], Sequence[Mapping[str, Any]]]],
+    revisions: Sequence[Mapping[str, Any]],
+) -> list[Obj]:
+    """Per opted-in workload: the keys it reads, the revision its template was rolled out for, its live pods by
+    revision (ready/all), and whether it is fully on the current revision, as the operator counts it."""
+    current = int((entry.get("status") or {}).get("currentRevision") or 0)
+    name = (config_map.get("metadata") or {}).get("name", "")
+    full_hash = ((config_map.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_CONFIG_HASH)
+    by_hash: dict[str, int] = {}
+    for stored in revisions_of(revisions):
+        digest = ((stored.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_CONFIG_HASH)
+        if digest:
+            by_hash[digest] = int(stored.get("revision") or 0)
+    rows = []
+    for kind, body, pods in readers:
+        meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+        keys = reload_configs((meta.get("annotations") or {}).get(ANNOTATION_RELOAD)).get(name)
+        desired = full_hash if keys is None else selection_hash(config_map.get("data") or {}, keys)
+        template = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
+        template_hash = _pairs(template.get(ANNOTATION_TEMPLATE_HASHES)).get(name)
+        template_rev = _pairs(template.get(ANNOTATION_TEMPLATE_REVISIONS)).get(name)
+        baseline_hash = _pairs((meta.get("annotations") or {}).get(ANNOTATION_BASELINE)).get(name)
+        baseline_ok = desired is not None and baseline_hash == desired
+        counts: dict[str, list[int]] = {}
+        effective: set[str] = set()
+        all_ready, live = True, 0
+        for pod in pods:
+            pmeta = pod.get("metadata") or {}
+            if pmeta.get("deletionTimestamp"):
+                continue
+            live += 1
+            annotations = pmeta.get("annotations") or {}
+            digest = _pairs(annotations.get(ANNOTATION_TEMPLATE_HASHES)).get(name)
+            number = _pairs(annotations.get(ANNOTATION_TEMPLATE_REVISIONS)).get(name)
+            if digest is None:
+                rev = "baseline"
+            elif digest == desired:
+                rev = str(current)
+            elif number is not None and number.isdigit():
+                rev = number
+            elif keys is None and digest in by_hash:
+                rev = str(by_hash[digest])
+            else:
+                rev = "unknown"
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (pod.get("status") or {}).get("conditions") or []
+            )
+            slot = counts.setdefault(rev, [0, 0])
+            slot[0] += 1
+            slot[1] += int(ready)
+            all_ready &= ready
+            effective.add(str(current) if rev == "baseline" and baseline_ok else rev)
+        if kind == "DaemonSet":
+            wanted = int((body.get("status") or {}).get("desiredNumberScheduled") or 0)
+        else:
+            wanted = int(spec["replicas"]) if spec.get("replicas") is not None else 1
+        template_ok = desired is not None and (template_hash == desired or (template_hash is None and baseline_ok))
+        on_current = effective == {str(current)} and all_ready and live >= wanted
+        adopted = template_ok and (on_current or (not live and not wanted))
+        order = sorted(counts, key=lambda r: (not r.isdigit(), -int(r) if r.isdigit() else 0, r))
+        rows.append(
+            {
+                "workload": f"{kind}/{meta.get('name')}",
+                "keys": list(keys) if keys is not None else None,
+                "templateRevision": int(template_rev) if template_rev and template_rev.isdigit() else None,
+                "pods": {r: {"pods": counts[r][0], "ready": counts[r][1]} for r in order},
+                "adopted": bool(adopted),
+            }
+        )
+    return rows
+
+
+def adoption_text(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    status, meta = entry.get("status") or {}, entry.get("metadata") or {}
+    adoption = status.get("adoption") or {}
+    head = f"configentry {meta.get('namespace')}/{meta.get('name')}   current revision "
+    head += f"{status.get('currentRevision') or NONE}   ADOPTED {adoption.get('summary') or NONE}"
+    summary = [
+        [
+            item.get("revision"),
+            item.get("workloads", 0),
+            f"{item.get('readyPods', 0)}/{item.get('pods', 0)}",
+            "pruned" if item.get("pruned") else NONE,
+        ]
+        for item in adoption.get("revisions") or []
+    ]
+    extra = f"baseline pods {adoption.get('baselinePods', 0)}   unknown pods {adoption.get('unknownPods', 0)}"
+    lines = [head, table(["REVISION", "WORKLOADS", "READY/PODS", "NOTE"], summary), extra, ""]
+    workload_table = [
+        [
+            row["workload"],
+            ",".join(row["keys"]) if row["keys"] is not None else "*",
+            row["templateRevision"] if row["templateRevision"] is not None else NONE,
+            " ".join(f"{r}:{c['ready']}/{c['pods']}" for r, c in row["pods"].items()) or NONE,
+            "yes" if row["adopted"] else "no",
+        ]
+        for row in rows
+    ]
+    lines.append(table(["WORKLOAD", "KEYS", "TEMPLATE", "PODS (REV:READY/ALL)", "ADOPTED"], workload_table))
+    return "\n".join(lines)
