@@ -5,6 +5,7 @@ so a rollout is observed as a new ReplicaSet)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -197,8 +198,10 @@ def test_apply_materialises_and_each_update_records_a_revision(
     assert list(history) == [1]
     assert history[1]["data"]["data"] == cm["data"]
     assert history[1]["metadata"]["ownerReferences"][0]["uid"] == uid
-    row = cluster.kubectl("get", "configentries", "-n", namespace, "payments", "--no-headers").stdout.split()
-    assert row[:4] == ["payments", "1", st["hash"], "True"]
+    # columns: NAME, REVISION, HASH, ADOPTED ("0/0 workloads": nothing opted in), READY, AGE
+    printed = cluster.kubectl("get", "configentries", "-n", namespace, "payments", "--no-headers").stdout
+    row = re.split(r"\s{2,}", printed.strip())
+    assert [row[0], row[1], row[2], row[4]] == ["payments", "1", st["hash"], "True"]
 
     updated = {**data, "db/pool/size": "25", "upstream/ledger/url": "http://ledger:8080"}
     apply(cluster, config_entry("payments", namespace, updated, service="payments", target="payments-config"))
