@@ -1246,9 +1246,7 @@ class Discovery:
         if own and (check is None or len(own) == len(entry.spec.ports)):  # the ports' own checks decide
             port = next(p for p in entry.spec.ports if p.name == own[0])
             assert port.health_check is not None
-            check = next(
-                kind for kind in ("http", "tcp", "grpc", "udp") if getattr(port.health_check, kind) is not None
-            )
+            check = port.health_check.kind
         return Guard(published=published, check=check, self_preservation=self.self_preservation, damper=state.damper)
 
     async def _failsafe_published(self, state: _EntryState, views: list[View], now: float) -> None:

@@ -184,6 +184,11 @@ class PortCheck(_Model):
     grpc: GrpcSpec | None = None
     udp: UdpSpec | None = None
 
+    @cached_property
+    def kind(self) -> str | None:
+        """The check's kind ("http", "tcp", "grpc" or "udp")."""
+        return next((kind for kind in ("http", "tcp", "grpc", "udp") if getattr(self, kind) is not None), None)
+
 
 class Port(_Model):
     name: str
