@@ -808,6 +808,8 @@ class Configs:
         rollout = state.rollout
         events: list[tuple[str, str, str]] = []
         if rollout is None or rollout.hash != digest:
+            if rollout is not None and not rollout.final and rollout.phase != FAILED and state.rollback is None:
+                metrics.CONFIG_ROLLOUTS.labels(outcome="superseded").inc()
             served = state.current
             record = state.rollback
             auto = record is not None and entry.rollback_to is None and rollback_of == record.restored_revision
@@ -851,14 +853,18 @@ class Configs:
         decided = step(spec, rollout, members, now=now, promote=entry.promote)
         events.extend(decided.events)
         state.rollout = decided.rollout
+        if decided.rollout.phase != rollout.phase and decided.rollout.phase in (COMPLETE, FAILED):
+            metrics.CONFIG_ROLLOUTS.labels(outcome=decided.rollout.phase.lower()).inc()
         if decided.promote:
             await self._materialise(state, data, digest, None)
         if decided.failure is not None:
             start = rollout.from_revision
             if start is not None and start in state.history:
+                metrics.CONFIG_ROLLOUTS.labels(outcome="rolled_back").inc()
                 state.rollback = RollbackRecord(rollout.revision, start, content_hash(entry.data), decided.failure)
                 self._schedule(entry.key)  # the rollback is served once the decision is in status
             else:
+                metrics.CONFIG_ROLLOUTS.labels(outcome="failed").inc()
                 message = f"{decided.failure}; there is no earlier revision to roll back to"
                 state.rollout = dataclasses.replace(decided.rollout, phase=FAILED, message=message)
         self._warn_on_delete(state, members)

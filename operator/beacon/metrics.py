@@ -78,6 +78,14 @@ CONFIG_REVISION_REPAIRS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+CONFIG_ROLLOUTS = Counter(
+    "beacon_config_rollouts_total",
+    "Tracked ConfigEntry rollouts (spec.rollout or spec.canary) that ended: complete, rolled_back (a step failed "
+    "and the previous content is served again), failed (a step failed with nothing to roll back to, or a canary "
+    "with autoRollback false), superseded (a newer revision arrived first)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 CONFIG_START_HOLD = Gauge(
     "beacon_config_start_hold_seconds",
     "How long the last ConfigEntry start-up held the event loop (its synchronous part, after the listings)",
@@ -90,7 +98,8 @@ CONFIG_PLANNING = Counter(
 )
 RELOADS = Counter(
     "beacon_config_reloads_total",
-    "Workload reloads by kind and outcome (rolled_out: pod template bumped; deferred: held by the rate limit)",
+    "Workload reloads by kind and outcome (rolled_out: pod template bumped; deferred: held by the rate limit; "
+    "budget_wait: waited for the cluster-wide restart budget)",
     ["kind", "outcome"],
     registry=REGISTRY,
 )

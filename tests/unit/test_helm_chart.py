@@ -342,7 +342,7 @@ def test_the_dashboard_is_importable(tools: charts.ChartTools) -> None:
 
 def test_the_alert_rules_pass_promtool_check(tools: charts.ChartTools) -> None:
     proc = tools.run("promtool", "check", "rules", str(charts.rules_file()))
-    assert "SUCCESS: 8 rules found" in proc.stdout + proc.stderr
+    assert "SUCCESS: 9 rules found" in proc.stdout + proc.stderr
     names = {rule["alert"] for rule in charts.alert_rules()}
     assert names >= {
         "BeaconOperatorDown",
@@ -350,6 +350,7 @@ def test_the_alert_rules_pass_promtool_check(tools: charts.ChartTools) -> None:
         "BeaconEndpointsFlapping",
         "BeaconReconcileErrors",
         "BeaconConfigReloadDeferred",
+        "BeaconConfigRolloutFailed",
         "BeaconSelfPreservationStuck",
         "BeaconEntryInPanic",
     }
