@@ -34,7 +34,9 @@ from typing import Any, NoReturn
 from kubeapi import Kube
 
 TOLERANCE = 1.0  # seconds: what separates two events' arrival times from the writes behind them, at most
-HOLDING_PHASES = ("Canary", "Holding", "AwaitingPromotion")
+# seconds: how much earlier than the status write showing phase Holding the hold may have begun (readySince is
+# when beacon saw the canaries Ready; the write that says so may come a little later)
+HOLD_TOLERANCE = 2.0
 
 
 def log(msg: str) -> None:
@@ -166,7 +168,12 @@ class Follow:
         if view != self.entry:
             self.note(at, view.line())
         self.entry = view
-        if not self.t0 or view.revision != a.revision:
+        if not self.t0:
+            return
+        # the rollback may move status.rollout on to the revision that restores the old data: not gated on R
+        if view.condition == ("False", "AutoRolledBack") and self.rolled_back_at is None:
+            self.rolled_back_at = at
+        if view.revision != a.revision:
             return
         if view.phase == "Holding" and self.first_holding is None:
             self.first_holding = at
@@ -177,8 +184,6 @@ class Follow:
             self.max_adopted_before_new = max(self.max_adopted_before_new, count)
             if count == a.canaries and self.first_canaries_adopted is None:
                 self.first_canaries_adopted = at
-        if view.condition == ("False", "AutoRolledBack") and self.rolled_back_at is None:
-            self.rolled_back_at = at
 
     def done(self) -> bool:
         a = self.args
@@ -193,7 +198,11 @@ class Follow:
                 and e.condition[0] == "True"
                 and self.value == a.new
             )
-        return self.rolled_back_at is not None and self.value == a.old
+        return (
+            self.rolled_back_at is not None
+            and self.entry.rollback.get("failedRevision") == a.revision
+            and self.value == a.old
+        )
 
     def run(self) -> None:
         a = self.args
@@ -242,9 +251,9 @@ class Follow:
         if self.first_holding is None:
             self.fail(f"the phase never was Holding for revision {a.revision}")
         held = new_at - self.first_holding
-        if held < a.hold - TOLERANCE:
+        if held < a.hold - HOLD_TOLERANCE:
             self.fail(f"the target ConfigMap held {a.key}={a.new} {held:.2f}s after Holding began (hold {a.hold}s)")
-        if self.first_past_hold is not None and self.first_past_hold - self.first_holding < a.hold - TOLERANCE:
+        if self.first_past_hold is not None and self.first_past_hold - self.first_holding < a.hold - HOLD_TOLERANCE:
             self.fail(f"the phase left Holding after {self.first_past_hold - self.first_holding:.2f}s (hold {a.hold}s)")
         log(
             f"canary: ADOPTED {canaries!r} at {self.first_canaries_adopted:+.2f}s, Holding at "
