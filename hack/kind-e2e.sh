@@ -701,6 +701,7 @@ rollout_watch --patch '{"data":{"VERSION":"v2"}}' --expect canary --revision "$r
 wait_for "$TIMEOUT" "rollout-canary's template reading rollout-r$r" refs_are rollout-canary "rollout-r$r" "rollout-r$r"
 wait_for "$TIMEOUT" "rollout-canary on one Ready pod with VERSION=v2" runs rollout-canary v2
 canary_pod=$the_pod
+checks_t0=$EPOCHREALTIME
 # While the canary holds (holdSeconds from its Ready), everything else is still on revision n, checked in a few
 # requests: the target ConfigMap, the other Deployments (not restarted: same revision, template, ReplicaSets and
 # pods) and what their running pods see (env, and rollout-a's mounted file).
@@ -714,7 +715,8 @@ phase=$(entry_field '.status.rollout.revision}/{.status.rollout.phase')
 k -n "$NS" get configentry rollout
 [[ $phase == "$r/Canary" || $phase == "$r/Holding" ]] ||
   die "rollout $phase when the canary-step checks ended: promoted before them (holdSeconds $ROLLOUT_HOLD too short here?)"
-say "rollout $phase: the target ConfigMap, rollout-a and rollout-b (env, mounted file) still on revision $n"
+say "rollout $phase: the target ConfigMap, rollout-a and rollout-b (env, mounted file) still on revision $n" \
+  "(checked in $(since "$checks_t0")s of the ${ROLLOUT_HOLD}s hold)"
 [[ $(pod_file "$canary_pod" VERSION) == v2 ]] || die "the canary's pod $canary_pod mounts VERSION=$(pod_file "$canary_pod" VERSION)"
 [[ $(cm_value "rollout-r$r" VERSION) == v2 ]] || die "ConfigMap rollout-r$r does not hold VERSION=v2"
 [[ $(k -n "$NS" get configmap "rollout-r$r" -o 'jsonpath={.metadata.labels.beacon\.dev/canary-revision} {.immutable}') == "$r true" ]] ||
