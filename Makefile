@@ -193,5 +193,5 @@ kind-image: deps control-plane ## Build the offline kind node image + every imag
 	bash hack/kind/with-docker.sh bash hack/kind/node-image.sh
 
 .PHONY: kind-e2e
-kind-e2e: deps control-plane ## End to end on kind: cluster, image, deploy, DNS, failover, real-pod race, config reload.
+kind-e2e: deps control-plane ## End to end on kind: cluster, image, deploy, DNS, failover, real-pod race, config reload, canary, rollback.
 	IMG=$(IMG) KUBECTL=$(E2E_KUBECTL) $(GUARD) run -- bash hack/kind/with-docker.sh bash hack/kind-e2e.sh

@@ -19,6 +19,13 @@
 #               when each EndpointSlice shows it not ready (watch arrival times; hack/kind/e2e/race.py)
 #   reload      a Deployment that opts into ConfigEntry reloads reads the ConfigMap through envFrom: an edit
 #               rolls out new pods that print the new value; ten quick edits make exactly one more rollout
+#   canary      a tracked rollout (spec.canary, holdSeconds 12) over three Deployments whose readinessProbe reads
+#               the config through envFrom: the canary takes revision N+1 from the copy <target>-r<N+1> first,
+#               while the target ConfigMap and the others' pods (env, mounted file) keep N until the hold ends;
+#               ADOPTED 1/3 -> 3/3; the canary's pods are created once for the revision
+#   rollback    a change that fails the readinessProbe, rolloutTimeoutSeconds 30: the canary's new pods never
+#               become Ready, beacon rolls back on its own (Rollout False/AutoRolledBack, the target ConfigMap
+#               never holds the bad data, the canary runs N again); the other Deployments are never restarted
 #
 # Environment: IMG (beacon:dev), KIND_CLUSTER (beacon-e2e), KIND_NODES (1), KIND_CONFIG, KIND_NODE_IMAGE,
 # KIND_OFFLINE (1 = no registry; implied by BEACON_DOCKER_PRIVATE=1, which hack/kind/docker.sh sets for its
@@ -124,9 +131,14 @@ created=0
 on_exit() {
   local rc=$?
   set +e
+  if [[ -n ${watch_pid:-} ]]; then kill "$watch_pid" 2>/dev/null; fi
   if ((rc != 0)) && [[ -s $KUBECONFIG_FILE ]]; then
     say "diagnostics"
     k get nodes,pods,serviceentries,configentries,endpointslices -A -o wide
+    if [[ $stage_name == canary || $stage_name == rollback ]]; then
+      k -n "$NS" get deployments,replicasets,configmaps -o wide
+      k -n "$NS" get configentry rollout -o yaml
+    fi
     k -n beacon-system logs -l app.kubernetes.io/name=beacon --tail=100 --prefix
     k -n "$NS" get events --sort-by=.lastTimestamp | tail -n 40
   fi
@@ -515,4 +527,251 @@ wait_for "$TIMEOUT" "the new pods printing GREETING=v12" pods_print v12
 configmap_has v12 || die "the ConfigMap does not hold GREETING=v12"
 say "ten edits -> one rollout (revision $rev3); pods $(current_pods | cut -d' ' -f1 | xargs) print GREETING=v12"
 k -n "$NS" get configentries
+end
+
+# --- canary and rollback: a tracked rollout (spec.canary, spec.rollout) over three Deployments -----------------
+# Three one-replica Deployments opt into reloads of the ConfigEntry "rollout" and read its ConfigMap through
+# envFrom; rollout-canary (labelled tier=canary) and rollout-a also mount it at /etc/rollout. Each pod's
+# readinessProbe is `test "$MODE" = good` on the environment the pod started with, so only a restart changes what
+# a pod sees, and MODE=bad gives new pods that never become Ready. hack/kind/e2e/rollout_watch.py applies each
+# change and follows the entry and its ConfigMap by watch (the order of phases, ADOPTED and the ConfigMap's data);
+# this script checks the Deployments, their ReplicaSets and what their running pods see.
+ROLLOUT_HOLD=12    # spec.canary.holdSeconds
+ROLLOUT_TIMEOUT=30 # spec.rollout.rolloutTimeoutSeconds of the failing change
+ROLLOUT_SLACK=45   # how late after that timeout the automatic rollback may come
+watch_pid=""
+
+rollout_app() { # NAME TIER MOUNT: a Deployment reading the ConfigMap "rollout" (MOUNT=1: also as a volume)
+  local name=$1 tier=$2 mount=$3 mounts="" volumes=""
+  if ((mount == 1)); then
+    mounts="          volumeMounts:
+            - {name: config, mountPath: /etc/rollout, readOnly: true}"
+    volumes="      volumes:
+        - name: config
+          configMap: {name: rollout}"
+  fi
+  cat <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: $name
+  namespace: $NS
+  labels: {app: $name, tier: $tier}
+  annotations:
+    beacon.dev/reload: rollout
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: $name}
+  template:
+    metadata:
+      labels: {app: $name}
+    spec:
+      terminationGracePeriodSeconds: 1
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 65532
+        seccompProfile: {type: RuntimeDefault}
+      containers:
+        - name: app
+          image: $IMG
+          imagePullPolicy: IfNotPresent
+          command: [sh, -c, 'echo "MODE=\$MODE VERSION=\$VERSION" && exec sleep 2147483647']
+          envFrom:
+            - configMapRef: {name: rollout}
+          readinessProbe:
+            exec:
+              command: [sh, -c, 'test "\$MODE" = good']
+            periodSeconds: 1
+            failureThreshold: 1
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+$mounts
+$volumes
+EOF
+}
+
+entry_field() { k -n "$NS" get configentry rollout -o "jsonpath={$1}"; }
+rollout_condition() { entry_field '.status.conditions[?(@.type=="Rollout")].status}/{.status.conditions[?(@.type=="Rollout")].reason'; }
+adopted_is() { [[ $(entry_field .status.adoption.summary) == "$1" ]]; }
+cm_value() { k -n "$NS" get configmap "$1" -o "jsonpath={.data.$2}" 2>/dev/null; }
+cm_value_is() { [[ $(cm_value "$1" "$2") == "$3" ]]; }
+dep_revision() { k -n "$NS" get deployment "$1" -o 'jsonpath={.metadata.annotations.deployment\.kubernetes\.io/revision}'; }
+rs_count() { k -n "$NS" get replicasets -l "app=$1" -o name | grep -c .; }
+# refs_are NAME CONFIGMAP...: the ConfigMaps the Deployment's pod template reads (envFrom, then volumes)
+refs_are() {
+  local name=$1
+  shift
+  [[ $(k -n "$NS" get deployment "$name" -o 'jsonpath={.spec.template.spec.containers[*].envFrom[*].configMapRef.name} {.spec.template.spec.volumes[*].configMap.name}' | xargs) == "$*" ]]
+}
+# the ReplicaSet of the Deployment's current revision
+current_rs() {
+  local rev
+  rev=$(dep_revision "$1")
+  k -n "$NS" get replicasets -l "app=$1" \
+    -o 'jsonpath={range .items[*]}{.metadata.name} {.metadata.annotations.deployment\.kubernetes\.io/revision}{"\n"}{end}' |
+    awk -v rev="$rev" '$2 == rev { print $1 }'
+}
+# the Deployment's pods (terminating ones too): "name replicaset ready" lines
+app_pods() {
+  k -n "$NS" get pods -l "app=$1" \
+    -o 'jsonpath={range .items[*]}{.metadata.name} {.metadata.ownerReferences[0].name} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}'
+}
+pod_env() { k -n "$NS" exec "$1" -- printenv "$2" 2>/dev/null; }
+pod_file() { k -n "$NS" exec "$1" -- cat "/etc/rollout/$2" 2>/dev/null; }
+# runs NAME VERSION: the Deployment's only pod belongs to its current ReplicaSet, is Ready, and its environment
+# has VERSION and MODE=good; the pod's name is left in $the_pod
+the_pod=""
+runs() {
+  local pods rs pod owner ready
+  pods=$(app_pods "$1")
+  rs=$(current_rs "$1")
+  [[ -n $rs && $(grep -c . <<<"$pods") -eq 1 ]] || return 1
+  read -r pod owner ready <<<"$pods"
+  [[ $owner == "$rs" && $ready == True ]] || return 1
+  [[ $(pod_env "$pod" VERSION) == "$2" && $(pod_env "$pod" MODE) == good ]] || return 1
+  the_pod=$pod
+}
+# untouched APP...: in one request, what a restart would change: the Deployments (revision, what the template
+# reads), their ReplicaSets and their pods (name, Ready); compared before and after
+untouched() {
+  local IFS=,
+  k -n "$NS" get deployments,replicasets,pods -l "app in ($*)" \
+    -o 'jsonpath={range .items[*]}{.kind} {.metadata.name} {.metadata.annotations.deployment\.kubernetes\.io/revision} {.spec.template.spec.containers[*].envFrom[*].configMapRef.name} {.spec.template.spec.volumes[*].configMap.name} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' |
+    sort
+}
+rollout_watch() { # ARGS...: rollout_watch.py in the background, its pid in $watch_pid
+  "$PY" hack/kind/e2e/rollout_watch.py --kubeconfig "$KUBECONFIG_FILE" --context "kind-$CLUSTER" --namespace "$NS" \
+    --entry rollout --configmap rollout --key VERSION --workloads 3 --canaries 1 "$@" &
+  watch_pid=$!
+}
+watch_ends() {
+  local pid=$watch_pid
+  watch_pid=""
+  wait "$pid" || die "$1 (rollout_watch.py above says why)"
+}
+
+begin "canary"
+say "a ConfigEntry 'rollout' (MODE=good VERSION=v1) with spec.canary {tier: canary, holdSeconds: $ROLLOUT_HOLD}" \
+  "and three Deployments reading it: rollout-canary (tier=canary, also mounts it), rollout-a (also mounts it), rollout-b"
+k apply -f - <<EOF
+apiVersion: beacon.dev/v1alpha1
+kind: ConfigEntry
+metadata:
+  name: rollout
+  namespace: $NS
+spec:
+  data:
+    MODE: good
+    VERSION: v1
+  canary:
+    selector:
+      matchLabels: {tier: canary}
+    holdSeconds: $ROLLOUT_HOLD
+EOF
+wait_for "$TIMEOUT" "ConfigMap rollout with VERSION=v1" cm_value_is rollout VERSION v1
+k apply -f - <<EOF
+$(rollout_app rollout-canary canary 1)
+---
+$(rollout_app rollout-a main 1)
+---
+$(rollout_app rollout-b main 0)
+EOF
+for app in rollout-canary rollout-a rollout-b; do
+  k -n "$NS" rollout status "deployment/$app" --timeout="${TIMEOUT}s"
+  wait_for "$TIMEOUT" "$app on one Ready pod with VERSION=v1" runs "$app" v1
+done
+wait_for "$TIMEOUT" "ADOPTED 3/3 workloads before the change" adopted_is "3/3 workloads"
+runs rollout-a v1 || die "rollout-a does not run VERSION=v1"
+a_pod=$the_pod
+others=$(untouched rollout-a rollout-b)
+canary_rs=$(rs_count rollout-canary)
+canary_rev=$(dep_revision rollout-canary)
+a_rev=$(dep_revision rollout-a)
+b_rev=$(dep_revision rollout-b)
+n=$(entry_field .status.currentRevision)
+r=$((n + 1))
+say "revision $n on every workload: $(k -n "$NS" get configentry rollout --no-headers | xargs)"
+
+say "change: VERSION=v2 (another good value) -> revision $r, to the canary first"
+rollout_watch --patch '{"data":{"VERSION":"v2"}}' --expect canary --revision "$r" --old v1 --new v2 \
+  --hold "$ROLLOUT_HOLD" --timeout "$TIMEOUT"
+wait_for "$TIMEOUT" "rollout-canary's template reading rollout-r$r" refs_are rollout-canary "rollout-r$r" "rollout-r$r"
+wait_for "$TIMEOUT" "rollout-canary on one Ready pod with VERSION=v2" runs rollout-canary v2
+canary_pod=$the_pod
+checks_t0=$EPOCHREALTIME
+# While the canary holds (holdSeconds from its Ready), everything else is still on revision n, checked in a few
+# requests: the target ConfigMap, the other Deployments (not restarted: same revision, template, ReplicaSets and
+# pods) and what their running pods see (env, and rollout-a's mounted file).
+cm_value_is rollout VERSION v1 || die "the target ConfigMap holds VERSION=$(cm_value rollout VERSION) during the canary step"
+[[ $(untouched rollout-a rollout-b) == "$others" ]] ||
+  die "rollout-a or rollout-b changed during the canary step:"$'\n'"$(diff <(echo "$others") <(untouched rollout-a rollout-b))"
+b_pod=$(app_pods rollout-b | cut -d' ' -f1)
+[[ $(pod_env "$a_pod" VERSION)/$(pod_env "$b_pod" VERSION) == v1/v1 ]] || die "rollout-a's or rollout-b's pod has not VERSION=v1"
+[[ $(pod_file "$a_pod" VERSION) == v1 ]] || die "rollout-a's pod sees VERSION=$(pod_file "$a_pod" VERSION) in its mounted file"
+phase=$(entry_field '.status.rollout.revision}/{.status.rollout.phase')
+k -n "$NS" get configentry rollout
+[[ $phase == "$r/Canary" || $phase == "$r/Holding" ]] ||
+  die "rollout $phase when the canary-step checks ended: promoted before them (holdSeconds $ROLLOUT_HOLD too short here?)"
+say "rollout $phase: the target ConfigMap, rollout-a and rollout-b (env, mounted file) still on revision $n" \
+  "(checked in $(since "$checks_t0")s of the ${ROLLOUT_HOLD}s hold)"
+[[ $(pod_file "$canary_pod" VERSION) == v2 ]] || die "the canary's pod $canary_pod mounts VERSION=$(pod_file "$canary_pod" VERSION)"
+[[ $(cm_value "rollout-r$r" VERSION) == v2 ]] || die "ConfigMap rollout-r$r does not hold VERSION=v2"
+[[ $(k -n "$NS" get configmap "rollout-r$r" -o 'jsonpath={.metadata.labels.beacon\.dev/canary-revision} {.immutable}') == "$r true" ]] ||
+  die "ConfigMap rollout-r$r is not an immutable copy labelled beacon.dev/canary-revision=$r"
+say "canary: pod $canary_pod runs revision $r from rollout-r$r (env VERSION=v2, mounted file v2)"
+
+watch_ends "the canary rollout of revision $r"
+for app in rollout-a rollout-b; do
+  k -n "$NS" rollout status "deployment/$app" --timeout="${TIMEOUT}s"
+  wait_for "$TIMEOUT" "$app on one Ready pod with VERSION=v2" runs "$app" v2
+done
+[[ $(dep_revision rollout-a) == $((a_rev + 1)) && $(dep_revision rollout-b) == $((b_rev + 1)) ]] ||
+  die "rollout-a and rollout-b are at Deployment revisions $(dep_revision rollout-a), $(dep_revision rollout-b)" \
+    "(from $a_rev, $b_rev): not one rollout each"
+runs rollout-a v2 || die "rollout-a does not run VERSION=v2"
+[[ $(pod_file "$the_pod" VERSION) == v2 ]] || die "rollout-a's new pod $the_pod does not see VERSION=v2 in its mounted file"
+runs rollout-canary v2 || die "the canary no longer runs VERSION=v2 after the promotion"
+[[ $the_pod == "$canary_pod" ]] || die "the canary was restarted again at the promotion (pod $canary_pod -> $the_pod)"
+[[ $(rs_count rollout-canary) == $((canary_rs + 1)) && $(dep_revision rollout-canary) == $((canary_rev + 1)) ]] ||
+  die "rollout-canary's pods were created more than once for revision $r ($(rs_count rollout-canary) ReplicaSets)"
+[[ $(rollout_condition) == True/Complete ]] || die "condition Rollout is $(rollout_condition), not True/Complete"
+k -n "$NS" get configentry rollout
+say "the canary first (1/3), then rollout-a and rollout-b after the ${ROLLOUT_HOLD}s hold (3/3); the canary's pods created once"
+end
+
+begin "rollback"
+others=$(untouched rollout-a rollout-b)
+n=$(entry_field .status.currentRevision)
+r=$((n + 1))
+say "change: MODE=bad VERSION=v3 (fails the readinessProbe), rolloutTimeoutSeconds $ROLLOUT_TIMEOUT -> revision $r"
+rollout_watch --patch "{\"data\":{\"MODE\":\"bad\",\"VERSION\":\"v3\"},\"rollout\":{\"rolloutTimeoutSeconds\":$ROLLOUT_TIMEOUT}}" \
+  --expect rollback --revision "$r" --old v2 --new v3 --rollout-timeout "$ROLLOUT_TIMEOUT" --slack "$ROLLOUT_SLACK" \
+  --timeout $((ROLLOUT_TIMEOUT + ROLLOUT_SLACK + 30))
+wait_for "$TIMEOUT" "rollout-canary's template reading rollout-r$r" refs_are rollout-canary "rollout-r$r" "rollout-r$r"
+bad_pod() {
+  local pod owner ready
+  while read -r pod owner ready; do
+    if [[ -n $pod && $(pod_env "$pod" MODE) == bad ]]; then
+      [[ $ready != True ]] || die "the canary's pod $pod runs MODE=bad and is Ready"
+      say "the canary's new pod $pod runs MODE=bad and is not Ready"
+      return 0
+    fi
+  done <<<"$(app_pods rollout-canary)"
+  return 1
+}
+wait_for "$TIMEOUT" "a canary pod running MODE=bad" bad_pod
+watch_ends "the automatic rollback of revision $r"
+[[ $(rollout_condition) == False/AutoRolledBack ]] || die "condition Rollout is $(rollout_condition), not False/AutoRolledBack"
+[[ $(cm_value rollout MODE)/$(cm_value rollout VERSION) == good/v2 ]] || die "the target ConfigMap does not hold revision $n's data"
+wait_for "$TIMEOUT" "rollout-canary's template reading the target ConfigMap again" refs_are rollout-canary rollout rollout
+k -n "$NS" rollout status deployment/rollout-canary --timeout="${TIMEOUT}s"
+wait_for "$TIMEOUT" "rollout-canary on one Ready pod with VERSION=v2 and MODE=good again" runs rollout-canary v2
+wait_for "$TIMEOUT" "ADOPTED 3/3 workloads after the rollback" adopted_is "3/3 workloads"
+[[ $(untouched rollout-a rollout-b) == "$others" ]] ||
+  die "rollout-a or rollout-b was restarted:"$'\n'"$(diff <(echo "$others") <(untouched rollout-a rollout-b))"
+k -n "$NS" get configentry rollout
+say "the canary's new pods never became Ready; beacon rolled back on its own; rollout-a and rollout-b never restarted"
 end
