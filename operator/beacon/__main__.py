@@ -56,6 +56,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
             max_delay=args.reload_max_delay,
             rate_count=args.reload_rate_limit[0],
             rate_period=args.reload_rate_limit[1],
+            budget_count=args.restart_budget[0],
+            budget_period=args.restart_budget[1],
         ),
         standalone=not args.peering,
         peering_name=args.peering_name,
@@ -272,6 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=(3, 60.0),
         metavar="COUNT/SECONDS",
         help="at most COUNT rollouts of one workload per SECONDS; later changes wait and are combined (default 3/60)",
+    )
+    op.add_argument(
+        "--restart-budget",
+        type=_rate_limit,
+        default=(20, 10.0),
+        metavar="COUNT/SECONDS",
+        help="cluster-wide budget of workload restarts, shared by every ConfigEntry: a token bucket of COUNT "
+        "tokens refilled at COUNT per SECONDS (default 20/10)",
     )
     mode = op.add_mutually_exclusive_group()
     mode.add_argument("--peering", action="store_true", help="use kopf peering (HA: one active replica)")

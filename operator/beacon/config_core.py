@@ -36,6 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from beacon.reconcile import Condition, merge_conditions
+from beacon.rollout_core import (
+    ANNOTATION_PROMOTE,
+    LABEL_CANARY_REVISION,
+    RolloutSpec,
+    canary_map_name,
+    parse_promote,
+)
 
 GROUP = "beacon.dev"
 VERSION = "v1alpha1"
@@ -47,6 +54,7 @@ ANNOTATION_ENTRY = "beacon.dev/config-entry"
 ANNOTATION_HASH = "beacon.dev/config-hash"
 ANNOTATION_REVISION = "beacon.dev/config-revision"
 ANNOTATION_ROLLBACK_OF = "beacon.dev/rollback-of"
+ANNOTATION_COPY_HASH = "beacon.dev/canary-hash"  # the content hash of a canary copy (not the target's annotation)
 # on a Deployment/StatefulSet/DaemonSet: the ConfigMaps whose changes restart it (comma-separated names)
 ANNOTATION_RELOAD = "beacon.dev/reload"
 # on its pod template: "name=hash,..." of the configs the template was last rolled out for (the hash of the keys
@@ -86,6 +94,8 @@ class ConfigEntry:
     target: str | None = None
     history_limit: int = DEFAULT_HISTORY_LIMIT
     rollback_to: int | None = None
+    rollout: RolloutSpec | None = None  # spec.rollout / spec.canary: tracked rollouts (beacon.rollout_core)
+    promote: int | None = None  # the revision the beacon.dev/promote annotation promotes
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ConfigEntry:
@@ -103,6 +113,8 @@ class ConfigEntry:
             target=spec.get("target") or None,
             history_limit=int(spec.get("revisionHistoryLimit", DEFAULT_HISTORY_LIMIT)),
             rollback_to=int(rollback) if rollback is not None else None,
+            rollout=RolloutSpec.from_spec(spec),
+            promote=parse_promote((meta.get("annotations") or {}).get(ANNOTATION_PROMOTE)),
         )
 
     @property
@@ -554,13 +566,17 @@ def desired_status(
     now: float,
     served_by: str | None = None,
     adoption: Obj | None = None,
+    rollout: Obj | None = None,
+    rollback: Obj | None = None,
+    rollout_condition: Condition | None = None,
 ) -> Obj:
     """The entry's status. `served_by`: the replica that serves it (sharded mode), else omitted. `adoption`: the
     bounded summary of how far the current revision has got (see `adoption`), once there is a current revision."""
+    conditions = [ready, conflict, *([rollout_condition] if rollout_condition is not None else [])]
     status: Obj = {
         "observedGeneration": entry.generation,
         "conditions": merge_conditions(
-            (previous or {}).get("conditions") or [], [ready, conflict], generation=entry.generation, now=now
+            (previous or {}).get("conditions") or [], conditions, generation=entry.generation, now=now
         ),
     }
     if current is not None:
@@ -572,7 +588,30 @@ def desired_status(
         status["servedBy"] = served_by
     if adoption is not None and current is not None:
         status["adoption"] = adoption
+    if rollout is not None:
+        status["rollout"] = rollout
+    if rollback is not None:
+        status["rollback"] = rollback
     return status
+
+
+def desired_copy(entry: ConfigEntry, *, data: Mapping[str, str], digest: str, revision: int) -> Obj:
+    """The immutable copy of a revision that canaries read (kustomize's configMapGenerator, by revision): the
+    target ConfigMap keeps the promoted content meanwhile, so no other pod can see this revision early."""
+    labels = {**_labels(entry), LABEL_CANARY_REVISION: str(revision)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": canary_map_name(entry.config_map_name, revision),
+            "namespace": entry.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_ENTRY: entry.name, ANNOTATION_COPY_HASH: digest},
+            "ownerReferences": [owner_reference(entry)],
+        },
+        "immutable": True,
+        "data": dict(data),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- reloads

@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
+import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +63,7 @@ from beacon.config_core import (
     ConfigEntry,
     Current,
     Layering,
+    Plan,
     PodConfig,
     ReloadSyntaxError,
     Revision,
@@ -71,6 +75,7 @@ from beacon.config_core import (
     current_of,
     debounce_due,
     desired_config_map,
+    desired_copy,
     desired_revision,
     desired_status,
     format_revisions,
@@ -92,6 +97,24 @@ from beacon.engine import Controller, Owns
 from beacon.kube import ApiError, Kube, NotOursError
 from beacon.reconcile import Condition, merge_conditions, status_changed
 from beacon.retries import RETRIES
+from beacon.rollout_core import (
+    COMPLETE,
+    FAILED,
+    LABEL_CANARY_REVISION,
+    ROLLED_BACK,
+    WAVES,
+    Member,
+    RollbackRecord,
+    Rollout,
+    TokenBucket,
+    canary_map_name,
+    condition_of,
+    copy_revision,
+    rewrite_refs,
+    stale_copies,
+    step,
+    template_refs,
+)
 from beacon.workqueue import repeat
 
 log = logging.getLogger("beacon.configs")
@@ -114,6 +137,23 @@ class _EntryState:
     stray: dict[str, Any] = field(default_factory=dict)  # keys someone else added to our ConfigMap (to remove)
     content: dict[str, str] | None = None  # the data beacon materialised last (that of `current`), in memory
     suspect: set[str] = field(default_factory=set)  # revisions someone else deleted or edited: check, repair
+    rollout: Rollout | None = None  # status.rollout: the revision being released (tracked entries)
+    rollback: RollbackRecord | None = None  # status.rollback: the automatic rollback in force
+    staged: tuple[str, dict[str, str]] | None = None  # hash and data of the revision in its canary step
+    wake: asyncio.TimerHandle | None = None  # the next look at the rollout (end of a hold, a timeout)
+    warned: set[tuple[int, str]] = field(default_factory=set)  # OnDelete workloads warned about, per revision
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """Which readers of a tracked entry's ConfigMap may move to the revision being released: the members of the
+    step in progress (status.rollout.members); the others keep what their template was rolled out for. During
+    the canary step the released canaries read the revision's immutable copy."""
+
+    revision: int | None
+    hash: str | None
+    released: frozenset[WorkloadKey] = frozenset()
+    copy: str | None = None
 
 
 @dataclass
@@ -134,16 +174,25 @@ class _Workload:
     target: str | None = None  # the rollout the debounce timers are running for
     rollouts: list[float] = field(default_factory=list)
     deferred: bool = False  # a rate-limit deferral was reported for the pending rollout
+    labels: dict[str, str] = field(default_factory=dict)  # metadata.labels (spec.canary.selector)
+    refs: frozenset[str] = frozenset()  # the ConfigMaps its pod template references
+    deadline_exceeded: bool = False  # a Deployment's Progressing=False ProgressDeadlineExceeded, for its template
+    on_delete: bool = False  # an OnDelete update strategy: a template change restarts nothing
 
 
 @dataclass(frozen=True)
 class ReloadPolicy:
-    """Operator flags: --reload-debounce, --reload-max-delay, --reload-rate-limit."""
+    """Operator flags: --reload-debounce, --reload-max-delay, --reload-rate-limit, --restart-budget."""
 
     debounce: float = 2.0
     max_delay: float = 30.0
     rate_count: int = 3
     rate_period: float = 60.0
+    budget_count: int = 20
+    budget_period: float = 10.0
+
+
+CRASH_POINT_ENV = "BEACON_TEST_CRASH_POINT"  # tests only: "after-restart-patch:K" exits after the K-th restart
 
 
 class Configs:
@@ -234,6 +283,13 @@ class Configs:
         self._invalid: dict[WorkloadKey, str] = {}  # malformed beacon.dev/reload values already reported
         self._adoption_dirty: set[EntryKey] = set()  # entries whose adoption to compute when the timer fires
         self._adoption_timer: asyncio.TimerHandle | None = None
+        # tracked rollouts: the gate of each tracked entry's ConfigMap, and the cluster-wide restart budget
+        self._gates: dict[tuple[str, str], _Gate] = {}
+        self._rollout_dirty: set[EntryKey] = set()  # tracked entries whose readers changed (coalesced as adoption)
+        self._budget = TokenBucket(self.policy.budget_count, self.policy.budget_period)
+        self._restarts = 0
+        point, _, count = os.environ.get(CRASH_POINT_ENV, "").partition(":")
+        self._crash_after = int(count) if point == "after-restart-patch" and count.isdigit() else None
 
     # ------------------------------------------------------------------ start-up
     async def start(self, *, namespaces: Sequence[str] = ()) -> None:
@@ -352,6 +408,7 @@ class Configs:
         keys = [key for key in self._entries if key[0] in gone]
         for key in keys:
             state = self._entries.pop(key)
+            self._stop_rollout(state)
             self._by_uid.pop(state.entry.uid, None)
             self._unscope(state.entry)
             self._outdate(state.entry, None)
@@ -437,12 +494,17 @@ class Configs:
                 self._by_uid.pop(state.entry.uid, None)
             state = _EntryState(entry=entry, status=dict(body.get("status") or {}) or None)
             state.config_map = (state.status or {}).get("configMapName")
+            state.rollout = Rollout.from_status((state.status or {}).get("rollout"))
+            state.rollback = RollbackRecord.from_status((state.status or {}).get("rollback"))
             self._entries[entry.key] = state
             self._by_uid[entry.uid] = entry.key
         if before is not None:
             self._unscope(before)
         self._scopes.setdefault(entry.namespace, {}).setdefault(entry.service, set()).add(entry.key)
         state.entry = entry
+        if before is not None and before.config_map_name != entry.config_map_name:
+            self._set_gate((entry.namespace, before.config_map_name), None)
+        self._sync_gate(state)
         self._outdate(entry, before)
         self._schedule(entry.key)
         if fan_out:
@@ -455,6 +517,7 @@ class Configs:
             self._by_uid.pop(state.entry.uid, None)
             self._unscope(state.entry)
             self._outdate(state.entry, None)
+            self._stop_rollout(state)
             # the garbage collector removes the ConfigMap and the ControllerRevisions (ownerReferences)
             if state.config_map and not state.foreign:
                 self.kube.forget("ConfigMap", namespace, state.config_map)
@@ -650,24 +713,33 @@ class Configs:
             scope = self._layering(entry.namespace, entry.service)
             decided = plan_in(entry, scope, history=list(state.history.values()), rollback_data=rollback)
             metrics.CONFIG_PLANNING.inc(time.perf_counter() - started)
+            decided = await self._auto_rollback_plan(state, decided)
             if state.suspect:
                 await self._repair_revisions(state, decided.data, decided.hash)
             ready = decided.ready
+            events: list[tuple[str, str, str]] = []
             if decided.data is not None and decided.hash is not None:
                 if state.foreign:
                     ready = _target_conflict(entry)
                 else:
                     try:
-                        await self._materialise(state, decided.data, decided.hash, decided.rollback_of)
+                        if entry.rollout is not None:
+                            events = await self._release(state, decided.data, decided.hash, decided.rollback_of)
+                        else:
+                            state.rollout = state.rollback = None
+                            await self._materialise(state, decided.data, decided.hash, decided.rollback_of)
                     except NotOursError as exc:
                         state.foreign = True
                         ready = Condition("Ready", "False", "TargetConflict", str(exc))
             elif ready.status == "False":
                 log.warning("%s/%s not materialised: %s", entry.namespace, entry.name, ready.message)
+            if entry.rollout is None:
+                state.rollout = state.rollback = None
             computed = self._adoption(state)
             if computed is not None:
                 self._publish(key, computed)
             shown = computed.status if computed is not None else (state.status or {}).get("adoption")
+            said = condition_of(state.rollout, state.rollback)
             status = desired_status(
                 entry,
                 ready=ready,
@@ -678,15 +750,221 @@ class Configs:
                 now=self._wall(),
                 served_by=self._served_by,
                 adoption=shown,
+                rollout=state.rollout.to_status() if state.rollout is not None else None,
+                rollback=state.rollback.to_status() if state.rollback is not None else None,
+                rollout_condition=Condition("Rollout", *said) if said is not None else None,
             )
             if status_changed(state.status, status):
                 try:
-                    await self.kube.patch_status("ConfigEntry", entry.namespace, entry.name, status)
+                    await self.kube.patch_status(
+                        "ConfigEntry", entry.namespace, entry.name, _with_removals(state.status, status)
+                    )
                 except ApiError as exc:
                     if exc.status == 404:
                         return  # the entry is gone; its DELETED event follows
                     raise
                 state.status = status
+            # the step is in status now: only then may its members move (a restart of the operator moves the same)
+            self._sync_gate(state)
+            for type_, reason, message in events:
+                self._entry_event(entry, type_, reason, message)
+
+    async def _auto_rollback_plan(self, state: _EntryState, decided: Plan) -> Plan:
+        """While an automatic rollback is in force (status.rollback) and spec.data is still what failed, serve the
+        restored revision's content instead of the plan. A manual spec.rollbackTo wins; a change of spec.data ends
+        it (the new data is released as any other)."""
+        record, entry = state.rollback, state.entry
+        if record is None:
+            return decided
+        if entry.rollout is None or content_hash(entry.data) != record.data_hash:
+            state.rollback = None
+            return decided
+        if entry.rollback_to is not None or decided.data is None:
+            return decided
+        if record.restored_revision not in state.history:
+            message = f"revision {record.restored_revision} (to roll back to) is no longer kept"
+            return Plan(None, None, Condition("Ready", "False", "RevisionNotFound", message), decided.conflict)
+        data = await self._revision_data(state, record.restored_revision)
+        if data is None:
+            message = f"revision {record.restored_revision} (to roll back to) could not be read"
+            return Plan(None, None, Condition("Ready", "False", "RevisionUnreadable", message), decided.conflict)
+        digest = content_hash(data)
+        message = (
+            f"serving the content of revision {record.restored_revision} again (hash {digest}): revision "
+            f"{record.failed_revision} failed its rollout"
+        )
+        ready = Condition("Ready", "True", "AutoRolledBack", message)
+        return Plan(data, digest, ready, decided.conflict, record.restored_revision)
+
+    async def _release(
+        self, state: _EntryState, data: dict[str, str], digest: str, rollback_of: int | None
+    ) -> list[tuple[str, str, str]]:
+        """A tracked entry's reconcile: start the rollout of new content (staged as a copy for the canaries, or
+        materialised for waves; a rollback at once), then advance it as far as it goes now (`rollout_core.step`).
+        Returns the Events to post once the status holds the result."""
+        entry = state.entry
+        spec = entry.rollout
+        assert spec is not None
+        rollout = state.rollout
+        events: list[tuple[str, str, str]] = []
+        if rollout is None or rollout.hash != digest:
+            served = state.current
+            record = state.rollback
+            auto = record is not None and entry.rollback_to is None and rollback_of == record.restored_revision
+            start = served.revision if served is not None else None
+            if rollback_of is None and served is not None and served.hash != digest and spec.canary is not None:
+                number = await self._stage(state, data, digest)
+                state.rollout = Rollout(revision=number, hash=digest, phase="Canary", from_revision=start)
+            else:
+                # into the target ConfigMap now: waves without canaries, a first content, or a rollback (released
+                # to every workload at once); readers are held until the status says who may move
+                self._set_gate((entry.namespace, entry.config_map_name), _Gate(None, None))
+                failed = rollout.revision if auto and rollout is not None else None
+                await self._materialise(state, data, digest, rollback_of, after=failed)
+                assert state.current is not None
+                number = state.current.revision
+                if auto and record is not None:
+                    state.rollback = dataclasses.replace(record, revision=number)
+                    state.rollout = Rollout(number, digest, ROLLED_BACK, from_revision=start, message=record.message)
+                    message = (
+                        f"revision {record.failed_revision} failed ({record.message}); serving the content of "
+                        f"revision {record.restored_revision} again as revision {number}"
+                    )
+                    events.append(("Warning", "ConfigAutoRolledBack", message))
+                elif rollback_of is not None:
+                    message = f"rollback to revision {rollback_of}: released to every workload at once"
+                    state.rollout = Rollout(number, digest, COMPLETE, from_revision=start, message=message)
+                else:
+                    state.rollout = Rollout(number, digest, WAVES, from_revision=start)
+        elif rollout.canary_step or rollout.phase == FAILED:
+            state.staged = (digest, data)  # the target keeps the promoted content meanwhile
+        else:
+            await self._materialise(state, data, digest, rollback_of)  # no write while the API holds it
+        rollout = state.rollout
+        if rollout is None or rollout.final or rollout.phase == FAILED:
+            self._wake(state, None)
+            return events
+        members = self._members(state, rollout)
+        if members is None:
+            return events  # inputs incomplete (after a restart): the next change looks again
+        now = self._wall()
+        decided = step(spec, rollout, members, now=now, promote=entry.promote)
+        events.extend(decided.events)
+        state.rollout = decided.rollout
+        if decided.promote:
+            await self._materialise(state, data, digest, None)
+        if decided.failure is not None:
+            start = rollout.from_revision
+            if start is not None and start in state.history:
+                state.rollback = RollbackRecord(rollout.revision, start, content_hash(entry.data), decided.failure)
+                self._schedule(entry.key)  # the rollback is served once the decision is in status
+            else:
+                message = f"{decided.failure}; there is no earlier revision to roll back to"
+                state.rollout = dataclasses.replace(decided.rollout, phase=FAILED, message=message)
+        self._warn_on_delete(state, members)
+        self._wake(state, decided.wake_at)
+        return events
+
+    def _members(self, state: _EntryState, rollout: Rollout) -> list[Member] | None:
+        """The readers of the entry's ConfigMap as `rollout_core.step` sees them; None while the inputs are
+        incomplete (workloads or pods not listed, the data of a key-aware reader's revision not known)."""
+        entry = state.entry
+        spec = entry.rollout
+        name = entry.config_map_name
+        computed = self._adoption(state)
+        if computed is None or spec is None:
+            return None
+        on = {f"{row.kind}/{row.name}": row.revision for row in computed.workloads}
+        out = []
+        for key in sorted(self._readers.get((entry.namespace, name), ())):
+            w = self._workloads.get(key)
+            if w is None:
+                continue
+            target = self._served_one(w, name, rollout.hash)
+            if target is None:
+                return None
+            template = (w.template or {}).get(name)
+            held = template or (w.baseline or {}).get(name)
+            out.append(
+                Member(
+                    key=f"{w.kind}/{w.name}",
+                    canary=spec.canary is not None and selects(spec.canary, w.labels),
+                    pending=held is not None and held != target,
+                    done=on.get(f"{w.kind}/{w.name}") == rollout.revision,
+                    failed="Progressing=False, ProgressDeadlineExceeded"
+                    if w.deadline_exceeded and template == target
+                    else None,
+                    waited=not w.on_delete,
+                )
+            )
+        return out
+
+    def _warn_on_delete(self, state: _EntryState, members: Sequence[Member]) -> None:
+        rollout = state.rollout
+        if rollout is None:
+            return
+        for member in members:
+            if member.waited or member.key not in rollout.members or (rollout.revision, member.key) in state.warned:
+                continue
+            state.warned.add((rollout.revision, member.key))
+            kind, _, name = member.key.partition("/")
+            workload = self._workloads.get((kind, state.entry.namespace, name))
+            if workload is not None:
+                message = (
+                    f"updateStrategy OnDelete: the pod template carries revision {rollout.revision} of "
+                    f"{state.entry.config_map_name}, but its pods take it only when deleted; the rollout does not "
+                    "wait for them"
+                )
+                self._event(workload, "Warning", "ConfigRolloutSkipped", message)
+
+    def _wake(self, state: _EntryState, at: float | None) -> None:
+        """Look at the rollout again at `at` (wall clock): the end of a hold, a step's timeout."""
+        if state.wake is not None:
+            state.wake.cancel()
+            state.wake = None
+        if at is not None:
+            delay = max(0.0, at - self._wall()) + 0.05
+            state.wake = asyncio.get_running_loop().call_later(delay, self._schedule, state.entry.key)
+
+    async def _stage(self, state: _EntryState, data: dict[str, str], digest: str) -> int:
+        """Record new content as a revision and write its immutable copy for the canaries; the target ConfigMap
+        keeps what it holds. Copies of revisions no longer kept that no workload references are deleted."""
+        entry = state.entry
+        number, record = choose_revision(
+            history=list(state.history.values()), current=state.current, desired_hash=digest
+        )
+        await self.kube.create(desired_copy(entry, data=data, digest=digest, revision=number))
+        if record:
+            obj = desired_revision(entry, data=data, digest=digest, revision=number, rollback_of=None)
+            await self.kube.create(obj)
+            state.history[number] = Revision(number, obj["metadata"]["name"], digest, None)
+            metrics.CONFIG_REVISIONS.inc()
+            log.info(
+                "%s/%s: revision %d (hash %s) staged for the canaries", entry.namespace, entry.name, number, digest
+            )
+        state.staged = (digest, data)
+        copies = await self.kube.list(
+            "ConfigMap", entry.namespace, label_selector=f"{LABEL_ENTRY_UID}={entry.uid},{LABEL_CANARY_REVISION}"
+        )
+        referenced = {
+            ref
+            for key in self._readers.get((entry.namespace, entry.config_map_name), ())
+            if (w := self._workloads.get(key)) is not None
+            for ref in w.refs
+        }
+        names = [str(c["metadata"]["name"]) for c in copies]
+        keep = {*state.history, number}
+        for stale in stale_copies(names, target=entry.config_map_name, keep_revisions=keep, referenced=referenced):
+            await self.kube.delete("ConfigMap", entry.namespace, stale)
+        return number
+
+    def _entry_event(self, entry: ConfigEntry, type_: str, reason: str, message: str) -> None:
+        involved = {
+            "apiVersion": "beacon.dev/v1alpha1",
+            "kind": "ConfigEntry",
+            "metadata": {"name": entry.name, "namespace": entry.namespace, "uid": entry.uid},
+        }
+        self._post_event(involved, type_, reason, message)
 
     async def _load(self, state: _EntryState) -> None:
         """What the API holds for this entry: its history and what its ConfigMap carries (after a restart, or
@@ -827,7 +1105,13 @@ class Configs:
         return data
 
     async def _materialise(
-        self, state: _EntryState, data: dict[str, str], digest: str, rollback_of: int | None
+        self,
+        state: _EntryState,
+        data: dict[str, str],
+        digest: str,
+        rollback_of: int | None,
+        *,
+        after: int | None = None,
     ) -> None:
         """Write the ConfigMap, then record the revision. The ConfigMap first: it is what the workloads read, and
         when thousands of entries change at once (a namespace-wide edit) their ConfigMaps are all written before
@@ -835,9 +1119,10 @@ class Configs:
         revision at the retry; a crash between them records the content as the next revision at the restart
         (`choose_revision`: numbers only go up), so whatever a workload read is in the history."""
         entry = state.entry
-        number, record = choose_revision(
-            history=list(state.history.values()), current=state.current, desired_hash=digest
-        )
+        current = state.current
+        if after is not None and (current is None or current.revision < after):
+            current = Current(after, "")  # an automatic rollback is numbered after the revision it undoes
+        number, record = choose_revision(history=list(state.history.values()), current=current, desired_hash=digest)
         await self.kube.ensure(desired_config_map(entry, data=data, digest=digest, revision=number), merge=True)
         if record:
             obj = desired_revision(entry, data=data, digest=digest, revision=number, rollback_of=rollback_of)
@@ -854,7 +1139,8 @@ class Configs:
             await self._drop_old_map(entry, previous_map)
         self._map_entries[(entry.namespace, state.config_map)] = entry.key
         self._set_hash(entry.namespace, state.config_map, digest, revision=number, data=data)
-        for stale in to_prune(numbers=state.history, limit=entry.history_limit, keep=(number, entry.rollback_to)):
+        keep = (number, entry.rollback_to, *_rollout_keeps(state))
+        for stale in to_prune(numbers=state.history, limit=entry.history_limit, keep=keep):
             # out of the history first: the watch then knows the deletion coming back as beacon's own
             pruned = state.history.pop(stale)
             await self.kube.delete("ControllerRevision", entry.namespace, pruned.name)
@@ -983,6 +1269,8 @@ class Configs:
             key = self._map_entries.get((workload.namespace, name))
             if key is not None:
                 self._adoption_dirty.add(key)
+                if (workload.namespace, name) in self._gates:
+                    self._rollout_dirty.add(key)
         if not self._adoption_dirty or self._adoption_timer is not None:
             return
         try:
@@ -995,6 +1283,9 @@ class Configs:
     def _flush_adoptions(self) -> None:
         self._adoption_timer = None
         keys, self._adoption_dirty = sorted(self._adoption_dirty), set()
+        rolling, self._rollout_dirty = self._rollout_dirty, set()
+        for key in sorted(rolling):
+            self._schedule(key)  # a rollout in progress looks at its members again
         for key in keys:
             state = self._entries.get(key)
             computed = self._adoption(state) if state is not None else None
@@ -1020,6 +1311,8 @@ class Configs:
         if readers and namespace not in self._pods_synced:
             return None
         cached = self._pods.get(namespace, {})
+        gate = self._gates.get((namespace, name))
+        current = gate.revision if gate is not None and gate.revision is not None else state.current.revision
         views = []
         for key in sorted(readers):
             w = self._workloads.get(key)
@@ -1030,14 +1323,14 @@ class Configs:
                     kind=w.kind,
                     name=w.name,
                     replicas=w.replicas,
-                    desired_hash=self._desired_one(w, name),
+                    desired_hash=self._target_one(w, name),
                     template_hash=(w.template or {}).get(name),
                     baseline_hash=(w.baseline or {}).get(name),
                     whole=w.keys.get(name) is None,
                     pods=tuple(cached[p] for p in sorted(w.pods) if p in cached),
                 )
             )
-        return adoption(config=name, workloads=views, current=state.current.revision, history=state.history.values())
+        return adoption(config=name, workloads=views, current=current, history=state.history.values())
 
     def _publish(self, key: EntryKey, computed: Adoption) -> None:
         """The per-workload detail as metric series: pods per (workload, revision), and whether each workload is
@@ -1109,17 +1402,89 @@ class Configs:
             if workload is not None:
                 self._evaluate(workload)
 
-    def _desired_one(self, workload: _Workload, name: str) -> str | None:
-        """The hash `workload` should be rolled out for, for one ConfigMap: its hash, or for a workload that reads
-        only some keys the hash of those keys (None until beacon holds the data of that hash)."""
-        digest = self._hashes.get((workload.namespace, name))
+    def _served_one(self, workload: _Workload, name: str, digest: str | None = None) -> str | None:
+        """The hash `workload` would run for one ConfigMap holding `digest` (default: what it holds now): that
+        hash, or for a workload that reads only some keys the hash of those keys (None until beacon holds the data
+        of that hash)."""
+        digest = digest or self._hashes.get((workload.namespace, name))
         selection = workload.keys.get(name)
         if digest is None or selection is None:
             return digest
         held = self._contents.get((workload.namespace, name))
-        if held is None or held[0] != digest:
-            return None
-        return selection_hash(held[1], selection)
+        if held is not None and held[0] == digest:
+            return selection_hash(held[1], selection)
+        entry_key = self._map_entries.get((workload.namespace, name))
+        state = self._entries.get(entry_key) if entry_key is not None else None
+        if state is not None and state.staged is not None and state.staged[0] == digest:
+            return selection_hash(state.staged[1], selection)
+        return None
+
+    def _target_one(self, workload: _Workload, name: str) -> str | None:
+        """What `workload` runs once it is on the newest revision of one ConfigMap: for a tracked entry, the
+        revision being released (during its canary step the target ConfigMap still holds the previous one)."""
+        gate = self._gates.get((workload.namespace, name))
+        return self._served_one(workload, name, gate.hash if gate is not None else None)
+
+    def _desired_one(self, workload: _Workload, name: str) -> str | None:
+        """The hash `workload` should be rolled out for now, for one ConfigMap: the newest (`_target_one`), except
+        that a reader of a tracked entry not released by its rollout keeps what it was rolled out for."""
+        gate = self._gates.get((workload.namespace, name))
+        if gate is not None and (workload.kind, workload.namespace, workload.name) not in gate.released:
+            held = (workload.template or {}).get(name) or (workload.baseline or {}).get(name)
+            return held if held is not None else self._served_one(workload, name)
+        return self._target_one(workload, name)
+
+    def _reads_from(self, workload: _Workload, name: str) -> str:
+        """The ConfigMap `workload`'s pods should read for `name`: a released canary reads the revision's copy."""
+        gate = self._gates.get((workload.namespace, name))
+        if gate is not None and gate.copy and (workload.kind, workload.namespace, workload.name) in gate.released:
+            return gate.copy
+        return name
+
+    # ------------------------------------------------------------------ tracked rollouts: the gate
+    def _set_gate(self, key: tuple[str, str], gate: _Gate | None) -> None:
+        """Install (None: remove) the gate of one ConfigMap and evaluate its readers when it changed."""
+        before = self._gates.get(key)
+        if gate == before:
+            return
+        if gate is None:
+            del self._gates[key]
+        else:
+            self._gates[key] = gate
+        for reader in sorted(self._readers.get(key, ())):
+            workload = self._workloads.get(reader)
+            if workload is not None:
+                self._evaluate(workload)
+
+    def _sync_gate(self, state: _EntryState) -> None:
+        """The gate as the entry's rollout state says: open (none) when the entry is not tracked or its rollout is
+        finished with what its ConfigMap holds; else only the step's members may move. A tracked entry whose state
+        does not match its ConfigMap (new, or a restart after a crash between the two writes) holds every reader
+        until its reconcile decides."""
+        entry = state.entry
+        key = (entry.namespace, entry.config_map_name)
+        rollout = state.rollout
+        if entry.rollout is None or state.foreign:
+            self._set_gate(key, None)
+            return
+        if rollout is None:
+            self._set_gate(key, _Gate(None, None))
+            return
+        if rollout.final:
+            self._set_gate(key, None if rollout.hash == self._hashes.get(key) else _Gate(None, None))
+            return
+        released = frozenset(
+            (kind, entry.namespace, name) for kind, _, name in (m.partition("/") for m in rollout.members)
+        )
+        canary = rollout.canary_step or rollout.phase == FAILED
+        copy = canary_map_name(entry.config_map_name, rollout.revision) if canary else None
+        self._set_gate(key, _Gate(rollout.revision, rollout.hash, released, copy))
+
+    def _stop_rollout(self, state: _EntryState) -> None:
+        if state.wake is not None:
+            state.wake.cancel()
+            state.wake = None
+        self._set_gate((state.entry.namespace, state.entry.config_map_name), None)
 
     def _desired(self, workload: _Workload) -> dict[str, str] | None:
         """The hashes `workload` should be rolled out for, of the ConfigMaps it names that exist; None while the
@@ -1173,6 +1538,11 @@ class Configs:
                 continue
             if not await self._wait_for_rollout(workload, decision.template):
                 continue
+            wait = self._budget.take(self._clock())
+            if wait > 0:  # the cluster-wide restart budget: wait for a token, then decide again
+                metrics.RELOADS.labels(kind=workload.kind, outcome="budget_wait").inc()
+                await asyncio.sleep(wait)
+                continue
             revisions = {
                 name: self._revisions[(workload.namespace, name)]
                 for name in parse_hashes(decision.template) or {}
@@ -1186,7 +1556,10 @@ class Configs:
                 "metadata": {"annotations": {ANNOTATION_BASELINE: None}},
                 "spec": {"template": {"metadata": {"annotations": annotations}}},
             }
+            if not await self._point_refs(workload, patch):
+                continue  # gone meanwhile (the next event decides)
             self._observe(workload, await self._patch(workload, patch))
+            self._restarted()
             self._adoption_changed(workload)
             workload.rollouts = [*workload.rollouts[-self.policy.rate_count :], self._clock()]
             workload.first_change = workload.last_change = workload.target = None
@@ -1227,6 +1600,39 @@ class Configs:
         await asyncio.sleep(wait)
         return False
 
+    async def _point_refs(self, workload: _Workload, patch: dict[str, Any]) -> bool:
+        """Add to a restart's patch the pod-template references to change: a released canary reads its revision's
+        copy, every other reader the target ConfigMap itself (a canary moves back at its next restart). The lists
+        are read fresh and replaced whole, guarded by the resourceVersion read (a conflict is retried). False when
+        the workload is gone."""
+        wanted = {name: self._reads_from(workload, name) for name in workload.names}
+        moves = [
+            name
+            for name, want in wanted.items()
+            if want not in workload.refs
+            and any(ref == name or copy_revision(ref, name) is not None for ref in workload.refs)
+        ]
+        if not moves:
+            return True
+        body = await self.kube.get(workload.kind, workload.namespace, workload.name)
+        if body is None:
+            return False
+        pod_spec = ((body.get("spec") or {}).get("template") or {}).get("spec") or {}
+        parts = rewrite_refs(pod_spec, {name: wanted[name] for name in moves})
+        if parts:
+            patch["metadata"]["resourceVersion"] = (body.get("metadata") or {}).get("resourceVersion")
+            patch["spec"]["template"]["spec"] = parts
+        return True
+
+    def _restarted(self) -> None:
+        """Count a restart; the test-only crash point exits here, after the patch and before anything (the
+        entry's status) records it."""
+        self._restarts += 1
+        if self._crash_after is not None and self._restarts >= self._crash_after:
+            sys.stderr.write(f"{CRASH_POINT_ENV}: exiting after restart patch {self._restarts}\n")
+            sys.stderr.flush()
+            os._exit(137)
+
     async def _patch(self, workload: _Workload, patch: dict[str, Any]) -> Mapping[str, Any]:
         result = await self.kube.merge_patch(workload.kind, workload.namespace, workload.name, patch)
         return result or {}
@@ -1237,6 +1643,9 @@ class Configs:
             "kind": workload.kind,
             "metadata": {"name": workload.name, "namespace": workload.namespace, "uid": workload.uid},
         }
+        self._post_event(involved, type_, reason, message)
+
+    def _post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         now_iso = dt.datetime.fromtimestamp(self._wall(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
         async def post() -> None:
@@ -1305,11 +1714,46 @@ def _observe(workload: _Workload, body: Mapping[str, Any]) -> None:
     workload.baseline = parse_hashes(annotations.get(ANNOTATION_BASELINE))
     selector = spec.get("selector")
     workload.selector = dict(selector) if isinstance(selector, Mapping) else None
+    workload.labels = dict(meta.get("labels") or {})
+    workload.refs = frozenset(template_refs((spec.get("template") or {}).get("spec") or {}))
+    strategy = spec.get("updateStrategy") or {}
+    workload.on_delete = workload.kind != "Deployment" and strategy.get("type") == "OnDelete"
+    status = body.get("status") or {}
+    observed = int(status.get("observedGeneration") or 0) >= int(meta.get("generation") or 0)
+    workload.deadline_exceeded = observed and any(
+        c.get("type") == "Progressing" and c.get("status") == "False" and c.get("reason") == "ProgressDeadlineExceeded"
+        for c in status.get("conditions") or ()
+    )
     if workload.kind == "DaemonSet":
         workload.replicas = int((body.get("status") or {}).get("desiredNumberScheduled") or 0)
     else:
         replicas = spec.get("replicas")
         workload.replicas = int(replicas) if isinstance(replicas, int) else 1
+
+
+def _rollout_keeps(state: _EntryState) -> tuple[int | None, ...]:
+    """Revisions a tracked rollout still needs: the one released, the one to roll back to."""
+    rollout, record = state.rollout, state.rollback
+    return (
+        rollout.revision if rollout is not None else None,
+        rollout.from_revision if rollout is not None else None,
+        record.restored_revision if record is not None else None,
+    )
+
+
+def _with_removals(previous: Mapping[str, Any] | None, status: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that makes status.rollout and status.rollback what `status` says: keys they no longer
+    have are removed (a merge patch keeps what it does not name)."""
+    body = dict(status)
+    for name in ("rollout", "rollback"):
+        before = (previous or {}).get(name)
+        if not isinstance(before, Mapping):
+            continue
+        if name not in status:
+            body[name] = None
+        else:
+            body[name] = {**dict.fromkeys(before), **status[name]}
+    return body
 
 
 def _owned(obj: Mapping[str, Any], entry: ConfigEntry) -> bool:

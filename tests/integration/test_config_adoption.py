@@ -69,7 +69,7 @@ def _column(cluster: DevCluster, namespace: str) -> str:
     out = cluster.kubectl("get", "configentries", "-n", namespace, "app").stdout.splitlines()
     header, row = out[0], out[1]
     start = header.index("ADOPTED")
-    return row[start : header.index("READY")].strip()
+    return row[start : header.index("PHASE")].strip()
 
 
 def _pods(cluster: DevCluster, namespace: str, app: str) -> list[dict[str, Any]]:

@@ -198,10 +198,21 @@ def test_apply_materialises_and_each_update_records_a_revision(
     assert list(history) == [1]
     assert history[1]["data"]["data"] == cm["data"]
     assert history[1]["metadata"]["ownerReferences"][0]["uid"] == uid
-    # columns: NAME, REVISION, HASH, ADOPTED ("0/0 workloads": nothing opted in), READY, AGE
-    printed = cluster.kubectl("get", "configentries", "-n", namespace, "payments", "--no-headers").stdout
-    row = re.split(r"\s{2,}", printed.strip())
-    assert [row[0], row[1], row[2], row[4]] == ["payments", "1", st["hash"], "True"]
+    # columns: NAME, REVISION, HASH, ADOPTED ("0/0 workloads": nothing opted in), PHASE (empty: no tracked
+    # rollout), READY, AGE; read by the header's positions, since a cell may be empty or hold blanks
+    header, printed = cluster.kubectl("get", "configentries", "-n", namespace, "payments").stdout.splitlines()[:2]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    cells = [printed[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    row = dict(zip(header.split(), cells, strict=True))
+    assert list(row) == ["NAME", "REVISION", "HASH", "ADOPTED", "PHASE", "READY", "AGE"]
+    assert [row["NAME"], row["REVISION"], row["HASH"], row["ADOPTED"], row["PHASE"], row["READY"]] == [
+        "payments",
+        "1",
+        st["hash"],
+        "0/0 workloads",
+        "",
+        "True",
+    ]
 
     updated = {**data, "db/pool/size": "25", "upstream/ledger/url": "http://ledger:8080"}
     apply(cluster, config_entry("payments", namespace, updated, service="payments", target="payments-config"))

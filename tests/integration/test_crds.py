@@ -80,9 +80,9 @@ def test_examples_apply_and_kubectl_get_shows_the_columns(cluster: Any, namespac
     ]
 
     header = cluster.kubectl("get", "configentries", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "REVISION", "HASH", "ADOPTED", "READY", "AGE"]
+    assert header == ["NAME", "REVISION", "HASH", "ADOPTED", "PHASE", "READY", "AGE"]
     wide = cluster.kubectl("get", "bce", "-n", namespace, "-o", "wide").stdout.splitlines()[0].split()
-    assert wide == ["NAME", "SERVICE", "PRIORITY", "REVISION", "HASH", "ADOPTED", "READY", "AGE"]
+    assert wide == ["NAME", "SERVICE", "PRIORITY", "REVISION", "HASH", "ADOPTED", "PHASE", "READY", "AGE"]
 
     listed = cluster.kubectl("get", "beacon", "-n", namespace, "-o", "name").stdout.split()
     assert sorted(listed) == [
@@ -105,6 +105,16 @@ def test_defaults_are_applied(cluster: Any, namespace: str) -> None:
     }
     spec = _get_json(cluster, namespace, "configentry/defaults")["spec"]
     assert (spec["priority"], spec["revisionHistoryLimit"]) == (0, 10)
+    assert "rollout" not in spec  # untracked unless asked for
+    assert "canary" not in spec
+
+    tracked = _example("configentry-payments.yaml")
+    tracked["spec"]["rollout"] = {}
+    tracked["spec"]["canary"] = {"selector": {"matchLabels": {"tier": "canary"}}}
+    _accepted(cluster, namespace, tracked)
+    spec = _get_json(cluster, namespace, "configentry/payments")["spec"]
+    assert spec["rollout"] == {"rolloutTimeoutSeconds": 600, "autoRollback": True}  # no waveSize: one wave
+    assert spec["canary"] == {"selector": {"matchLabels": {"tier": "canary"}}, "holdSeconds": 60, "promotion": "Auto"}
 
 
 def test_status_feeds_the_printer_columns(cluster: Any, namespace: str, operator_stopped: None) -> None:
@@ -153,8 +163,45 @@ def test_status_feeds_the_printer_columns(cluster: Any, namespace: str, operator
     }
     _patch_status(cluster, namespace, "configentry/payments", status)
     row = cluster.kubectl("get", "-n", namespace, "configentry/payments", "--no-headers").stdout.split()
+    # PHASE is empty without a tracked rollout: kubectl prints nothing there
     assert row[:6] == ["payments", "3", "5f2c9a1b7e", "2/3", "workloads", "True"]
     assert _get_json(cluster, namespace, "configentry/payments")["status"] == status  # nothing pruned
+
+    rollout = {
+        "revision": 4,
+        "hash": "0123456789abcdef",
+        "phase": "Waves",
+        "wave": 2,
+        "members": ["Deployment/w05", "StatefulSet/w06"],
+        "restarted": ["Deployment/w05"],
+        "stepStarted": "2026-12-02T07:00:00Z",
+        "readySince": "2026-12-02T06:59:00Z",
+        "message": "wave 2 of 3: 2 workloads",
+    }
+    rollback = {
+        "failedRevision": 2,
+        "restoredRevision": 1,
+        "revision": 3,
+        "dataHash": "fedcba9876543210",
+        "message": "Deployment/canary: new pods not Ready within 60s",
+    }
+    rolled = {
+        "type": "Rollout",
+        "status": "True",
+        "reason": "Progressing",
+        "message": "wave 2 of 3",
+        "lastTransitionTime": "2026-12-02T07:00:00Z",
+        "observedGeneration": 1,
+    }
+    status = {**status, "rollout": rollout, "rollback": rollback, "conditions": [condition, rolled]}
+    _patch_status(cluster, namespace, "configentry/payments", status)
+    row = cluster.kubectl("get", "-n", namespace, "configentry/payments", "--no-headers").stdout.split()
+    assert row[:7] == ["payments", "3", "5f2c9a1b7e", "2/3", "workloads", "Waves", "True"]
+    assert _get_json(cluster, namespace, "configentry/payments")["status"] == status  # nothing pruned
+    bad = {"rollout": {**rollout, "phase": "Paused"}}
+    proc = _patch_status(cluster, namespace, "configentry/payments", bad, check=False)
+    assert proc.returncode != 0
+    assert 'Unsupported value: "Paused"' in proc.stderr, proc.stderr
 
 
 # The smallest spec for each field that a CEL rule ties to another one: set alone, at every bound, it is valid (the
@@ -336,6 +383,44 @@ def test_valid_variants_are_accepted(cluster: Any, namespace: str) -> None:
     config["spec"]["data"] = {"a": "", "A_b-9/c": "x" * 65536, "db/pool/size": "1", "b": "y" * 65536, "c": "z" * 65000}
     config["spec"]["rollbackTo"] = 3
     _accepted(cluster, namespace, config, dry_run=True)
+
+    tracked: list[Doc] = []
+    for name, rollout, canary in [
+        ("rollout-only", {"waveSize": 1}, None),
+        ("rollout-bounds", {"waveSize": 100, "rolloutTimeoutSeconds": 86400, "autoRollback": False}, None),
+        ("rollout-empty", {}, None),
+        ("canary-labels", None, {"selector": {"matchLabels": {"example.com/tier": "canary"}}}),
+        (
+            "canary-everything",
+            {"waveSize": 4, "rolloutTimeoutSeconds": 1},
+            {
+                "selector": {
+                    "matchLabels": {"tier": "canary"},
+                    "matchExpressions": [
+                        {"key": "zone", "operator": "In", "values": ["a", "b"]},
+                        {"key": "track", "operator": "NotIn", "values": ["stable"]},
+                        {"key": "canary", "operator": "Exists"},
+                        {"key": "legacy", "operator": "DoesNotExist", "values": []},
+                    ],
+                },
+                "holdSeconds": 0,
+                "promotion": "Manual",
+            },
+        ),
+        (
+            "canary-expressions-only",
+            None,
+            {"selector": {"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, "holdSeconds": 86400},
+        ),
+    ]:
+        doc = _example("configentry-payments.yaml")
+        doc["metadata"]["name"] = name
+        if rollout is not None:
+            doc["spec"]["rollout"] = rollout
+        if canary is not None:
+            doc["spec"]["canary"] = canary
+        tracked.append(doc)
+    _accepted(cluster, namespace, *tracked, dry_run=True)
 
 
 # ---------------------------------------------------------------------------------------------------- ServiceEntry
@@ -734,6 +819,92 @@ CONFIG_ENTRY_REJECTIONS: list[tuple[str, Callable[[Doc], None], list[str]]] = [
     ("rollback-to-0", _set("rollbackTo", 0), ["spec.rollbackTo", "greater than or equal to 1"]),
     ("no-data", _drop("data"), ["spec.data: Required value"]),
     ("unknown-field", _set("reload", True), ['unknown field "spec.reload"']),
+    ("wave-size-0", _set("rollout", {"waveSize": 0}), ["spec.rollout.waveSize", "greater than or equal to 1"]),
+    ("wave-size-101", _set("rollout", {"waveSize": 101}), ["spec.rollout.waveSize", "less than or equal to 100"]),
+    (
+        "rollout-timeout-0",
+        _set("rollout", {"rolloutTimeoutSeconds": 0}),
+        ["spec.rollout.rolloutTimeoutSeconds", "greater than or equal to 1"],
+    ),
+    (
+        "rollout-timeout-over-a-day",
+        _set("rollout", {"rolloutTimeoutSeconds": 86401}),
+        ["spec.rollout.rolloutTimeoutSeconds", "less than or equal to 86400"],
+    ),
+    (
+        "auto-rollback-not-a-boolean",
+        _set("rollout", {"autoRollback": "yes"}),
+        ["spec.rollout.autoRollback", "must be of type boolean"],
+    ),
+    ("canary-without-selector", _set("canary", {"holdSeconds": 5}), ["spec.canary.selector: Required value"]),
+    (
+        "canary-empty-selector",
+        _set("canary", {"selector": {}}),
+        ["canary.selector must set matchLabels or matchExpressions"],
+    ),
+    (
+        "canary-selector-of-empty-lists",
+        _set("canary", {"selector": {"matchLabels": {}, "matchExpressions": []}}),
+        ["canary.selector must set matchLabels or matchExpressions"],
+    ),
+    (
+        "canary-in-without-values",
+        _set("canary", {"selector": {"matchExpressions": [{"key": "tier", "operator": "In"}]}}),
+        ["canary.selector.matchExpressions with operator In or NotIn need values"],
+    ),
+    (
+        "canary-notin-with-empty-values",
+        _set("canary", {"selector": {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": []}]}}),
+        ["canary.selector.matchExpressions with operator In or NotIn need values"],
+    ),
+    (
+        "canary-exists-with-values",
+        _set("canary", {"selector": {"matchExpressions": [{"key": "tier", "operator": "Exists", "values": ["a"]}]}}),
+        ["canary.selector.matchExpressions with operator Exists or DoesNotExist must not have values"],
+    ),
+    (
+        "canary-does-not-exist-with-values",
+        _set(
+            "canary",
+            {"selector": {"matchExpressions": [{"key": "tier", "operator": "DoesNotExist", "values": ["a"]}]}},
+        ),
+        ["canary.selector.matchExpressions with operator Exists or DoesNotExist must not have values"],
+    ),
+    (
+        "canary-bad-operator",
+        _set("canary", {"selector": {"matchExpressions": [{"key": "tier", "operator": "Gt", "values": ["1"]}]}}),
+        ['Unsupported value: "Gt"'],
+    ),
+    (
+        "canary-bad-label-key",
+        _set("canary", {"selector": {"matchLabels": {"-tier": "canary"}}}),
+        ["canary.selector.matchLabels keys must be valid Kubernetes label keys"],
+    ),
+    (
+        "canary-bad-expression-key",
+        _set("canary", {"selector": {"matchExpressions": [{"key": "a/b/c", "operator": "Exists"}]}}),
+        ["spec.canary.selector.matchExpressions[0].key", "should match"],
+    ),
+    (
+        "canary-bad-label-value",
+        _set("canary", {"selector": {"matchLabels": {"tier": "can ary"}}}),
+        ["spec.canary.selector.matchLabels.tier", "should match"],
+    ),
+    (
+        "canary-negative-hold",
+        _set("canary", {"selector": {"matchLabels": {"tier": "canary"}}, "holdSeconds": -1}),
+        ["spec.canary.holdSeconds", "greater than or equal to 0"],
+    ),
+    (
+        "canary-hold-over-a-day",
+        _set("canary", {"selector": {"matchLabels": {"tier": "canary"}}, "holdSeconds": 86401}),
+        ["spec.canary.holdSeconds", "less than or equal to 86400"],
+    ),
+    (
+        "canary-bad-promotion",
+        _set("canary", {"selector": {"matchLabels": {"tier": "canary"}}, "promotion": "auto"}),
+        ['Unsupported value: "auto"'],
+    ),
 ]
 
 

@@ -125,6 +125,7 @@ def test_one_version_served_and_stored_with_status_subresource(crd: dict[str, An
                 "Revision": ".status.currentRevision",
                 "Hash": ".status.hash",
                 "Adopted": ".status.adoption.summary",
+                "Phase": ".status.rollout.phase",
                 "Ready": '.status.conditions[?(@.type=="Ready")].status',
                 "Age": ".metadata.creationTimestamp",
             },
@@ -239,6 +240,14 @@ def test_every_cel_rule_has_a_message(crd: dict[str, Any]) -> None:
         (CONFIG_ENTRY, ".spec.data", "data keys must be '/'-separated segments"),
         (CONFIG_ENTRY, ".spec.data", "data is too large"),
         (CONFIG_ENTRY, ".spec", "target is immutable once set"),
+        (CONFIG_ENTRY, ".spec.canary.selector", "canary.selector must set matchLabels or matchExpressions"),
+        (CONFIG_ENTRY, ".spec.canary.selector.matchLabels", "keys must be valid Kubernetes label keys"),
+        (CONFIG_ENTRY, ".spec.canary.selector.matchExpressions[]", "with operator In or NotIn need values"),
+        (
+            CONFIG_ENTRY,
+            ".spec.canary.selector.matchExpressions[]",
+            "with operator Exists or DoesNotExist must not have values",
+        ),
     ],
 )
 def test_cel_rule_present(crd: dict[str, Any], path: str, message: str) -> None:
@@ -407,3 +416,104 @@ def test_connection_loss_hint_fields_are_described_booleans_without_schema_defau
         assert node["type"] == "boolean"
         assert "default" not in node
         assert len(node["description"]) > 80
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts
+def test_rollout_and_canary_knobs_have_the_documented_defaults_and_bounds() -> None:
+    """The knobs of a tracked rollout, as README "Release model" lists them."""
+    rollout = _node(_schema(CONFIG_ENTRY), ".spec.rollout")["properties"]
+    assert set(rollout) == {"waveSize", "rolloutTimeoutSeconds", "autoRollback"}
+    assert "default" not in rollout["waveSize"]  # absent: every remaining workload in one wave
+    assert (rollout["waveSize"]["minimum"], rollout["waveSize"]["maximum"]) == (1, 100)
+    timeout = rollout["rolloutTimeoutSeconds"]
+    assert (timeout["default"], timeout["minimum"], timeout["maximum"]) == (600, 1, 86400)
+    assert (rollout["autoRollback"]["type"], rollout["autoRollback"]["default"]) == ("boolean", True)
+    canary = _node(_schema(CONFIG_ENTRY), ".spec.canary")
+    assert canary["required"] == ["selector"]
+    hold = canary["properties"]["holdSeconds"]
+    assert (hold["default"], hold["minimum"], hold["maximum"]) == (60, 0, 86400)
+    promotion = canary["properties"]["promotion"]
+    assert (promotion["enum"], promotion["default"]) == (["Auto", "Manual"], "Auto")
+    expression = _node(_schema(CONFIG_ENTRY), ".spec.canary.selector.matchExpressions")["items"]
+    assert expression["properties"]["operator"]["enum"] == ["In", "NotIn", "Exists", "DoesNotExist"]
+    assert expression["required"] == ["key", "operator"]
+    # the selector's label rules are the ServiceEntry selector's
+    service_labels = _node(_schema(SERVICE_ENTRY), ".spec.selector.matchLabels")
+    canary_labels = _node(_schema(CONFIG_ENTRY), ".spec.canary.selector.matchLabels")
+    assert canary_labels["additionalProperties"] == service_labels["additionalProperties"]
+    assert [r["rule"] for r in canary_labels["x-kubernetes-validations"]] == [
+        r["rule"] for r in service_labels["x-kubernetes-validations"]
+    ]
+    assert expression["properties"]["values"]["items"]["pattern"] == service_labels["additionalProperties"]["pattern"]
+    key_rule = re.search(r"matches\('([^']*)'\)", canary_labels["x-kubernetes-validations"][0]["rule"])
+    assert key_rule is not None
+    assert key_rule.group(1) == expression["properties"]["key"]["pattern"]
+
+
+def test_rollout_status_is_the_api_files_shape() -> None:
+    status = _node(_schema(CONFIG_ENTRY), ".status")["properties"]
+    assert set(status["rollout"]["properties"]) == {
+        "revision",
+        "hash",
+        "phase",
+        "wave",
+        "members",
+        "restarted",
+        "stepStarted",
+        "readySince",
+        "message",
+    }
+    assert status["rollout"]["properties"]["phase"]["enum"] == [
+        "Canary",
+        "Holding",
+        "AwaitingPromotion",
+        "Waves",
+        "Complete",
+        "Failed",
+        "RolledBack",
+    ]
+    assert set(status["rollback"]["properties"]) == {
+        "failedRevision",
+        "restoredRevision",
+        "revision",
+        "dataHash",
+        "message",
+    }
+    # a wave holds at most waveSize (<= 100) workloads, the canaries or a rollback step may hold more
+    assert status["rollout"]["properties"]["members"]["maxItems"] >= 100
+
+
+def _canary(selector: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "beacon.dev/v1alpha1",
+        "kind": "ConfigEntry",
+        "metadata": {"name": "payments", "namespace": "shop"},
+        "spec": {
+            "data": {"a": "1"},
+            "rollout": {"waveSize": 4, "rolloutTimeoutSeconds": 120, "autoRollback": False},
+            "canary": {"selector": selector, "holdSeconds": 0, "promotion": "Manual"},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("selector", "problem"),
+    [
+        ({"matchLabels": {"tier": "canary"}}, None),
+        ({"matchExpressions": [{"key": "example.com/tier", "operator": "In", "values": ["canary", "a_b.c"]}]}, None),
+        ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, None),
+        ({"matchExpressions": [{"key": "tier", "operator": "Gt", "values": ["1"]}]}, "not in"),
+        ({"matchExpressions": [{"key": "-tier", "operator": "Exists"}]}, "does not match"),
+        ({"matchExpressions": [{"operator": "Exists"}]}, "missing 'key'"),
+        ({"matchLabels": {"tier": "canary!"}}, "does not match"),
+        ({"matchLabels": {"tier": "canary"}, "matchFields": []}, "unknown field"),
+    ],
+)
+def test_canary_selector_shape(selector: dict[str, Any], problem: str | None) -> None:
+    """What the schema alone says of a selector (tests/integration/test_crds.py sends the CEL cases to an
+    apiserver)."""
+    errors = _validate(_canary(selector), _schema(CONFIG_ENTRY))
+    if problem is None:
+        assert errors == []
+    else:
+        assert any(problem in e for e in errors), errors

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from beacon import config_core, models, reconcile, registry
-from kubectl_beacon import render
+from kubectl_beacon import cli, render
+from kubectl_beacon.api import Api, ApiError
 from kubectl_beacon.cli import parser
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -375,3 +376,117 @@ def test_config_status_shows_each_workload_as_the_operator_counts_it() -> None:
     assert render.pod_query(readers[0][1]) == "app=a,tier"
     args = parser().parse_args(["config", "status", "app", "-n", "shop", "-o", "json"])
     assert (args.entry, args.namespace, args.output) == ("app", "shop", "json")
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts
+def rolling_entry(phase: str | None, **rollout: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"currentRevision": 6, "adoption": {"summary": "1/3 workloads"}}
+    if phase is not None:
+        status["rollout"] = {"revision": 7, "hash": "h7", "phase": phase, **rollout}
+    return {"metadata": {"name": "app", "namespace": "shop", "resourceVersion": "41"}, "status": status}
+
+
+def test_promote_sets_the_annotation_to_the_revision_awaiting_promotion() -> None:
+    assert render.ANNOTATION_PROMOTE == "beacon.dev/promote"  # the API's name (the operator reads it)
+    assert render.promote_patch(rolling_entry("AwaitingPromotion", wave=0)) == {
+        "metadata": {"resourceVersion": "41", "annotations": {"beacon.dev/promote": "7"}}
+    }
+
+
+@pytest.mark.parametrize("phase", ["Canary", "Holding", "Waves", "Complete", "Failed", "RolledBack"])
+def test_promote_refuses_any_other_phase_and_says_which(phase: str) -> None:
+    with pytest.raises(ValueError, match=f"rollout of revision 7 is in phase {phase}, not AwaitingPromotion"):
+        render.promote_patch(rolling_entry(phase))
+
+
+def test_promote_refuses_an_entry_without_a_rollout() -> None:
+    with pytest.raises(ValueError, match="configentry shop/app has no rollout in progress"):
+        render.promote_patch(rolling_entry(None))
+
+
+class FakeApi:
+    """The plugin's Api as `config promote` uses it: get the entry, merge-patch it (409 while `conflicts` lasts,
+    each conflict bringing a newer entry)."""
+
+    def __init__(self, *entries: dict[str, Any], conflicts: int = 0) -> None:
+        self.entries = list(entries)
+        self.conflicts = conflicts
+        self.patches: list[dict[str, Any]] = []
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        assert (kind, namespace, name) == ("ConfigEntry", "shop", "app")
+        return self.entries[0] if self.entries else None
+
+    def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patches.append(patch)
+        if self.conflicts:
+            self.conflicts -= 1
+            self.entries.pop(0)
+            raise ApiError(409, "the object has been modified")
+        return {}
+
+
+def _promote(api: FakeApi) -> int:
+    args = parser().parse_args(["config", "promote", "app", "-n", "shop"])
+    return cli.cmd_config_promote(api, args)  # type: ignore[arg-type]
+
+
+def test_config_promote_writes_the_annotation(capsys: pytest.CaptureFixture[str]) -> None:
+    api = FakeApi(rolling_entry("AwaitingPromotion", wave=0))
+    assert _promote(api) == 0
+    assert api.patches == [{"metadata": {"resourceVersion": "41", "annotations": {"beacon.dev/promote": "7"}}}]
+    assert "configentry shop/app: beacon.dev/promote=7; beacon promotes revision 7" in capsys.readouterr().out
+
+
+def test_config_promote_reads_again_after_a_conflict_and_refuses_a_rollout_that_moved_on() -> None:
+    api = FakeApi(rolling_entry("AwaitingPromotion"), rolling_entry("Canary"), conflicts=1)
+    with pytest.raises(cli.CommandError, match="is in phase Canary, not AwaitingPromotion"):
+        _promote(api)
+    assert len(api.patches) == 1
+    with pytest.raises(cli.CommandError, match="configentry shop/app not found"):
+        _promote(FakeApi())
+    with pytest.raises(cli.CommandError, match="has no rollout in progress"):
+        _promote(FakeApi(rolling_entry(None)))
+
+
+def test_config_promote_errors_exit_1_with_the_phase(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = FakeApi(rolling_entry("Waves", wave=2))
+    api.namespace = "default"  # type: ignore[attr-defined]
+    api.close = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr(Api, "from_kubeconfig", classmethod(lambda cls, **_: api))
+    assert cli.main(["config", "promote", "app", "-n", "shop"]) == 1
+    assert capsys.readouterr().err == (
+        "error: configentry shop/app: the rollout of revision 7 is in phase Waves, not AwaitingPromotion: nothing to "
+        "promote\n"
+    )
+    assert api.patches == []
+
+
+def test_config_status_shows_the_rollout_and_the_last_rollback() -> None:
+    entry = rolling_entry(
+        "Waves",
+        wave=2,
+        members=["Deployment/w05", "Deployment/w06"],
+        restarted=["Deployment/w05"],
+        message="wave 2 of 3: 2 workloads",
+    )
+    entry["status"]["rollback"] = {
+        "failedRevision": 5,
+        "restoredRevision": 4,
+        "revision": 6,
+        "message": "Deployment/canary: new pods not Ready within 60s",
+    }
+    lines = render.adoption_text(entry, []).splitlines()
+    assert lines[:3] == [
+        "configentry shop/app   current revision 6   ADOPTED 1/3 workloads",
+        "rollout of revision 7   PHASE Waves   WAVE 2   RESTARTED 1/2   wave 2 of 3: 2 workloads",
+        "automatic rollback: revision 5 failed, revision 4's data restored as revision 6: Deployment/canary: new "
+        "pods not Ready within 60s",
+    ]
+    canary = render.rollout_lines(rolling_entry("Holding", wave=0, members=["Deployment/c"]))
+    assert canary == ["rollout of revision 7   PHASE Holding   WAVE canary   RESTARTED 0/1"]
+    assert render.rollout_lines(rolling_entry(None)) == []
+    untracked = render.adoption_text(rolling_entry(None), []).splitlines()
+    assert untracked[1].split() == ["REVISION", "WORKLOADS", "READY/PODS", "NOTE"]  # as before

@@ -1,9 +1,10 @@
 """`kubectl beacon ...`: the command line, each subcommand a few reads through `api` and a print through `render`.
 
 Why it exists: kubectl runs any `kubectl-<name>` on PATH as `kubectl <name>`, passing the arguments and the
-environment (KUBECONFIG) through. This module parses them, does the reads and the two kinds of write the APIs
-define for people (the drain annotations, a ConfigEntry's `spec.rollbackTo`), and prints. Exit status: 0 on
-success, 1 when the API or the arguments refer to something that is not there, 2 on bad usage.
+environment (KUBECONFIG) through. This module parses them, does the reads and the kinds of write the APIs
+define for people (the drain annotations, a ConfigEntry's `spec.rollbackTo` and its `beacon.dev/promote`
+annotation), and prints. Exit status: 0 on success, 1 when the API or the arguments refer to something that is
+not there (or, for `config promote`, a rollout that does not wait for promotion), 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def cmd_config_status(api: Api, args: argparse.Namespace) -> int:
         readers.append((kind, body, pods))
     rows = render.workload_rows(entry, config_map, readers, revisions)
     if args.output == "json":
-        print(json.dumps({"adoption": (entry.get("status") or {}).get("adoption"), "workloads": rows}, indent=2))
+        status = entry.get("status") or {}
+        document = {"adoption": status.get("adoption"), "workloads": rows}
+        document.update({k: status[k] for k in ("rollout", "rollback") if status.get(k)})
+        print(json.dumps(document, indent=2))
     else:
         print(render.adoption_text(entry, rows))
     return 0
@@ -172,6 +176,32 @@ def cmd_config_rollback(api: Api, args: argparse.Namespace) -> int:
         "records it as a new revision. `kubectl beacon config rollback --clear` returns to spec.data."
     )
     return 0
+
+
+def cmd_config_promote(api: Api, args: argparse.Namespace) -> int:
+    """promote ENTRY: release a canaried revision waiting for manual promotion (phase AwaitingPromotion) by setting
+    the entry's beacon.dev/promote annotation to it. Conditional on the resourceVersion read: a rollout that
+    moved on meanwhile is read again, and refused if it no longer waits."""
+    where = f"configentry {args.namespace}/{args.entry}"
+    for _ in range(10):
+        entry = _entry(api, "ConfigEntry", args.namespace, args.entry)
+        try:
+            patch = render.promote_patch(entry)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        try:
+            api.merge_patch("ConfigEntry", args.namespace, args.entry, patch)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            continue
+        revision = patch["metadata"]["annotations"][render.ANNOTATION_PROMOTE]
+        print(
+            f"{where}: {render.ANNOTATION_PROMOTE}={revision}; beacon promotes revision {revision} (the target "
+            "ConfigMap gets its data) and rolls it out to the other workloads, in waves"
+        )
+        return 0
+    raise CommandError(f"{where} kept changing; try again")
 
 
 # ---------------------------------------------------------------------------------------------------- drain
@@ -285,7 +315,9 @@ def parser() -> argparse.ArgumentParser:
     registry = sub.add_parser("registry", parents=[common, output], help="the namespace's service catalog")
     registry.set_defaults(func=cmd_registry)
 
-    config = sub.add_parser("config", help="a ConfigEntry's revisions: history, status (adoption), diff, rollback")
+    config = sub.add_parser(
+        "config", help="a ConfigEntry's revisions: history, status (adoption, rollout), diff, rollback, promote"
+    )
     config_sub = config.add_subparsers(dest="config_command", required=True)
     history = config_sub.add_parser("history", parents=[common], help="the revisions beacon keeps")
     history.add_argument("entry")
@@ -293,7 +325,8 @@ def parser() -> argparse.ArgumentParser:
     adoption = config_sub.add_parser(
         "status",
         parents=[common, output],
-        help="how far the current revision has got: per revision and per opted-in workload (keys, pods, ready)",
+        help="how far the current revision has got: the rollout's phase and wave, then per revision and per "
+        "opted-in workload (keys, pods, ready)",
     )
     adoption.add_argument("entry")
     adoption.set_defaults(func=cmd_config_status)
@@ -311,6 +344,13 @@ def parser() -> argparse.ArgumentParser:
     rollback.add_argument("revision", nargs="?", type=int)
     rollback.add_argument("--clear", action="store_true", help="remove spec.rollbackTo: back to spec.data")
     rollback.set_defaults(func=cmd_config_rollback)
+    promote = config_sub.add_parser(
+        "promote",
+        parents=[common],
+        help="release a canaried revision waiting for manual promotion (sets the annotation beacon.dev/promote)",
+    )
+    promote.add_argument("entry")
+    promote.set_defaults(func=cmd_config_promote)
 
     for name, func, what in (
         ("drain", cmd_drain, "take an endpoint out of DNS and the registry; it stays probed and keeps serving"),

@@ -32,6 +32,8 @@ ANNOTATION_RELOAD = "beacon.dev/reload"
 ANNOTATION_TEMPLATE_HASHES = "beacon.dev/config-hashes"
 ANNOTATION_TEMPLATE_REVISIONS = "beacon.dev/config-revisions"
 ANNOTATION_BASELINE = "beacon.dev/config-hashes-baseline"
+ANNOTATION_PROMOTE = "beacon.dev/promote"  # on a ConfigEntry: the revision a Manual canary promotion releases
+PHASE_AWAITING_PROMOTION = "AwaitingPromotion"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 
 NONE = "-"
@@ -471,11 +473,59 @@ def workload_rows(
     return rows
 
 
+def rollout_lines(entry: Mapping[str, Any]) -> list[str]:
+    """The tracked rollout (status.rollout) and the last automatic rollback (status.rollback), one line each;
+    nothing for an entry without them (spec.rollout and spec.canary unset)."""
+    status = entry.get("status") or {}
+    rollout, rollback = status.get("rollout") or {}, status.get("rollback") or {}
+    lines = []
+    if rollout:
+        members, restarted = rollout.get("members") or [], rollout.get("restarted") or []
+        wave = rollout.get("wave")
+        line = f"rollout of revision {rollout.get('revision', NONE)}   PHASE {rollout.get('phase') or NONE}"
+        line += f"   WAVE {NONE if wave is None else ('canary' if int(wave) == 0 else wave)}"
+        if members:
+            line += f"   RESTARTED {len(restarted)}/{len(members)}"
+        if rollout.get("message"):
+            line += f"   {rollout['message']}"
+        lines.append(line)
+    if rollback:
+        lines.append(
+            f"automatic rollback: revision {rollback.get('failedRevision', NONE)} failed, revision "
+            f"{rollback.get('restoredRevision', NONE)}'s data restored as revision {rollback.get('revision', NONE)}"
+            + (f": {rollback['message']}" if rollback.get("message") else "")
+        )
+    return lines
+
+
+def promote_patch(entry: Mapping[str, Any]) -> Obj:
+    """The merge patch that promotes the canaries of a rollout waiting for it (promotion Manual): the entry's
+    beacon.dev/promote annotation set to the rollout's revision, conditional on the entry's resourceVersion (so a
+    rollout that moved on meanwhile is never promoted blind). ValueError, saying the phase, in any other phase."""
+    meta = entry.get("metadata") or {}
+    where = f"configentry {meta.get('namespace')}/{meta.get('name')}"
+    rollout = (entry.get("status") or {}).get("rollout") or {}
+    phase, revision = rollout.get("phase"), rollout.get("revision")
+    if not rollout or not phase:
+        raise ValueError(
+            f"{where} has no rollout in progress (status.rollout is empty): only a canary with promotion Manual "
+            f"waits for promotion"
+        )
+    if phase != PHASE_AWAITING_PROMOTION or revision is None:
+        raise ValueError(
+            f"{where}: the rollout of revision {revision if revision is not None else NONE} is in phase {phase}, "
+            f"not {PHASE_AWAITING_PROMOTION}: nothing to promote"
+        )
+    annotations = {ANNOTATION_PROMOTE: str(int(revision))}
+    return {"metadata": {"resourceVersion": meta.get("resourceVersion"), "annotations": annotations}}
+
+
 def adoption_text(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     status, meta = entry.get("status") or {}, entry.get("metadata") or {}
     adoption = status.get("adoption") or {}
     head = f"configentry {meta.get('namespace')}/{meta.get('name')}   current revision "
     head += f"{status.get('currentRevision') or NONE}   ADOPTED {adoption.get('summary') or NONE}"
+    head = "\n".join([head, *rollout_lines(entry)])
     summary = [
         [
             item.get("revision"),
