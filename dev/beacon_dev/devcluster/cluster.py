@@ -55,12 +55,19 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
 )
 
-# Audit only writes, at Metadata level: enough to count the operator's API writes, small enough to keep.
+# Audit only writes, at Metadata level: enough to count the operator's API writes, small enough to keep. Patches
+# and updates of workloads also keep their request body (a few hundred bytes): what a test needs to tell a restart
+# (a new pod-template annotation) from any other write to a Deployment.
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
     "rules": [
+        {
+            "level": "Request",
+            "verbs": ["update", "patch"],
+            "resources": [{"group": "apps", "resources": ["deployments", "statefulsets", "daemonsets"]}],
+        },
         {"level": "Metadata", "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
         {"level": "None"},
     ],
