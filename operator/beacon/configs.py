@@ -1440,6 +1440,14 @@ class Configs:
             return held if held is not None else self._served_one(workload, name)
         return self._target_one(workload, name)
 
+    def _revision_of(self, workload: _Workload, name: str, digest: str) -> int | None:
+        """The revision a restart for `digest` gives `workload`: the one being released when that is what it
+        takes (a canary takes it before the target ConfigMap holds it), else the one the ConfigMap holds."""
+        gate = self._gates.get((workload.namespace, name))
+        if gate is not None and gate.revision is not None and digest == self._served_one(workload, name, gate.hash):
+            return gate.revision
+        return self._revisions.get((workload.namespace, name))
+
     def _reads_from(self, workload: _Workload, name: str) -> str:
         """The ConfigMap `workload`'s pods should read for `name`: a released canary reads the revision's copy."""
         gate = self._gates.get((workload.namespace, name))
@@ -1549,10 +1557,11 @@ class Configs:
                 metrics.RELOADS.labels(kind=workload.kind, outcome="budget_wait").inc()
                 await asyncio.sleep(wait)
                 continue
+            hashes = parse_hashes(decision.template) or {}
             revisions = {
-                name: self._revisions[(workload.namespace, name)]
-                for name in parse_hashes(decision.template) or {}
-                if (workload.namespace, name) in self._revisions
+                name: number
+                for name, digest in hashes.items()
+                if (number := self._revision_of(workload, name, digest)) is not None
             }
             annotations = {
                 ANNOTATION_TEMPLATE_HASHES: decision.template,
