@@ -2,9 +2,9 @@
 
 Why it exists: issue 4's figures, measured on the local control plane with the real operator. N entries each
 have an opted-in Deployment; every round updates all entries at once. Timestamps come from watches on
-ConfigMaps and Deployments. The reload rate limit is raised for the run (`--reload-rate-limit 1000/60`) so the
-figures show the pipeline, not the limiter; the debounce window stays at its default and is reported beside the
-bump latency.
+ConfigMaps and Deployments. The reload rate limit and the restart budget are raised for the run
+(`--reload-rate-limit 1000/60 --restart-budget 1000/1`) so the figures show the pipeline, not the limiters; the
+debounce window stays at its default and is reported beside the bump latency.
 
 The scale scenario (`--scale-entries`, default 5,000) creates that many namespace-wide ConfigEntries in one
 namespace before the operator starts (every entry layers on every other: all set one key at one priority, the
@@ -127,7 +127,7 @@ def run(*, entries: int, rounds: int) -> dict[str, Any]:
             cluster=cluster,
             kubeconfig=kubeconfig,
             log_dir=cluster.workdir,
-            extra_args=(f"--reload-debounce={DEBOUNCE}", "--reload-rate-limit=1000/60"),
+            extra_args=(f"--reload-debounce={DEBOUNCE}", "--reload-rate-limit=1000/60", "--restart-budget=1000/1"),
         )
         operator.start()
         cms, deploys = Seen(), Seen()

@@ -1495,10 +1495,12 @@ class Configs:
         self._set_gate(key, _Gate(rollout.revision, rollout.hash, released, copy))
 
     def _stop_rollout(self, state: _EntryState) -> None:
+        """The entry is gone (deleted, or its namespace handed to another replica): drop its timer and its gate
+        without evaluating its readers, which must not be restarted for it now."""
         if state.wake is not None:
             state.wake.cancel()
             state.wake = None
-        self._set_gate((state.entry.namespace, state.entry.config_map_name), None)
+        self._gates.pop((state.entry.namespace, state.entry.config_map_name), None)
 
     def _desired(self, workload: _Workload) -> dict[str, str] | None:
         """The hashes `workload` should be rolled out for, of the ConfigMaps it names that exist; None while the
