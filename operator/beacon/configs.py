@@ -813,7 +813,12 @@ class Configs:
             served = state.current
             record = state.rollback
             auto = record is not None and entry.rollback_to is None and rollback_of == record.restored_revision
-            start = served.revision if served is not None else None
+            if served is not None and served.hash != digest:
+                start: int | None = served.revision
+            elif rollout is not None:  # the ConfigMap holds it already: a crash came between the two writes
+                start = rollout.from_revision if rollout.canary_step or rollout.phase == FAILED else rollout.revision
+            else:
+                start = None
             if rollback_of is None and served is not None and served.hash != digest and spec.canary is not None:
                 number = await self._stage(state, data, digest)
                 state.rollout = Rollout(revision=number, hash=digest, phase="Canary", from_revision=start)

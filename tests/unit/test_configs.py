@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -523,3 +524,79 @@ async def test_releasing_a_namespace_forgets_its_entries_and_writes_nothing() ->
     assert kube.writes == []
     assert set(configs._entries) == {("ns", "cfg")}
     await configs.close()
+
+
+class ForgetfulKube(NoKube):
+    """No API call either; dropping cached objects (which calls nothing) is allowed."""
+
+    def forget(self, *_args: str) -> None:
+        return None
+
+
+def _reader(name: str, template_hash: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ns", "uid": name, "annotations": {"beacon.dev/reload": "app"}},
+        "spec": {"template": {"metadata": {"annotations": {"beacon.dev/config-hashes": f"app={template_hash}"}}}},
+    }
+
+
+async def test_a_restarted_operator_moves_only_the_members_its_status_names() -> None:
+    """A tracked rollout resumes from status.rollout: before any reconcile, the readers that the step in progress
+    names may move to the new content, the others keep what they run; a finished rollout releases them all; an
+    entry handed to another replica restarts nobody on its way out."""
+    served = {"ns"}
+    configs = Configs(kube=ForgetfulKube(), coalesce_seconds=FAN_OUT, serves=served.__contains__)  # type: ignore[arg-type]
+    configs._schedule = lambda key: None  # type: ignore[method-assign]
+    enqueued: list[str] = []
+    configs.reloads.enqueue = lambda key: enqueued.append(key[2])  # type: ignore[method-assign]
+    configs._set_hash("ns", "app", "h2")  # the target ConfigMap already holds revision 2 (waves, no canary)
+    body = config_entry("app")
+    body["spec"]["rollout"] = {"waveSize": 2}
+    rollout = {"revision": 2, "hash": "h2", "phase": "Waves", "wave": 1, "members": ["Deployment/a", "Deployment/b"]}
+    body["status"] = {"rollout": rollout, "configMapName": "app"}
+    configs._take(body, fan_out=False)
+    for name in "abcd":
+        configs.workload_changed("Deployment", _reader(name, "h1"))
+    desired = {name: configs._desired(configs._workloads[("Deployment", "ns", name)]) for name in "abcd"}
+    assert desired == {"a": {"app": "h2"}, "b": {"app": "h2"}, "c": {"app": "h1"}, "d": {"app": "h1"}}
+    assert sorted(set(enqueued)) == ["a", "b"]
+
+    enqueued.clear()
+    state = configs._entries[("ns", "app")]
+    assert state.rollout is not None
+    state.rollout = dataclasses.replace(state.rollout, members=("Deployment/c",))
+    configs._sync_gate(state)
+    assert sorted(set(enqueued)) == ["c"], "the next wave: its members only"
+
+    enqueued.clear()
+    served.discard("ns")
+    await configs.release(served.__contains__)
+    assert enqueued == [], "a namespace handed over restarts nothing"
+    await configs.close()
+
+
+async def test_a_finished_rollout_releases_every_reader() -> None:
+    configs = Configs(kube=NoKube(), coalesce_seconds=FAN_OUT)  # type: ignore[arg-type]
+    configs._schedule = lambda key: None  # type: ignore[method-assign]
+    enqueued: list[str] = []
+    configs.reloads.enqueue = lambda key: enqueued.append(key[2])  # type: ignore[method-assign]
+    configs._set_hash("ns", "app", "h2")
+    body = config_entry("app")
+    body["spec"]["canary"] = {"selector": {"matchLabels": {"tier": "canary"}}}
+    body["status"] = {"rollout": {"revision": 2, "hash": "h2", "phase": "Complete"}, "configMapName": "app"}
+    configs._take(body, fan_out=False)
+    for name in "ab":
+        configs.workload_changed("Deployment", _reader(name, "h1"))
+    assert sorted(set(enqueued)) == ["a", "b"]
+    # the same status with a ConfigMap that holds something else (a crash between the two writes) holds them
+    other = Configs(kube=NoKube(), coalesce_seconds=FAN_OUT)  # type: ignore[arg-type]
+    other._schedule = lambda key: None  # type: ignore[method-assign]
+    held: list[str] = []
+    other.reloads.enqueue = lambda key: held.append(key[2])  # type: ignore[method-assign]
+    other._set_hash("ns", "app", "h3")
+    other._take(body, fan_out=False)
+    for name in "ab":
+        other.workload_changed("Deployment", _reader(name, "h1"))
+    assert held == []
+    await configs.close()
+    await other.close()
