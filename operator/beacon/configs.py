@@ -772,14 +772,20 @@ class Configs:
     async def _auto_rollback_plan(self, state: _EntryState, decided: Plan) -> Plan:
         """While an automatic rollback is in force (status.rollback) and spec.data is still what failed, serve the
         restored revision's content instead of the plan. A manual spec.rollbackTo wins; a change of spec.data ends
-        it (the new data is released as any other)."""
+        it (the new data is released as any other), and so does a change of the merged content that comes from
+        another entry's layer (the failed content is then no longer what the plan gives)."""
         record, entry = state.rollback, state.entry
         if record is None:
             return decided
+        failed = state.history.get(record.failed_revision)
+        moved = failed is not None and decided.hash is not None and decided.hash != failed.hash
         if entry.rollout is None or content_hash(entry.data) != record.data_hash:
             state.rollback = None
             return decided
         if entry.rollback_to is not None or decided.data is None:
+            return decided  # a manual rollback wins while it is set; the record stays
+        if moved:
+            state.rollback = None
             return decided
         if record.restored_revision not in state.history:
             message = f"revision {record.restored_revision} (to roll back to) is no longer kept"
@@ -1760,6 +1766,7 @@ def _rollout_keeps(state: _EntryState) -> tuple[int | None, ...]:
         rollout.revision if rollout is not None else None,
         rollout.from_revision if rollout is not None else None,
         record.restored_revision if record is not None else None,
+        record.failed_revision if record is not None else None,
     )
 
 

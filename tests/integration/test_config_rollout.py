@@ -872,3 +872,109 @@ def test_a_canary_that_never_gets_ready_is_rolled_back_and_its_data_not_retried(
     eventually(lambda: _rollout(api, ns).get("phase") == "Complete", timeout=30, what="the rollout Complete")
     assert (_config_map(api, ns, ENTRY) or {}).get("data") == config_map_data(data)
     assert _status(api, ns).get("currentRevision") == 4
+
+
+# ---------------------------------------------------------------------------------------------------- 5. supersede
+def test_a_newer_revision_supersedes_the_older_for_the_workloads_that_have_not_taken_it(
+    cluster: DevCluster, namespace: str, api: Api, operator: OperatorProcess, audit: Audit
+) -> None:
+    """Revision 3 arrives while wave 1 of revision 2 is rolling: a new rollout starts at once, the Deployments
+    that had taken 2 take 3 in its waves, and those that had not never take 2 (README "Newer revisions
+    supersede")."""
+    ns = namespace
+    names = ["d0", "d1", "d2", "d3"]
+    data = {"db/host": "a", "feature/flag": "off"}
+    spec = {"rollout": {"waveSize": 2, "rolloutTimeoutSeconds": 600}}
+    _setup(cluster, api, ns, data, [_workload(n, ns, tier="main", mounts=False) for n in names], **spec)
+    previous: dict[str, str | None] = dict.fromkeys(names)
+    edited = time.time()
+    data["db/host"] = "b"
+    apply(cluster, config_entry(ENTRY, ns, data, **spec))
+    eventually(
+        lambda: {r.name for r in _restarts(audit, ns, since=edited, before=previous)} == {"d0", "d1"},
+        timeout=30,
+        what="wave 1 of revision 2 restarted",
+    )
+    hash2 = _status(api, ns)["hash"]
+    data["db/host"] = "c"
+    apply(cluster, config_entry(ENTRY, ns, data, **spec))
+    eventually(lambda: _rollout(api, ns).get("revision") == 3, timeout=30, what="the rollout of revision 3")
+    assert _rollout(api, ns)["members"] == ["Deployment/d0", "Deployment/d1"]
+    eventually(
+        lambda: len(_restarts(audit, ns, since=edited, before=previous)) == 4,
+        timeout=30,
+        what="wave 1 of revision 3 restarted (d0 and d1 again)",
+    )
+    _make_ready(api, ns, ["d0", "d1"])
+    eventually(lambda: _rollout(api, ns).get("wave") == 2, timeout=30, what="wave 2 of revision 3")
+    eventually(lambda: len(_restarts(audit, ns, since=edited, before=previous)) == 6, timeout=30, what="wave 2")
+    _make_ready(api, ns, ["d2", "d3"])
+    eventually(lambda: _rollout(api, ns).get("phase") == "Complete", timeout=30, what="revision 3 complete")
+    _expect_adopted(cluster, api, ns, "4/4 workloads", what="revision 3 everywhere")
+    restarts = _restarts(audit, ns, since=edited, before=previous)
+    hash3 = _status(api, ns)["hash"]
+    assert _restarted(restarts) == {"d0": 2, "d1": 2, "d2": 1, "d3": 1}
+    assert [r.hashes for r in restarts if r.name in ("d2", "d3")] == [f"{ENTRY}={hash3}"] * 2, "2 was skipped"
+    assert {r.hashes for r in restarts if r.name in ("d0", "d1")} == {f"{ENTRY}={hash2}", f"{ENTRY}={hash3}"}
+
+
+# ---------------------------------------------------------------------------------------------------- 6. deadline
+def test_a_progress_deadline_fails_the_rollout_and_an_on_delete_statefulset_is_not_waited_for(
+    cluster: DevCluster, namespace: str, api: Api, operator: OperatorProcess
+) -> None:
+    """A Deployment whose new pods do not progress within its progressDeadlineSeconds fails the rollout long
+    before rolloutTimeoutSeconds (the deployment controller's verdict), and it is rolled back. A StatefulSet
+    with an OnDelete update strategy in the same wave is patched but not waited for, with a Warning Event."""
+    ns = namespace
+    data = {"db/host": "a", "feature/flag": "off"}
+    spec = {"rollout": {"rolloutTimeoutSeconds": 3600}}
+    slow = _workload("slow", ns, tier="main", mounts=False)
+    slow["spec"]["progressDeadlineSeconds"] = 6
+    labels = {"app": "ondelete"}
+    stateful = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "ondelete", "namespace": ns, "annotations": {"beacon.dev/reload": ENTRY}},
+        "spec": {
+            "replicas": 1,
+            "serviceName": "ondelete",
+            "updateStrategy": {"type": "OnDelete"},
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+            },
+        },
+    }
+    apply(cluster, config_entry(ENTRY, ns, data, **spec))
+    eventually(lambda: _status(api, ns).get("currentRevision") == 1, timeout=30, what="revision 1 materialised")
+    apply(cluster, {"apiVersion": "v1", "kind": "List", "items": [slow, stateful]})
+    _make_ready(api, ns, ["slow"])
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ready = {
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]}
+    }
+    eventually(lambda: api.get(f"/api/v1/namespaces/{ns}/pods/ondelete-0"), timeout=30, what="the StatefulSet's pod")
+    api.patch_status(f"/api/v1/namespaces/{ns}/pods/ondelete-0", ready)
+    _expect_adopted(cluster, api, ns, "2/2 workloads", what="opted in")
+
+    edited = time.monotonic()
+    data["db/host"] = "b"
+    apply(cluster, config_entry(ENTRY, ns, data, **spec))
+    eventually(
+        lambda: any(
+            e.get("reason") == "ConfigRolloutSkipped" for e in _events(api, ns, kind="StatefulSet", name="ondelete")
+        ),
+        timeout=30,
+        what="the OnDelete StatefulSet's Warning Event",
+    )
+    eventually(lambda: _template_config(api, ns, "slow")[2] == {ENTRY: 2}, timeout=30, what="slow restarted for 2")
+    rollback = eventually(lambda: _status(api, ns).get("rollback"), timeout=90, what="the rollback")
+    took = time.monotonic() - edited
+    print(f"\nrolled back {took:.1f}s after the edit: {json.dumps(rollback)}")
+    assert "ProgressDeadlineExceeded" in rollback["message"], rollback
+    assert "Deployment/slow" in rollback["message"], "the StatefulSet was not waited for, so it did not fail"
+    assert took < 90, "the deadline, not rolloutTimeoutSeconds (an hour), failed it"
+    condition = _condition(_status(api, ns), "Rollout")
+    assert (condition.get("status"), condition.get("reason")) == ("False", "AutoRolledBack")
+    eventually(lambda: _template_config(api, ns, "slow")[2] == {ENTRY: 3}, timeout=30, what="slow back on 1's data")
