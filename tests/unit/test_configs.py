@@ -27,6 +27,7 @@ from beacon.config_core import (
     desired_revision,
 )
 from beacon.configs import Configs
+from beacon.rollout_core import RollbackRecord
 
 FAN_OUT = 0.02  # the engines below coalesce for this long: the tests wait SETTLE for a window to end
 SETTLE = 0.1
@@ -600,3 +601,45 @@ async def test_a_finished_rollout_releases_every_reader() -> None:
     assert held == []
     await configs.close()
     await other.close()
+
+
+async def test_an_automatic_rollback_holds_until_the_content_that_failed_changes() -> None:
+    """status.rollback serves the restored revision's content (as a new revision) while spec.data is what failed
+    and the merged content is what failed; a change of another entry's layer is new content and ends it."""
+    kube = FakeKube()
+    configs = Configs(kube=kube, coalesce_seconds=0.0)  # type: ignore[arg-type]
+    configs._schedule = lambda key: None  # type: ignore[method-assign]
+    base = config_entry("base")
+    base["spec"]["data"] = {"k": "1"}
+    svc = config_entry("svc", service="s")
+    svc["spec"].update({"data": {"own": "a"}, "rollout": {"waveSize": 1}})
+    for body in (base, svc):
+        configs._take(body, fan_out=False)
+        await configs.reconcile(("ns", body["metadata"]["name"]))
+    base["spec"]["data"] = {"k": "2"}
+    configs._take(base, fan_out=False)
+    await configs.reconcile(("ns", "svc"))
+    state = configs._entries[("ns", "svc")]
+    assert state.current is not None
+    assert state.current.revision == 2
+    failed_hash = state.current.hash
+    # revision 2 failed its rollout (as `_release` records it); the next reconcile serves revision 1 as 3
+    state.rollback = RollbackRecord(2, 1, content_hash(svc["spec"]["data"]), "Deployment/x: not Ready")
+    await configs.reconcile(("ns", "svc"))
+    served = kube.maps[("ns", "svc")]
+    assert served["data"] == {"k": "1", "own": "a"}
+    assert served["metadata"]["annotations"][ANNOTATION_REVISION] == "3"
+    assert state.rollout is not None
+    assert (state.rollout.phase, state.rollback.revision if state.rollback else None) == ("RolledBack", 3)
+    assert kube.revisions[("ns", "svc-3")]["metadata"]["annotations"]["beacon.dev/rollback-of"] == "1"
+    await configs.reconcile(("ns", "svc"))  # nothing changed: the failed content is not tried again
+    assert kube.maps[("ns", "svc")]["data"] == {"k": "1", "own": "a"}
+    assert configs._entries[("ns", "svc")].history[2].hash == failed_hash, "the failed revision is kept"
+    # another entry's layer changes: the merged content is new, and released as any other
+    base["spec"]["data"] = {"k": "3"}
+    configs._take(base, fan_out=False)
+    await configs.reconcile(("ns", "svc"))
+    assert state.rollback is None
+    assert kube.maps[("ns", "svc")]["data"] == {"k": "3", "own": "a"}
+    assert kube.maps[("ns", "svc")]["metadata"]["annotations"][ANNOTATION_REVISION] == "4"
+    await configs.close()
