@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import urllib3
@@ -92,3 +92,27 @@ class Kube:
                         yield arrival, json.loads(line)
         finally:
             resp.release_conn()
+
+    def follow(self, path: str, *, log: Callable[[str], None], **query: Any) -> Iterator[tuple[float, str, Any]]:
+        """List `path`, then watch it from that listing, for ever: ("LISTED", the items) after each listing, then
+        (arrival, type, object) for each event but BOOKMARKs. An ERROR event (e.g. 410 Gone) or a broken watch
+        lists again (said through `log`)."""
+        rv: str | None = None
+        while True:
+            try:
+                if rv is None:
+                    listing = self.get(path, **query)
+                    rv = listing["metadata"]["resourceVersion"]
+                    yield time.monotonic(), "LISTED", listing["items"]
+                for arrival, event in self.watch(path, rv, **query):
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":
+                        rv = None
+                        break
+                    rv = obj["metadata"]["resourceVersion"]
+                    if kind != "BOOKMARK":
+                        yield arrival, kind, obj
+            except Exception as exc:  # a broken watch is re-established from a fresh list
+                log(f"watch of {path} interrupted ({exc}); listing again")
+                rv = None
+                time.sleep(0.5)

@@ -56,26 +56,12 @@ class SliceWatcher(threading.Thread):
         self.listed = threading.Event()
 
     def run(self) -> None:
-        rv: str | None = None
-        while True:
-            try:
-                if rv is None:
-                    listing = self.kube.get(self.path, labelSelector=self.selector)
-                    rv = listing["metadata"]["resourceVersion"]
-                    self.events.put((time.monotonic(), "RESET", listing["items"]))
-                    self.listed.set()
-                for arrival, event in self.kube.watch(self.path, rv, labelSelector=self.selector):
-                    kind, obj = event["type"], event["object"]
-                    if kind == "ERROR":  # e.g. 410 Gone: list again
-                        rv = None
-                        break
-                    rv = obj["metadata"]["resourceVersion"]
-                    if kind != "BOOKMARK":
-                        self.events.put((arrival, kind, obj))
-            except Exception as exc:  # a broken watch is re-established from a fresh list
-                log(f"watch interrupted ({exc}); listing again")
-                rv = None
-                time.sleep(0.5)
+        for arrival, kind, obj in self.kube.follow(self.path, log=log, labelSelector=self.selector):
+            if kind == "LISTED":
+                self.events.put((arrival, "RESET", obj))
+                self.listed.set()
+            else:
+                self.events.put((arrival, kind, obj))
 
 
 class Side:

@@ -53,27 +53,12 @@ class ObjectWatcher(threading.Thread):
 
     def run(self) -> None:
         selector = f"metadata.name={self.name}"
-        rv: str | None = None
-        while True:
-            try:
-                if rv is None:
-                    listing = self.kube.get(self.path, fieldSelector=selector)
-                    rv = listing["metadata"]["resourceVersion"]
-                    items = listing["items"]
-                    self.events.put((time.monotonic(), self.label, items[0] if items else None))
-                    self.listed.set()
-                for arrival, event in self.kube.watch(self.path, rv, fieldSelector=selector):
-                    kind, obj = event["type"], event["object"]
-                    if kind == "ERROR":  # e.g. 410 Gone: list again
-                        rv = None
-                        break
-                    rv = obj["metadata"]["resourceVersion"]
-                    if kind != "BOOKMARK":
-                        self.events.put((arrival, self.label, None if kind == "DELETED" else obj))
-            except Exception as exc:  # a broken watch is re-established from a fresh list
-                log(f"{self.label} watch interrupted ({exc}); listing again")
-                rv = None
-                time.sleep(0.5)
+        for arrival, kind, obj in self.kube.follow(self.path, log=log, fieldSelector=selector):
+            if kind == "LISTED":
+                self.events.put((arrival, self.label, obj[0] if obj else None))
+                self.listed.set()
+            else:
+                self.events.put((arrival, self.label, None if kind == "DELETED" else obj))
 
 
 @dataclass(frozen=True)
