@@ -814,7 +814,7 @@ class Configs:
         rollout = state.rollout
         events: list[tuple[str, str, str]] = []
         if rollout is None or rollout.hash != digest:
-            if rollout is not None and not rollout.final and rollout.phase != FAILED and state.rollback is None:
+            if rollout is not None and not rollout.ended and state.rollback is None:
                 metrics.CONFIG_ROLLOUTS.labels(outcome="superseded").inc()
             served = state.current
             record = state.rollback
@@ -822,7 +822,7 @@ class Configs:
             if served is not None and served.hash != digest:
                 start: int | None = served.revision
             elif rollout is not None:  # the ConfigMap holds it already: a crash came between the two writes
-                start = rollout.from_revision if rollout.canary_step or rollout.phase == FAILED else rollout.revision
+                start = rollout.from_revision if rollout.unpromoted else rollout.revision
             else:
                 start = None
             if rollback_of is None and served is not None and served.hash != digest and spec.canary is not None:
@@ -849,12 +849,12 @@ class Configs:
                     state.rollout = Rollout(number, digest, COMPLETE, from_revision=start, message=message)
                 else:
                     state.rollout = Rollout(number, digest, WAVES, from_revision=start)
-        elif rollout.canary_step or rollout.phase == FAILED:
+        elif rollout.unpromoted:
             state.staged = (digest, data)  # the target keeps the promoted content meanwhile
         else:
             await self._materialise(state, data, digest, rollback_of)  # no write while the API holds it
         rollout = state.rollout
-        if rollout is None or rollout.final or rollout.phase == FAILED:
+        if rollout is None or rollout.ended:
             self._wake(state, None)
             return events
         members = self._members(state, rollout)
@@ -1414,6 +1414,10 @@ class Configs:
         if self._hashes.get(key) == digest and not fresh:
             return
         self._hashes[key] = digest
+        self._evaluate_readers(key)
+
+    def _evaluate_readers(self, key: tuple[str, str]) -> None:
+        """Evaluate every opted-in workload that reads ConfigMap `key` (what it may take changed)."""
         for reader in sorted(self._readers.get(key, ())):
             workload = self._workloads.get(reader)
             if workload is not None:
@@ -1476,10 +1480,7 @@ class Configs:
             del self._gates[key]
         else:
             self._gates[key] = gate
-        for reader in sorted(self._readers.get(key, ())):
-            workload = self._workloads.get(reader)
-            if workload is not None:
-                self._evaluate(workload)
+        self._evaluate_readers(key)
 
     def _sync_gate(self, state: _EntryState) -> None:
         """The gate as the entry's rollout state says: open (none) when the entry is not tracked or its rollout is
@@ -1501,8 +1502,7 @@ class Configs:
         released = frozenset(
             (kind, entry.namespace, name) for kind, _, name in (m.partition("/") for m in rollout.members)
         )
-        canary = rollout.canary_step or rollout.phase == FAILED
-        copy = canary_map_name(entry.config_map_name, rollout.revision) if canary else None
+        copy = canary_map_name(entry.config_map_name, rollout.revision) if rollout.unpromoted else None
         self._set_gate(key, _Gate(rollout.revision, rollout.hash, released, copy))
 
     def _stop_rollout(self, state: _EntryState) -> None:

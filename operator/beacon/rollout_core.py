@@ -108,6 +108,16 @@ class Rollout:
     def final(self) -> bool:
         return self.phase in FINAL_PHASES
 
+    @property
+    def ended(self) -> bool:
+        """Nothing more happens for this revision: finished, or failed without a rollback."""
+        return self.final or self.phase == FAILED
+
+    @property
+    def unpromoted(self) -> bool:
+        """The target ConfigMap keeps the previous content: the canary step, or one that failed (wave 0)."""
+        return self.canary_step or (self.phase == FAILED and self.wave == 0)
+
     def to_status(self) -> Obj:
         out: Obj = {"revision": self.revision, "hash": self.hash, "phase": self.phase, "wave": self.wave}
         if self.members:
@@ -234,7 +244,7 @@ def step(spec: RolloutSpec, rollout: Rollout, members: Sequence[Member], *, now:
     state = rollout
     promoted = False
     for _ in range(4):  # canary -> hold -> promotion -> a wave can all happen in one evaluation
-        if state.final or state.phase == FAILED:
+        if state.ended:
             break
         current = [by_key[k] for k in state.members if k in by_key]
         restarted = tuple(k for k in state.members if k in by_key and not by_key[k].pending)
@@ -357,8 +367,8 @@ class TokenBucket:
 
     count: int
     period: float
-    tokens: float = field(default=-1.0)
-    stamp: float | None = None
+    tokens: float = field(default=0.0, init=False)  # filled to `count` at the first take
+    stamp: float | None = field(default=None, init=False)
 
     def take(self, now: float) -> float:
         rate = self.count / self.period

@@ -279,3 +279,14 @@ def test_a_canary_is_pointed_at_the_copy_and_back() -> None:
 def test_stale_copies_are_those_no_longer_kept_nor_referenced() -> None:
     names = ["app-r1", "app-r2", "app-r3", "app-r9", "unrelated-r1"]
     assert stale_copies(names, target="app", keep_revisions={3, 9}, referenced={"app-r2"}) == ["app-r1"]
+
+
+def test_only_a_canary_step_leaves_the_target_on_the_previous_content() -> None:
+    """A rollout that failed in its canary step (wave 0) was never promoted; one that failed in a wave was."""
+    assert Rollout(7, "h7", CANARY).unpromoted
+    assert Rollout(7, "h7", FAILED, wave=0).unpromoted
+    assert not Rollout(7, "h7", FAILED, wave=2).unpromoted
+    assert not Rollout(7, "h7", WAVES, wave=1).unpromoted
+    assert Rollout(7, "h7", FAILED, wave=2).ended
+    assert Rollout(7, "h7", COMPLETE).ended
+    assert not Rollout(7, "h7", HOLDING).ended
